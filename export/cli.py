@@ -1,0 +1,74 @@
+"""The `fvgpt export` and `fvgpt validate` commands (registered through the fvgpt.commands entry points)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _labels(text: str) -> list[str]:
+    path = Path(text)
+    if path.is_file():
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def register_export(sub) -> None:
+    p = sub.add_parser("export", help="fuse a trained run (or plain CLIP) into a parity-gated ONNX/TensorRT bundle",
+                       description="Writes a bundle dir: image graph (dynamic batch → features, base and new logits), "
+                                   "text graph (new labels with the learned context), head graph, text tables and a "
+                                   "manifest with sha256 of every file. Every export runs the parity gate against "
+                                   "the torch model and refuses to write a bundle that fails it.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run", nargs="?", help="run dir from fvgpt train (omit with --zero-shot)")
+    p.add_argument("--out", required=True, help="bundle dir to write")
+    p.add_argument("--precision", default="fp32", help="fp32 | int8 (CPU, calibrated static QDQ) | fp16 (GPU); "
+                                                       "the fp32 graph is always kept as the reference")
+    p.add_argument("--max-batch", type=int, default=64, help="largest batch the graphs/engines are built for")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset")
+    p.add_argument("--tensorrt", action="store_true", help="also build a TensorRT engine (GPU host with tensorrt)")
+    p.add_argument("--calibration", help="folder of images for int8 calibration (default: the run's training set)")
+    p.add_argument("--parity-images", type=int, default=96, help="generated images in the parity set (plus 4 photos)")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle")
+    g = p.add_argument_group("zero-shot bundles (plain CLIP, no training)")
+    g.add_argument("--zero-shot", action="store_true", help="export plain CLIP with hand-crafted prompts")
+    g.add_argument("--model", default="ViT-B-16", help="open_clip model name")
+    g.add_argument("--pretrained", default="openai", help="open_clip tag, local checkpoint file, or none")
+    g.add_argument("--labels", type=_labels, help="a,b,c or a file with one label per line")
+    p.set_defaults(func=_export)
+
+
+def _export(args) -> int:
+    from .build import ExportError, ExportOptions, export_run, export_zero_shot
+
+    opts = ExportOptions(precision=args.precision, max_batch=args.max_batch, opset=args.opset,
+                         tensorrt=args.tensorrt, force=args.force, parity_images=args.parity_images,
+                         calibration=args.calibration)
+    if args.zero_shot:
+        if args.run:
+            raise ExportError("--zero-shot builds from plain CLIP: drop the run dir argument")
+        if not args.labels:
+            raise ExportError("--zero-shot needs --labels a,b,c (or a file)")
+        export_zero_shot(args.model, args.pretrained, args.labels, args.out, opts)
+    else:
+        if not args.run:
+            raise ExportError("give a run dir to export, or --zero-shot with --labels")
+        export_run(args.run, args.out, opts)
+    return 0
+
+
+def register_validate(sub) -> None:
+    p = sub.add_parser("validate", help="re-check a bundle's files (sha256) and re-run its parity set",
+                       description="Exit status 0 only if every file matches its sha256 and every graph still "
+                                   "passes the parity gate against the reference outputs stored at export.")
+    p.add_argument("bundle", help="bundle dir")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_validate)
+
+
+def _validate(args) -> int:
+    from .validate import format_report, validate_bundle
+
+    report = validate_bundle(args.bundle)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0 if report["passed"] else 1

@@ -1,0 +1,171 @@
+"""Frozen CLIP backbones from open_clip, and the text path with a learned CoOp context spliced in.
+
+One factory (`load_backbone`) resolves the weights source the same way for training, evaluation and export:
+`none` (random init, deterministic given `init_seed`), an open_clip pretrained tag (needs network once), or a
+local checkpoint file. A fingerprint of the weights is stored in the run dir so a rebuilt model can be checked
+against the one that was trained.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import FVGPTError
+
+_CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(_CONFIG_DIR)
+
+TINY_MODEL = "fvgpt-tiny"
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Evaluation preprocessing exactly as open_clip defines it for the model (written into bundles)."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str  # "bicubic" | "bilinear"
+    resize_mode: str  # "shortest" (resize short side, centre crop) | "squash"
+
+    def to_dict(self) -> dict:
+        return {"size": self.size, "mean": list(self.mean), "std": list(self.std),
+                "interpolation": self.interpolation, "resize_mode": self.resize_mode}
+
+
+@dataclass
+class Backbone:
+    name: str
+    pretrained: str
+    model: nn.Module
+    tokenizer: object
+    preprocess: Preprocess
+    eval_transform: object  # open_clip's own preprocessing callable (PIL image -> tensor)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.text.text_projection.shape[-1] if isinstance(self.text.text_projection, nn.Parameter)
+                   else self.text.text_projection.out_features)
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.exp())
+
+    @property
+    def text(self) -> nn.Module:
+        """The module that owns the text tower's parts (CLIP keeps them on the model, CustomTextCLIP on `.text`)."""
+        return getattr(self.model, "text", self.model)
+
+    @property
+    def context_length(self) -> int:
+        return int(self.text.positional_embedding.shape[0])
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(texts).to(self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.logit_scale.device
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image features; the tower is frozen, so never tracked by autograd."""
+        return F.normalize(self.model.encode_image(images), dim=-1)
+
+    def fingerprint(self) -> str:
+        """sha256 over every parameter and buffer: identifies the exact frozen weights a run was trained on."""
+        digest = hashlib.sha256()
+        for key, tensor in sorted(self.model.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+
+class BackboneError(FVGPTError):
+    pass
+
+
+def load_backbone(name: str, pretrained: str = "none", device: str = "cpu", init_seed: int = 0) -> Backbone:
+    """Create a frozen open_clip model.
+
+    pretrained: "none" (random init with `init_seed`), a path to a local checkpoint file, or an open_clip tag
+    such as "openai" (downloaded once into the Hugging Face cache; fails offline).
+    """
+    if name not in open_clip.list_models():
+        raise BackboneError(f"unknown model {name!r}; choose one of open_clip.list_models(), e.g. ViT-B-16 or "
+                            f"{TINY_MODEL}")
+    source = None if pretrained.lower() == "none" else pretrained
+    if source is not None and not Path(source).is_file():
+        known = open_clip.list_pretrained_tags_by_model(name)
+        if source not in known:
+            raise BackboneError(f"--pretrained {pretrained!r} is neither a file nor a pretrained tag of {name} "
+                                f"(tags: {', '.join(known) or 'none'})")
+    devices = torch.device(device)
+    if devices.type == "cuda" and not torch.cuda.is_available():
+        raise BackboneError("--device cuda requested but torch sees no CUDA device")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        try:
+            model, _, eval_transform = open_clip.create_model_and_transforms(name, pretrained=source, device=device)
+        except Exception as exc:  # network errors, bad checkpoints: say which source failed
+            offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+            raise BackboneError(f"could not load {name} weights from {pretrained!r}{offline}: {exc}") from exc
+    model.eval().requires_grad_(False)
+    text_owner = getattr(model, "text", model)
+    if getattr(text_owner, "text_pool_type", getattr(text_owner, "pool_type", "argmax")) != "argmax":
+        raise BackboneError(f"{name}: only CLIP-style text towers (EOT/argmax pooling) are supported")
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    size = cfg["size"][0] if isinstance(cfg["size"], (tuple, list)) else cfg["size"]
+    if cfg.get("resize_mode", "shortest") not in ("shortest", "squash"):
+        raise BackboneError(f"{name}: resize mode {cfg['resize_mode']!r} is not supported")
+    preprocess = Preprocess(size=int(size), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+                            interpolation=cfg.get("interpolation", "bicubic"),
+                            resize_mode=cfg.get("resize_mode", "shortest"))
+    return Backbone(name=name, pretrained=pretrained, model=model, tokenizer=open_clip.get_tokenizer(name),
+                    preprocess=preprocess, eval_transform=eval_transform)
+
+
+class TextEncoder(nn.Module):
+    """open_clip's text tower fed with token embeddings, so learned context vectors can replace placeholder tokens.
+
+    `forward(token_ids, context, use_context)` returns L2-normalised text features. Rows with use_context = 1 have
+    the embeddings at positions 1..n_ctx replaced by `context` (CoOp: "X X X X <label>."); rows with 0 are encoded
+    as plain CLIP text (the zero-shot template). The EOT position is found with a float argmax, which ONNX Runtime
+    supports on every provider (int64 ArgMax it does not).
+    """
+
+    def __init__(self, backbone: Backbone):
+        super().__init__()
+        owner = backbone.text
+        self.token_embedding = owner.token_embedding
+        self.positional_embedding = owner.positional_embedding
+        self.transformer = owner.transformer
+        self.ln_final = owner.ln_final
+        self.text_projection = owner.text_projection
+        self.register_buffer("attn_mask", owner.attn_mask, persistent=False)
+
+    def forward(self, token_ids: torch.Tensor, context: torch.Tensor | None = None,
+                use_context: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.token_embedding(token_ids)
+        if context is not None and context.shape[0] > 0:
+            n_ctx = context.shape[0]
+            placeholder = x[:, 1:1 + n_ctx]
+            ctx = context.unsqueeze(0).expand_as(placeholder)
+            if use_context is not None:
+                w = use_context.to(x.dtype).view(-1, 1, 1)
+                ctx = w * ctx + (1 - w) * placeholder
+            x = torch.cat([x[:, :1], ctx, x[:, 1 + n_ctx:]], dim=1)
+        x = x + self.positional_embedding
+        x = self.transformer(x, attn_mask=self.attn_mask)
+        x = self.ln_final(x)
+        eot = token_ids.float().argmax(dim=-1)
+        x = x[torch.arange(x.shape[0], device=x.device), eot]
+        x = self.text_projection(x) if isinstance(self.text_projection, nn.Linear) else x @ self.text_projection
+        return F.normalize(x, dim=-1)

