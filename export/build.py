@@ -14,13 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from safetensors.numpy import save_file
 
 import fvgpt
 from fvgpt.backbone import Backbone, load_backbone
 from fvgpt.classifier import CalibratedHead, CosineHead, FVGPTClassifier, TextTables, ZeroShotClassifier, text_tables
-from fvgpt.data import IMAGE_SUFFIXES, open_rgb
 from fvgpt.errors import FVGPTError
 from fvgpt.plugin import TAU
 from fvgpt.prompts import ZERO_SHOT_TEMPLATE
@@ -28,8 +26,7 @@ from fvgpt.rundir import load_run, read_json
 
 from .bundle import MANIFEST, PARITY_REFERENCE, SCHEMA_VERSION, sha256_file
 from .onnx_export import TRACE_BATCH, TextGraph, export_graph
-from .parity import (CALIBRATION_SEED, ParityError, check_image_graph, check_text_and_head, generated_images,
-                     parity_set, parity_transform, run_in_batches)
+from .parity import ParityError, check_image_graph, check_text_and_head, parity_set, parity_transform, run_in_batches
 from .precision import PRECISIONS, convert_fp16, quantize_int8
 from .tensorrt_engine import ENGINE_DIR, build_engine
 
@@ -41,12 +38,10 @@ class ExportError(FVGPTError):
 class ExportOptions:
     precision: str = "fp32"
     max_batch: int = 64
-    opset: int = 18
+    opset: int = 23
     tensorrt: bool = False
     force: bool = False
     parity_images: int = 96
-    calibration: str | None = None  # folder of images for int8 calibration (default: the run's training images)
-    calibration_images: int = 64
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -101,26 +96,6 @@ def _commit(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def _calibration_pixels(backbone: Backbone, opts: ExportOptions, train_images: list[str]) -> np.ndarray:
-    """Calibration set for int8: the user's folder, else the run's training images, topped up with generated ones
-    (drawn with a seed that differs from the parity set's, so the gate is not measured on calibration data)."""
-    if opts.calibration:
-        folder = Path(opts.calibration)
-        if not folder.is_dir():
-            raise ExportError(f"--calibration {folder} is not a folder")
-        paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    else:
-        paths = [Path(p) for p in train_images]
-    images: list[Image.Image] = []
-    for p in paths[:opts.calibration_images]:
-        try:
-            images.append(open_rgb(p))
-        except (OSError, ValueError):
-            continue
-    images += generated_images(max(0, opts.calibration_images - len(images)), CALIBRATION_SEED)
-    return torch.stack([backbone.eval_transform(im) for im in images]).numpy()
-
-
 def _torch_outputs(module: torch.nn.Module, pixels: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
     with torch.no_grad():
         return run_in_batches(lambda x: dict(zip(names, (t.numpy() for t in module(torch.from_numpy(x))))), pixels)
@@ -139,8 +114,7 @@ def _write_manifest(tmp: Path, manifest: dict) -> None:
 
 def _write_bundle(out: Path, opts: ExportOptions, backbone: Backbone, classifier: torch.nn.Module,
                   outputs: list[str], text_graph: TextGraph, head: torch.nn.Module, head_inputs: list[str],
-                  tables: TextTables, adapted_base: np.ndarray | None, manifest: dict,
-                  train_images: list[str]) -> Path:
+                  tables: TextTables, adapted_base: np.ndarray | None, manifest: dict) -> Path:
     tmp = _prepare_out(out, opts.force)
     try:
         size, dim = backbone.preprocess.size, backbone.embed_dim
@@ -190,7 +164,7 @@ def _write_bundle(out: Path, opts: ExportOptions, backbone: Backbone, classifier
             name = f"image.{opts.precision}.onnx"
             with _Timer(opts, f"{opts.precision} image graph"):
                 if opts.precision == "int8":
-                    quantize_int8(tmp / "image.onnx", tmp / name, _calibration_pixels(backbone, opts, train_images))
+                    quantize_int8(tmp / "image.onnx", tmp / name)
                 else:
                     convert_fp16(tmp / "image.onnx", tmp / name)
             files.append(name)
@@ -243,7 +217,6 @@ def export_run(run_dir: str | Path, out: str | Path, opts: ExportOptions) -> Pat
     classifier = FVGPTClassifier(run.backbone, run.plugin, tables, run.base_flags).eval()
     head = CalibratedHead(run.plugin, run.backbone.logit_scale).eval()
     metrics = read_json(run.path / "metrics.json") if (run.path / "metrics.json").is_file() else None
-    data = read_json(run.path / "data.json") if (run.path / "data.json").is_file() else {"train": []}
     manifest = {
         "kind": "fvgpt",
         "model": {"name": run.config.model, "pretrained": run.config.pretrained, "init_seed": run.config.init_seed,
@@ -257,7 +230,7 @@ def export_run(run_dir: str | Path, out: str | Path, opts: ExportOptions) -> Pat
     }
     return _write_bundle(Path(out), opts, run.backbone, classifier, ["features", "base_logits", "new_logits"],
                          TextGraph(run.backbone, run.ctx), head, ["tuned", "clip"], tables,
-                         classifier.adapted_base.cpu().numpy(), manifest, [row[0] for row in data["train"]])
+                         classifier.adapted_base.cpu().numpy(), manifest)
 
 
 def export_zero_shot(model: str, pretrained: str, labels: list[str], out: str | Path, opts: ExportOptions,
@@ -278,4 +251,4 @@ def export_zero_shot(model: str, pretrained: str, labels: list[str], out: str | 
         "prompts": {"n_ctx": 0, "template": ZERO_SHOT_TEMPLATE},
     }
     return _write_bundle(Path(out), opts, backbone, classifier, ["features", "logits"], TextGraph(backbone, None),
-                         CosineHead(backbone.logit_scale).eval(), ["clip"], tables, None, manifest, [])
+                         CosineHead(backbone.logit_scale).eval(), ["clip"], tables, None, manifest)

@@ -22,12 +22,12 @@ def register_export(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run", nargs="?", help="run dir from fvgpt train (omit with --zero-shot)")
     p.add_argument("--out", required=True, help="bundle dir to write")
-    p.add_argument("--precision", default="fp32", help="fp32 | int8 (CPU, calibrated static QDQ) | fp16 (GPU); "
+    p.add_argument("--precision", default="fp32", help="fp32 | int8 (CPU: int8 weights per channel, dynamic "
+                                                       "activations) | fp16 (GPU); "
                                                        "the fp32 graph is always kept as the reference")
     p.add_argument("--max-batch", type=int, default=64, help="largest batch the graphs/engines are built for")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset")
+    p.add_argument("--opset", type=int, default=23, help="ONNX opset (≥ 23 exports fused Attention and Gelu ops)")
     p.add_argument("--tensorrt", action="store_true", help="also build a TensorRT engine (GPU host with tensorrt)")
-    p.add_argument("--calibration", help="folder of images for int8 calibration (default: the run's training set)")
     p.add_argument("--parity-images", type=int, default=96, help="generated images in the parity set (plus 4 photos)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     g = p.add_argument_group("zero-shot bundles (plain CLIP, no training)")
@@ -42,8 +42,7 @@ def _export(args) -> int:
     from .build import ExportError, ExportOptions, export_run, export_zero_shot
 
     opts = ExportOptions(precision=args.precision, max_batch=args.max_batch, opset=args.opset,
-                         tensorrt=args.tensorrt, force=args.force, parity_images=args.parity_images,
-                         calibration=args.calibration)
+                         tensorrt=args.tensorrt, force=args.force, parity_images=args.parity_images)
     if args.zero_shot:
         if args.run:
             raise ExportError("--zero-shot builds from plain CLIP: drop the run dir argument")

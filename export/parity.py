@@ -18,7 +18,6 @@ from fvgpt.demo_data import DEFAULT_CLASSES, render
 from fvgpt.photos import photo_paths
 
 PARITY_SEED = 20260309
-CALIBRATION_SEED = 7
 FP32_MAX_ABS = 1e-3
 FP32_MIN_AGREEMENT = 1.0
 REDUCED_MIN_AGREEMENT = 0.99

@@ -88,25 +88,47 @@ def _train(args) -> int:
     t0 = time.perf_counter()
     out = train(cfg, args.out, stage=args.stage, resume=args.resume, progress=not args.quiet)
     print(f"trained {args.stage} stage(s) in {time.perf_counter() - t0:.1f} s → {out}")
-    if args.no_eval:
-        return 0
-    return _evaluate(out, None, None, quiet=args.quiet)
+    if not args.no_eval:
+        _evaluate(out, None, None, quiet=args.quiet)
+    return 0
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="Base / New accuracy, HM and D_fg of a run",
+    p = sub.add_parser("eval", help="Base / New accuracy, HM and D_fg of one or more runs",
                        description="Evaluate zero-shot CLIP, the stage-1 backbone and FVG-PT on the test split: base "
                                    "accuracy (base head, base classes), new accuracy (new head, new classes), HM, "
-                                   "and the foreground shift D_fg (E13) where test masks exist.")
-    p.add_argument("run", help="run dir written by fvgpt train")
-    p.add_argument("--data", help="dataset root (default: the one the run was trained on)")
-    p.add_argument("--out", help="metrics JSON path (default: RUN/metrics.json)")
+                                   "and the foreground shift D_fg (E13) where test masks exist. With several runs "
+                                   "(datasets or seeds) it also prints the paper's average row: mean Base, mean New "
+                                   "and the HM of those means.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run dir(s) written by fvgpt train")
+    p.add_argument("--data", help="dataset root (default: the one each run was trained on; one run only)")
+    p.add_argument("--out", help="metrics JSON path (default: RUN/metrics.json; one run only)")
     p.add_argument("--device", help="cpu or cuda (default: the run's)")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=lambda a: _evaluate(Path(a.run), a.data, a.out, a.quiet, a.device))
+    p.set_defaults(func=_eval_many)
 
 
-def _evaluate(run_dir: Path, data: str | None, out: str | None, quiet: bool, device: str | None = None) -> int:
+def _eval_many(args) -> int:
+    from .evaluate import format_table
+    from .losses import average_row
+
+    if len(args.runs) > 1 and (args.data or args.out):
+        raise SystemExit("error: --data and --out apply to a single run")
+    results = []
+    for run_dir in args.runs:
+        if len(args.runs) > 1:
+            print(f"\n{run_dir}")
+        results.append(_evaluate(Path(run_dir), args.data, args.out, args.quiet, args.device))
+    if len(results) > 1:
+        models = [m for m in results[0]["models"] if all(m in r["models"] for r in results)]
+        avg = {m: dict(zip(("base", "new", "hm"), average_row([(r["models"][m]["base"], r["models"][m]["new"])
+                                                               for r in results]))) for m in models}
+        print(f"\naverage over {len(results)} runs (HM of the mean Base and mean New)")
+        print(format_table({"models": avg}))
+    return 0
+
+
+def _evaluate(run_dir: Path, data: str | None, out: str | None, quiet: bool, device: str | None = None) -> dict:
     from .data import load_index
     from .evaluate import evaluate, format_table
     from .rundir import atomic_write_json, load_run, read_json
@@ -123,7 +145,7 @@ def _evaluate(run_dir: Path, data: str | None, out: str | None, quiet: bool, dev
     metrics = evaluate(run, index, run.config.eval_batch, progress=not quiet)
     atomic_write_json(Path(out) if out else Path(run_dir) / "metrics.json", metrics)
     print(format_table(metrics))
-    return 0
+    return metrics
 
 
 def _add_masks(sub) -> None:

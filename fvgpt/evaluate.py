@@ -85,16 +85,18 @@ def evaluate(run: Run, index: DatasetIndex, batch_size: int = 100, progress: boo
                                               "base_with_mask": int(len(fgb)), "unreadable": int(dropped)}}
 
 
+def _cell(v: float | None, width: int = 8, digits: int = 2) -> str:
+    return f"{v:>{width}.{digits}f}" if v is not None else f"{'-':>{width}}"
+
+
 def format_table(metrics: dict) -> str:
     lines = [f"{'model':<12}{'Base':>8}{'New':>8}{'HM':>8}{'D_fg τ=1':>11}{'D_fg τ=2':>11}"]
     for name, row in metrics["models"].items():
         d = row.get("d_fg", {})
-
-        def fmt(v, width=8, digits=2):
-            return f"{v:>{width}.{digits}f}" if v is not None else f"{'-':>{width}}"
-        lines.append(f"{name:<12}{fmt(row['base'])}{fmt(row['new'])}{fmt(row['hm'])}"
-                     f"{fmt(d.get('tau1'), 11, 4)}{fmt(d.get('tau2'), 11, 4)}")
-    t = metrics["test_images"]
-    lines.append(f"test images: {t['base']} base, {t['new']} new, {t['base_with_mask']} with masks"
-                 + (f", {t['unreadable']} unreadable (skipped)" if t["unreadable"] else ""))
+        lines.append(f"{name:<12}{_cell(row['base'])}{_cell(row['new'])}{_cell(row['hm'])}"
+                     f"{_cell(d.get('tau1'), 11, 4)}{_cell(d.get('tau2'), 11, 4)}")
+    t = metrics.get("test_images")
+    if t:
+        lines.append(f"test images: {t['base']} base, {t['new']} new, {t['base_with_mask']} with masks"
+                     + (f", {t['unreadable']} unreadable (skipped)" if t["unreadable"] else ""))
     return "\n".join(lines)

@@ -77,3 +77,10 @@ def foreground_shift(z_full: torch.Tensor, z_fg: torch.Tensor, tau: float) -> to
 def harmonic_mean(base: float, new: float) -> float:
     """HM = 2BN/(B+N); the paper's average row is the HM of the averaged Base and New (method.md §9.1)."""
     return 0.0 if base + new == 0 else 2 * base * new / (base + new)
+
+
+def average_row(rows: list[tuple[float, float]]) -> tuple[float, float, float]:
+    """The paper's "Average" row over datasets or seeds: mean Base, mean New, and the HM of those means."""
+    base = sum(b for b, _ in rows) / len(rows)
+    new = sum(n for _, n in rows) / len(rows)
+    return base, new, harmonic_mean(base, new)

@@ -67,7 +67,8 @@ def prepare_run_dir(cfg: TrainConfig, out: Path, stage: str, resume: bool) -> Tr
     return cfg
 
 
-def _seed_epoch(cfg: TrainConfig, stage: str, epoch: int) -> torch.Generator:
+def _seed(cfg: TrainConfig, stage: str, epoch: int) -> torch.Generator:
+    """Seed every random source from (seed, stage, epoch): initialisation uses epoch -1, epoch e uses e."""
     seed = cfg.seed * 100_003 + _STAGE_SEED[stage] * 1_009 + epoch
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
@@ -95,7 +96,7 @@ def _run_stage(stage: str, cfg: TrainConfig, out: Path, module: nn.Module, epoch
     for epoch in range(start, epochs):
         for g in opt.param_groups:
             g["lr"] = _lr_at(cfg, lr, epoch, epochs)
-        loader = loader_for(_seed_epoch(cfg, stage, epoch))
+        loader = loader_for(_seed(cfg, stage, epoch))
         sums: dict[str, float] = {}
         n, dropped, t0 = 0, 0, time.perf_counter()
         bar = tqdm(loader, desc=f"{stage} {epoch + 1}/{epochs}", disable=not progress, leave=False)
@@ -151,6 +152,7 @@ def train_backbone(cfg: TrainConfig, out: Path, backbone: Backbone, index: Datas
     base_labels = [index.classnames[i] for i in base_ids]
     samples = [s for s in index.train if base_flags[s.label]]
     dataset = FewShotDataset(samples, train_transform(backbone.preprocess, cfg.backbone_augment))
+    _seed(cfg, "backbone", -1)
     learner = PromptLearner(backbone, cfg.n_ctx, cfg.ctx_init).to(backbone.device)
     encoder = TextEncoder(backbone)
     scale = backbone.logit_scale
@@ -191,6 +193,7 @@ def train_plugin(cfg: TrainConfig, out: Path, backbone: Backbone, index: Dataset
     with torch.no_grad():
         tuned = encode_prompts(encoder, backbone, base_labels, ctx)
         clip = encode_prompts(encoder, backbone, base_labels, None)
+    _seed(cfg, "plugin", -1)
     plugin = build_plugin(cfg, backbone.embed_dim, float(info["fdc_logit_scale"])).to(dev)
     weights = LossWeights(lambda_d=cfg.lambda_d, lambda_rg=cfg.lambda_rg, lambda_new=cfg.lambda_new,
                           use_pc_kl=cfg.pc_kl)

@@ -1,0 +1,95 @@
+"""The `fvgpt` command line end to end on generated data: train, eval, resume, and clear errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_config
+from fvgpt.cli import main
+from fvgpt.rundir import RunDirError, load_run
+from fvgpt.train import train
+
+TINY = ["--model", "fvgpt-tiny", "--pretrained", "none", "--shots", "3", "--epochs", "2", "--lr", "0.02", "--quiet"]
+
+
+def test_help_explains_every_command():
+    out = subprocess.run([sys.executable, "-m", "fvgpt.cli", "--help"], capture_output=True, text=True, check=True)
+    for command in ("train", "eval", "masks", "demo", "export", "validate", "serve"):
+        assert command in out.stdout
+    train_help = subprocess.run([sys.executable, "-m", "fvgpt.cli", "train", "--help"], capture_output=True,
+                                text=True, check=True).stdout
+    for option in ("--data", "--pretrained", "--method", "--shots", "--stage", "--resume", "--base-classes"):
+        assert option in train_help
+
+
+def test_train_then_eval_end_to_end(demo_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(demo_data), "--out", str(run), "--method", "kgcoop", *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "fvgpt" in printed and "kgcoop" in printed and "HM" in printed
+    for name in ("config.json", "classes.json", "data.json", "prompt.safetensors", "plugin.safetensors",
+                 "metrics.json", "train_log.jsonl", "progress.json"):
+        assert (run / name).is_file(), name
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["method"] == "kgcoop" and config["train"]["ctx_init"] == "a photo of a"
+    assert len(config["backbone"]["fingerprint"]) == 64
+    classes = json.loads((run / "classes.json").read_text())
+    assert [c["base"] for c in classes] == [True] * 3 + [False] * 3
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["epoch"]) for r in log] == [("backbone", 1), ("backbone", 2), ("plugin", 1), ("plugin", 2)]
+    assert all(r["kg"] >= 0 for r in log if r["stage"] == "backbone")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["models"]) == {"zero-shot", "kgcoop", "fvgpt"}
+    row = metrics["models"]["fvgpt"]
+    assert 0 <= row["base"] <= 100 and 0 <= row["new"] <= 100 and row["d_fg"]["tau1"] >= 0
+    # eval of two runs prints the paper's average row
+    assert main(["eval", str(run), str(run), "--quiet"]) == 0
+    assert "average over 2 runs" in capsys.readouterr().out
+
+
+def test_existing_run_dir_is_not_overwritten(tiny_run, demo_data, capsys):
+    before = (tiny_run / "plugin.safetensors").read_bytes()
+    assert main(["train", "--data", str(demo_data), "--out", str(tiny_run), *TINY]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (tiny_run / "plugin.safetensors").read_bytes() == before
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"), *TINY]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(demo_data, tmp_path):
+    cfg = tiny_config(demo_data, backbone_epochs=2, plugin_epochs=3)
+    train(cfg, tmp_path / "whole", progress=False)
+
+    def stop_after_first_plugin_epoch(stage: str, epoch: int) -> None:
+        if stage == "plugin" and epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", hook=stop_after_first_plugin_epoch, progress=False)
+    with pytest.raises(RunDirError, match="stage 2"):
+        load_run(tmp_path / "cut", require_plugin=True)
+    train(cfg, tmp_path / "cut", resume=True, progress=False)
+    whole, cut = load_file(tmp_path / "whole" / "plugin.safetensors"), load_file(tmp_path / "cut" / "plugin.safetensors")
+    assert whole.keys() == cut.keys()
+    for key in whole:
+        assert torch.equal(whole[key], cut[key]), key
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "cut" / "train_log.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 1, 2, 3]
+
+
+def test_stages_can_run_separately(demo_data, tmp_path):
+    run = tmp_path / "staged"
+    train(tiny_config(demo_data), run, stage="backbone", progress=False)
+    assert not (run / "plugin.safetensors").exists()
+    with pytest.raises(RunDirError, match="--resume"):
+        train(tiny_config(demo_data), run, stage="plugin", progress=False)
+    train(tiny_config(demo_data), run, stage="plugin", resume=True, progress=False)
+    assert load_run(run, require_plugin=True).plugin is not None
