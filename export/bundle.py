@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,7 +108,8 @@ class Bundle:
     """A loaded bundle: the image graph (ONNX or TensorRT), the text and head graphs, and the text tables."""
 
     def __init__(self, path: str | Path, precision: str | None = None, runtime: str = "onnx", device: str = "auto",
-                 threads: int | None = None, verify: bool = True):
+                 threads: int | None = None, verify: bool = True, load_image: bool = True):
+        """load_image=False skips the image graph: for a process that only routes labels (serving's API process)."""
         from safetensors.numpy import load_file
 
         self.path = Path(path)
@@ -124,22 +126,24 @@ class Bundle:
         graphs = m["graphs"]
         if self.precision not in graphs["image"]:
             raise BundleError(f"{self.path}: no {self.precision} image graph (has: {', '.join(graphs['image'])})")
+        if runtime not in ("onnx", "tensorrt"):
+            raise BundleError(f"unknown runtime {runtime!r} (onnx|tensorrt)")
         self.runtime = runtime
-        if runtime == "tensorrt":
+        self.provider = "none"  # until an image graph is loaded
+        if load_image and runtime == "tensorrt":
             from .tensorrt_engine import TensorRTRunner, engine_for
 
             self._trt = TensorRTRunner(self.path / engine_for(m, self.precision))
             self.provider = "TensorRT"
-        elif runtime == "onnx":
+        elif load_image:
             self._image, self.provider = ort_session(self.path / graphs["image"][self.precision]["file"], device,
                                                      threads)
-        else:
-            raise BundleError(f"unknown runtime {runtime!r} (onnx|tensorrt)")
         self._text, _ = ort_session(self.path / graphs["text"]["file"], device, threads)
         self._head, _ = ort_session(self.path / graphs["head"]["file"], device, threads)
         self.tables = load_file(str(self.path / m["tables"]))
         self.outputs: list[str] = graphs["image"][self.precision]["outputs"]
         self._label_cache: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._cache_lock = threading.Lock()  # scores() may run in several threads at once
         self._tokenizer = None
 
     @property
@@ -183,25 +187,24 @@ class Bundle:
 
     def label_features(self, labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(tuned, clip) rows for labels: bundled classes from the tables, others through the text graph, cached."""
-        missing = [lab for lab in dict.fromkeys(labels) if lab not in self.class_index and lab not in self._label_cache]
-        if missing:
-            tuned, clip = self.encode_text(missing)
-            for i, lab in enumerate(missing):
-                self._label_cache[lab] = (tuned[i], clip[i])
-                if len(self._label_cache) > LABEL_CACHE_SIZE:
-                    self._label_cache.popitem(last=False)
-        tuned_rows, clip_rows = [], []
-        for lab in labels:
-            if lab in self.class_index:
-                i = self.class_index[lab]
-                tuned_rows.append(self.tables["tuned"][i])
-                clip_rows.append(self.tables["clip"][i])
-            else:
-                self._label_cache.move_to_end(lab)
-                t, c = self._label_cache[lab]
-                tuned_rows.append(t)
-                clip_rows.append(c)
-        return np.stack(tuned_rows), np.stack(clip_rows)
+        with self._cache_lock:
+            missing = [lab for lab in dict.fromkeys(labels)
+                       if lab not in self.class_index and lab not in self._label_cache]
+            if missing:
+                tuned, clip = self.encode_text(missing)
+                for i, lab in enumerate(missing):
+                    self._label_cache[lab] = (tuned[i], clip[i])
+            rows = []
+            for lab in labels:
+                if lab in self.class_index:
+                    i = self.class_index[lab]
+                    rows.append((self.tables["tuned"][i], self.tables["clip"][i]))
+                else:
+                    self._label_cache.move_to_end(lab)
+                    rows.append(self._label_cache[lab])
+            while len(self._label_cache) > LABEL_CACHE_SIZE:  # evict only after this request's rows are taken
+                self._label_cache.popitem(last=False)
+        return np.stack([t for t, _ in rows]), np.stack([c for _, c in rows])
 
     def run_head(self, features: np.ndarray, tuned: np.ndarray, clip: np.ndarray) -> np.ndarray:
         """Logits over an arbitrary label set: Prior Calibration (fvgpt) or the cosine head (zero-shot)."""

@@ -62,6 +62,7 @@ def _add_train(sub) -> None:
     g.add_argument("--lambda-d", type=float, help="distillation weight λ_d (default 10)")
     g.add_argument("--lambda-new", type=float, help="Prior Calibration weight λ_new (default 1)")
     g.add_argument("--fg-fill", choices=["mean", "black"], help="background of the foreground view (default mean)")
+    g.add_argument("--crop-scale", type=float, help="smallest area kept by random resized crops (default 0.08)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run dir")
     g.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -78,7 +79,7 @@ def _config_from_args(args):
         model=args.model, pretrained=args.pretrained, init_seed=args.init_seed, device=args.device,
         backbone_epochs=args.backbone_epochs or epochs, plugin_epochs=args.plugin_epochs or epochs,
         backbone_lr=args.lr, plugin_lr=args.lr, backbone_batch=args.batch_size, plugin_batch=args.batch_size,
-        lambda_d=args.lambda_d, lambda_new=args.lambda_new, fg_fill=args.fg_fill)
+        lambda_d=args.lambda_d, lambda_new=args.lambda_new, fg_fill=args.fg_fill, crop_scale=args.crop_scale)
 
 
 def _train(args) -> int:
@@ -183,24 +184,30 @@ def _masks(args) -> int:
 
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on generated data with the tiny model (offline, ~2 min)",
-                       description="Generates a small dataset with masks, trains both stages on fvgpt-tiny, "
-                                   "evaluates, then exports, validates and serves a bundle when those commands are "
-                                   "installed.")
-    p.add_argument("--out", default="demo", help="working folder (data/, run/, bundle/)")
+                       description="The embedded default: generates a small dataset of coloured shapes with masks, "
+                                   "pretrains fvgpt-tiny contrastively on generated captions (no CLIP weights can be "
+                                   "downloaded here), trains both FVG-PT stages, evaluates, then exports, validates "
+                                   "and serves an int8 bundle. Re-running reuses what is already in --out.")
+    p.add_argument("--out", default="demo", help="working folder (data/, tiny-clip.safetensors, run/, bundle/)")
     p.add_argument("--no-serve", action="store_true", help="stop after export")
     p.set_defaults(func=_demo)
 
 
 def _demo(args) -> int:
     from .demo_data import make_demo_dataset
+    from .tiny_clip import pretrain_tiny_clip
 
     out = Path(args.out)
-    data, run, bundle = out / "data", out / "run", out / "bundle"
+    data, weights, run, bundle = out / "data", out / "tiny-clip.safetensors", out / "run", out / "bundle"
     if not data.is_dir():
         make_demo_dataset(data)
         print(f"generated demo dataset in {data}")
-    steps = [["train", "--data", str(data), "--out", str(run), "--model", "fvgpt-tiny", "--pretrained", "none",
-              "--shots", "8", "--epochs", "10", "--lr", "0.02", "--batch-size", "8", "--quiet"]
+    if not weights.is_file():
+        print("pretraining fvgpt-tiny on generated captions (stands in for CLIP weights, which are not "
+              "downloadable here)")
+        pretrain_tiny_clip(weights)
+    steps = [["train", "--data", str(data), "--out", str(run), "--model", "fvgpt-tiny", "--pretrained", str(weights),
+              "--shots", "8", "--epochs", "10", "--lr", "0.02", "--crop-scale", "0.5", "--quiet"]
              + (["--resume"] if (run / "config.json").is_file() else [])]
     commands = _registered()
     if "export" in commands:

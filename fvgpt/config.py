@@ -33,6 +33,7 @@ class TrainConfig:
     backbone_lr: float = 0.0035
     backbone_batch: int = 4
     backbone_augment: bool = False  # CoOp backbone config: centre crop only; KgCoOp: random resized crop + flip
+    crop_scale: float = 0.08  # smallest area fraction of RandomResizedCrop (Dassl default; MMRL uses 0.5)
     # stage 2: the FVG-PT plugin
     plugin_epochs: int = 10
     plugin_lr: float = 0.0035

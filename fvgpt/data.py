@@ -226,11 +226,12 @@ def split_base_new(n_classes: int, base: list[int] | None = None) -> list[bool]:
 
 # ---- transforms -----------------------------------------------------------------------------------------------
 
-def train_transform(pre: Preprocess, augment: bool) -> v2.Compose:
+def train_transform(pre: Preprocess, augment: bool, crop_scale: float = 0.08) -> v2.Compose:
     """Paired transform for (image, mask): geometric steps share their random parameters (v2 applies one draw to
     every input) and masks are resampled NEAREST; ToDtype/Normalize touch the image only."""
     interp = v2.InterpolationMode.BICUBIC if pre.interpolation == "bicubic" else v2.InterpolationMode.BILINEAR
-    geometric = ([v2.RandomResizedCrop(pre.size, scale=(0.08, 1.0), interpolation=interp), v2.RandomHorizontalFlip()]
+    geometric = ([v2.RandomResizedCrop(pre.size, scale=(crop_scale, 1.0), interpolation=interp),
+                  v2.RandomHorizontalFlip()]
                  if augment else eval_geometry(pre))
     return v2.Compose([v2.ToImage(), *geometric,
                        v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),

@@ -151,7 +151,7 @@ def train_backbone(cfg: TrainConfig, out: Path, backbone: Backbone, index: Datas
     pos = {c: i for i, c in enumerate(base_ids)}
     base_labels = [index.classnames[i] for i in base_ids]
     samples = [s for s in index.train if base_flags[s.label]]
-    dataset = FewShotDataset(samples, train_transform(backbone.preprocess, cfg.backbone_augment))
+    dataset = FewShotDataset(samples, train_transform(backbone.preprocess, cfg.backbone_augment, cfg.crop_scale))
     _seed(cfg, "backbone", -1)
     learner = PromptLearner(backbone, cfg.n_ctx, cfg.ctx_init).to(backbone.device)
     encoder = TextEncoder(backbone)
@@ -188,7 +188,7 @@ def train_plugin(cfg: TrainConfig, out: Path, backbone: Backbone, index: Dataset
     pos = {c: i for i, c in enumerate(base_ids)}
     base_labels = [index.classnames[i] for i in base_ids]
     samples = [s for s in index.train if base_flags[s.label]]
-    dataset = FewShotDataset(samples, train_transform(backbone.preprocess, augment=True))
+    dataset = FewShotDataset(samples, train_transform(backbone.preprocess, augment=True, crop_scale=cfg.crop_scale))
     encoder = TextEncoder(backbone)
     with torch.no_grad():
         tuned = encode_prompts(encoder, backbone, base_labels, ctx)

@@ -1,0 +1,215 @@
+"""POST /classify request parsing: raw body (size-limited while it streams in) → a validated ClassifyRequest.
+
+Two encodings, the same fields:
+  multipart/form-data  images (repeated file field), labels (repeated text field), top_k, mode
+  application/json     {"images": ["<base64 or data URI>", ...], "labels": [...], "top_k": 5, "mode": "open"}
+
+Labels: omitted → every bundled class. Given → exactly that set, scored by the head Bundle.scores routes it to.
+A label equal to a bundled class name, or to its display form (underscores as spaces), is that class; any other
+label is a new label (text features through the bundle's text graph). mode "subset" instead rejects labels that
+are not bundled classes — for clients that only ever mean to narrow the bundle's own class list.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import anyio
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect, Request
+
+from .decode import decode_base64
+from .errors import ApiError
+from .limits import Limits
+
+FIELDS = ("images", "labels", "top_k", "mode")
+MODES = ("open", "subset")
+USAGE = ("send images as multipart/form-data (repeated file field 'images') or as JSON "
+         "{\"images\": [\"<base64>\", ...]}")
+
+
+@dataclass(frozen=True)
+class ClassifyRequest:
+    images: list[bytes]
+    names: list[str]  # how error messages refer to each image: images[0] (cat.jpg)
+    labels: list[str] | None
+    top_k: int
+
+
+class LabelCatalog:
+    """The bundle's classes, and how request labels map onto them."""
+
+    def __init__(self, classes: list[str]):
+        self.classes = list(classes)
+        self._lookup = {c.replace("_", " "): c for c in classes} | {c: c for c in classes}
+
+    def canonical(self, label: str) -> str | None:
+        return self._lookup.get(label)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refusing more than limit bytes whatever Content-Length claims."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise ApiError(400, f"Content-Length {declared!r} is not a number") from None
+        if size > limit:
+            raise ApiError(413, f"request body is {size} bytes; the limit is {limit} (FVGPT_MAX_REQUEST_BYTES)")
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"request body is over the limit of {limit} bytes (FVGPT_MAX_REQUEST_BYTES)")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ApiError(400, "the client disconnected before sending the whole body") from None
+    return b"".join(chunks)
+
+
+async def parse_classify(request: Request, limits: Limits, catalog: LabelCatalog) -> ClassifyRequest:
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media and media != "multipart/form-data" and media != "application/json" and not media.endswith("+json"):
+        raise ApiError(415, f"unsupported Content-Type {media!r}: {USAGE}")
+    body = await read_body(request, limits.max_request_bytes)
+    if not body:
+        raise ApiError(400, f"empty request body: {USAGE}")
+    if not media:
+        raise ApiError(415, f"missing Content-Type: {USAGE}")
+    if media == "multipart/form-data":
+        fields = await _multipart_fields(request, body, limits)
+    else:  # json.loads and base64 of a large body would hold the event loop for a while
+        fields = await anyio.to_thread.run_sync(_json_fields, body, limits)
+    labels = resolve_labels(fields.get("labels"), fields.get("mode", "open"), catalog, limits)
+    return ClassifyRequest(fields["images"], fields["names"], labels,
+                           resolve_top_k(fields.get("top_k"), len(labels or catalog.classes), limits))
+
+
+async def _single_chunk(body: bytes) -> AsyncIterator[bytes]:
+    yield body
+
+
+async def _multipart_fields(request: Request, body: bytes, limits: Limits) -> dict:
+    parser = MultiPartParser(request.headers, _single_chunk(body), max_files=limits.max_images,
+                             max_fields=limits.max_labels + 2, max_part_size=64 << 10)
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        if "Too many files" in exc.message:
+            raise ApiError(400, f"too many images: at most {limits.max_images} per request "
+                                f"(FVGPT_MAX_IMAGES)") from None
+        if "Too many fields" in exc.message:
+            raise ApiError(400, f"too many form fields: at most {limits.max_labels} labels plus top_k and mode "
+                                f"(FVGPT_MAX_LABELS)") from None
+        raise ApiError(400, f"malformed multipart body: {exc.message}") from None
+    fields: dict = {"images": [], "names": []}
+    labels: list[str] = []
+    try:
+        for key, value in form.multi_items():
+            if key not in FIELDS:
+                raise ApiError(400, f"unknown form field {key!r}: expected {', '.join(FIELDS)}; {USAGE}")
+            if key == "images":
+                if not isinstance(value, UploadFile):
+                    raise ApiError(400, "form field 'images' must be a file upload, not text "
+                                        "(URLs are not fetched)")
+                fields["names"].append(f"images[{len(fields['images'])}] ({value.filename})")
+                fields["images"].append(await value.read())
+            elif isinstance(value, UploadFile):
+                raise ApiError(400, f"form field {key!r} must be text, not a file")
+            elif key == "labels":
+                labels.append(value)
+            elif key in fields:
+                raise ApiError(400, f"form field {key!r} is given more than once")
+            else:
+                fields[key] = value
+    finally:
+        await form.close()
+    if not fields["images"]:
+        raise ApiError(400, f"no images: {USAGE}")
+    if labels:
+        fields["labels"] = labels
+    if "top_k" in fields:
+        try:
+            fields["top_k"] = int(fields["top_k"])
+        except ValueError:
+            raise ApiError(400, f"top_k {fields['top_k']!r} is not an integer") from None
+    return fields
+
+
+def _json_fields(body: bytes, limits: Limits) -> dict:
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"body is not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise ApiError(400, f"the JSON body must be an object: {USAGE}")
+    if unknown := [k for k in doc if k not in FIELDS]:
+        raise ApiError(400, f"unknown JSON field(s) {', '.join(map(repr, unknown))}: expected "
+                            f"{', '.join(FIELDS)}")
+    images = doc.get("images")
+    if not isinstance(images, list) or not images:
+        raise ApiError(400, f"'images' must be a non-empty list of base64 strings: {USAGE}")
+    if len(images) > limits.max_images:
+        raise ApiError(400, f"too many images: {len(images)}, at most {limits.max_images} per request "
+                            f"(FVGPT_MAX_IMAGES)")
+    names = [f"images[{i}]" for i in range(len(images))]
+    for name, item in zip(names, images):
+        if not isinstance(item, str):
+            raise ApiError(400, f"{name} must be a base64 string, not {type(item).__name__}")
+    fields = {k: v for k, v in doc.items() if v is not None}
+    fields["images"] = [decode_base64(item, name) for name, item in zip(names, images)]
+    fields["names"] = names
+    if "top_k" in fields and (isinstance(fields["top_k"], bool) or not isinstance(fields["top_k"], int)):
+        raise ApiError(400, f"top_k must be an integer, not {fields['top_k']!r}")
+    return fields
+
+
+def resolve_labels(raw: object, mode: object, catalog: LabelCatalog, limits: Limits) -> list[str] | None:
+    """Validated labels, bundled ones under their bundle name; None: every bundled class."""
+    if mode not in MODES:
+        raise ApiError(400, f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if raw is None:
+        if mode == "subset":
+            raise ApiError(400, "mode 'subset' needs labels: the bundled classes to score")
+        return None
+    if not isinstance(raw, list):
+        raise ApiError(400, f"labels must be a list of strings, not {type(raw).__name__}")
+    if not raw:
+        raise ApiError(400, "labels is empty: omit it to score every bundled class")
+    if len(raw) > limits.max_labels:
+        raise ApiError(400, f"too many labels: {len(raw)}, at most {limits.max_labels} (FVGPT_MAX_LABELS)")
+    labels: list[str] = []
+    seen: dict[str, int] = {}
+    for i, item in enumerate(raw):
+        if not isinstance(item, str):
+            raise ApiError(400, f"labels[{i}] must be a string, not {type(item).__name__}")
+        label = " ".join(item.split())
+        if not label:
+            raise ApiError(400, f"labels[{i}] is empty")
+        if len(label) > limits.max_label_chars:
+            raise ApiError(400, f"labels[{i}] is {len(label)} characters long; the limit is "
+                                f"{limits.max_label_chars} (FVGPT_MAX_LABEL_CHARS)")
+        if not label.isprintable():
+            raise ApiError(400, f"labels[{i}] contains control characters")
+        canonical = catalog.canonical(label)
+        if canonical is None and mode == "subset":
+            raise ApiError(400, f"labels[{i}] {label!r} is not a bundled class (mode 'subset'); the bundled "
+                                f"classes are: {', '.join(catalog.classes)}")
+        label = canonical or label
+        if label in seen:
+            raise ApiError(400, f"labels[{i}] {item!r} repeats labels[{seen[label]}]")
+        seen[label] = i
+        labels.append(label)
+    return labels
+
+
+def resolve_top_k(raw: int | None, n_labels: int, limits: Limits) -> int:
+    if raw is None:
+        return min(limits.default_top_k, n_labels)
+    if not 1 <= raw <= n_labels:
+        raise ApiError(400, f"top_k must be between 1 and {n_labels} (the number of labels scored), not {raw}")
+    return raw
