@@ -174,7 +174,7 @@ class Bundle:
         """(tuned, clip) text features through the text graph: "X X X X <label>." with the learned context, and the
         zero-shot template (zero-shot bundles: the template for both)."""
         p = self.manifest["prompts"]
-        clean = [lab.replace("_", " ").strip() for lab in labels]
+        clean = [lab.replace("_", " ").strip() for lab in labels]  # fvgpt.prompts.clean_label, without torch
         template = [p["template"].format(c) for c in clean]
         if self.kind != "fvgpt":
             clip = self._text.run(["text_features"], {"token_ids": self._tokenize(template)})[0]

@@ -41,7 +41,8 @@ def _cuda_torch():
 def engine_for(manifest: dict, precision: str) -> str:
     engines = (manifest.get("tensorrt") or {}).get("engines", {})
     if precision not in engines:
-        raise TensorRTUnavailable(f"the bundle has no {precision} TensorRT engine (has: {', '.join(engines) or 'none'});"
+        has = ", ".join(engines) or "none"
+        raise TensorRTUnavailable(f"the bundle has no {precision} TensorRT engine (has: {has});"
                                   f" export with --tensorrt on a GPU host")
     return engines[precision]["file"]
 

@@ -135,7 +135,8 @@ def _readable(path: Path) -> bool:
         return False
 
 
-def k_shot(pool: list[tuple[Path, int]], shots: int, seed: int, n_classes: int) -> tuple[list[tuple[Path, int]], list[str]]:
+def k_shot(pool: list[tuple[Path, int]], shots: int, seed: int,
+           n_classes: int) -> tuple[list[tuple[Path, int]], list[str]]:
     """Deterministic K images per class (sorted pool, seeded shuffle); unreadable files are skipped and replaced."""
     by_class: dict[int, list[Path]] = defaultdict(list)
     for p, lab in sorted(pool):
@@ -253,8 +254,9 @@ def foreground_view(images: torch.Tensor, masks: torch.Tensor, pre: Preprocess, 
         return images * m
     if fill != "black":
         raise ValueError(f"unknown foreground fill {fill!r} (mean|black)")
-    black = -torch.tensor(pre.mean, dtype=images.dtype, device=images.device) / torch.tensor(pre.std, dtype=images.dtype, device=images.device)
-    return images * m + black.view(1, 3, 1, 1) * (1 - m)
+    mean, std = (torch.tensor(v, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+                 for v in (pre.mean, pre.std))
+    return images * m - mean / std * (1 - m)
 
 
 class FewShotDataset(torch.utils.data.Dataset):

@@ -18,9 +18,13 @@ def clean_label(name: str) -> str:
     return name.replace("_", " ").strip()
 
 
+def learned_template(n_ctx: int) -> str:
+    """"X X X X {}.": the placeholders whose embeddings the learned context replaces (written into bundles)."""
+    return " ".join(["X"] * n_ctx) + " {}."
+
+
 def learned_prompts(labels: list[str], n_ctx: int) -> list[str]:
-    prefix = " ".join(["X"] * n_ctx)
-    return [f"{prefix} {clean_label(c)}." for c in labels]
+    return [learned_template(n_ctx).format(clean_label(c)) for c in labels]
 
 
 def template_prompts(labels: list[str], template: str = ZERO_SHOT_TEMPLATE) -> list[str]:

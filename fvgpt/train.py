@@ -233,7 +233,8 @@ def train(cfg: TrainConfig, out: str | Path, stage: str = "all", resume: bool = 
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "classes.json", [{"name": c, "base": b} for c, b in zip(index.classnames, base_flags)])
         atomic_write_json(out / "data.json", {"layout": index.layout, "root": str(index.root),
-                                              "train": [[str(s.path), s.label, s.mask is not None] for s in index.train],
+                                              "train": [[str(s.path), s.label, s.mask is not None]
+                                                        for s in index.train],
                                               "warnings": index.warnings})
         atomic_write_json(out / "progress.json", {})
         atomic_write_json(out / "config.json", {"train": json.loads(cfg.to_json()), "backbone": info})

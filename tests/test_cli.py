@@ -77,7 +77,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(demo_data, tmp_p
     with pytest.raises(RunDirError, match="stage 2"):
         load_run(tmp_path / "cut", require_plugin=True)
     train(cfg, tmp_path / "cut", resume=True, progress=False)
-    whole, cut = load_file(tmp_path / "whole" / "plugin.safetensors"), load_file(tmp_path / "cut" / "plugin.safetensors")
+    whole, cut = (load_file(tmp_path / name / "plugin.safetensors") for name in ("whole", "cut"))
     assert whole.keys() == cut.keys()
     for key in whole:
         assert torch.equal(whole[key], cut[key]), key
