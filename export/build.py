@@ -9,6 +9,8 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,9 +49,10 @@ class ExportOptions:
 
     def __post_init__(self) -> None:
         if self.precision == "bf16":
-            raise ExportError("bf16 is not offered: ONNX Runtime's CPU provider has no bf16 MatMul kernel (a bf16 graph "
-                              "does not load), and int8 measured faster than torch's own bf16 on an AVX-512 BF16 CPU "
-                              "(ViT-B/16, batch 8: 6.2x vs 4.2x open_clip eager fp32); use int8 on CPUs, fp16 on GPUs")
+            raise ExportError("bf16 is not offered: ONNX Runtime's CPU provider has no bf16 MatMul kernel (a bf16 "
+                              "graph does not load), and int8 measured faster than torch's own bf16 on an AVX-512 "
+                              "BF16 CPU (ViT-B/16, batch 8: 6.2x vs 4.2x open_clip eager fp32); use int8 on CPUs, "
+                              "fp16 on GPUs")
         if self.precision not in PRECISIONS:
             raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not 1 <= self.max_batch <= 4096:
@@ -61,17 +64,11 @@ def _say(opts: ExportOptions, msg: str) -> None:
         print(msg, flush=True)
 
 
-class _Timer:
-    def __init__(self, opts: ExportOptions, what: str):
-        self.opts, self.what = opts, what
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        if exc[0] is None:
-            _say(self.opts, f"  {self.what}: {time.perf_counter() - self.t0:.1f} s")
+@contextmanager
+def _timed(opts: ExportOptions, what: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    yield
+    _say(opts, f"  {what}: {time.perf_counter() - t0:.1f} s")
 
 
 def _prepare_out(out: Path, force: bool) -> Path:
@@ -121,17 +118,17 @@ def _write_bundle(out: Path, opts: ExportOptions, backbone: Backbone, classifier
     try:
         size, dim = backbone.preprocess.size, backbone.embed_dim
         files = ["image.onnx", "text.onnx", "head.onnx", "tables.safetensors", PARITY_REFERENCE]
-        with _Timer(opts, "image graph (fp32)"):
+        with _timed(opts, "image graph (fp32)"):
             export_graph(classifier, {"pixels": torch.randn(TRACE_BATCH, 3, size, size)}, tmp / "image.onnx",
                          outputs, {"pixels": {0: "batch"}}, opts.opset, {"batch": opts.max_batch})
-        with _Timer(opts, "text graph"):
+        with _timed(opts, "text graph"):
             example = {"token_ids": backbone.tokenize(["a photo of a cat.", "a photo of a dog."])}
             dynamic = {"token_ids": {0: "texts"}}
             if text_graph.has_context:
                 example["use_context"] = torch.tensor([1.0, 0.0])
                 dynamic["use_context"] = {0: "texts"}
             export_graph(text_graph, example, tmp / "text.onnx", ["text_features"], dynamic, opts.opset, {})
-        with _Timer(opts, "head graph"):
+        with _timed(opts, "head graph"):
             rows = {"tuned": tables.tuned[:2], "clip": tables.clip[:2]}
             example = {"features": torch.nn.functional.normalize(torch.randn(TRACE_BATCH, dim), dim=-1)}
             export_graph(head, example | {k: rows[k] for k in head_inputs}, tmp / "head.onnx", ["logits"],
@@ -152,19 +149,19 @@ def _write_bundle(out: Path, opts: ExportOptions, backbone: Backbone, classifier
         }
         _write_manifest(tmp, manifest)
 
-        with _Timer(opts, "parity: fp32 image graph vs torch"):
+        with _timed(opts, "parity: fp32 image graph vs torch"):
             pixels = parity_set(parity_transform(manifest["preprocess"]), opts.parity_images)
             reference = _torch_outputs(classifier, pixels, outputs)
             save_file(reference, str(tmp / PARITY_REFERENCE))  # lets `fvgpt validate` re-check without torch
             parity = {"images": int(len(pixels)), "generated_images": opts.parity_images,
                       "reference": PARITY_REFERENCE,
                       "fp32": _gate(check_image_graph(tmp, "fp32", "onnx", pixels, reference), "the fp32 image graph")}
-        with _Timer(opts, "parity: text and head graphs"):
+        with _timed(opts, "parity: text and head graphs"):
             for name, report in check_text_and_head(tmp, reference).items():
                 parity[name] = _gate(report, f"the {name} graph")
         if opts.precision != "fp32":
             name = f"image.{opts.precision}.onnx"
-            with _Timer(opts, f"{opts.precision} image graph"):
+            with _timed(opts, f"{opts.precision} image graph"):
                 if opts.precision == "int8":
                     quantize_int8(tmp / "image.onnx", tmp / name)
                 else:
@@ -173,7 +170,7 @@ def _write_bundle(out: Path, opts: ExportOptions, backbone: Backbone, classifier
             manifest["graphs"]["image"][opts.precision] = {"file": name, "outputs": outputs}
             manifest["default_precision"] = opts.precision
             _write_manifest(tmp, manifest)
-            with _Timer(opts, f"parity: {opts.precision} image graph vs torch"):
+            with _timed(opts, f"parity: {opts.precision} image graph vs torch"):
                 parity[opts.precision] = _gate(check_image_graph(tmp, opts.precision, "onnx", pixels, reference),
                                                f"the {opts.precision} image graph")
         if opts.tensorrt:
@@ -197,13 +194,13 @@ def _tensorrt(tmp: Path, manifest: dict, files: list[str], opts: ExportOptions, 
     """Engines built from the bundle's ONNX graph of the chosen precision; gated like the ONNX graphs."""
     name = f"{ENGINE_DIR}/image.{opts.precision}.plan"
     cache = f"{ENGINE_DIR}/timing.cache"
-    with _Timer(opts, f"TensorRT {opts.precision} engine"):
+    with _timed(opts, f"TensorRT {opts.precision} engine"):
         source = tmp / manifest["graphs"]["image"][opts.precision]["file"]
         build = build_engine(source, tmp / name, size, opts.max_batch, tmp / cache)
     files += [name, cache]
     manifest["tensorrt"] = {"engines": {opts.precision: {"file": name}}, "build": build}
     _write_manifest(tmp, manifest)
-    with _Timer(opts, f"parity: TensorRT {opts.precision} engine vs torch"):
+    with _timed(opts, f"parity: TensorRT {opts.precision} engine vs torch"):
         parity[f"tensorrt_{opts.precision}"] = _gate(
             check_image_graph(tmp, opts.precision, "tensorrt", pixels, reference),
             f"the TensorRT {opts.precision} engine")

@@ -1,26 +1,24 @@
 """benchmarks/throughput.py and benchmarks/http_load.py on the tiny bundles, with tiny iteration counts.
 
 http_load is the thing under test, so most of its tests run against a stdlib test double of `POST /classify`;
-one test runs it against the real `fvgpt serve` once that command exists.
+one test runs it against the real `fvgpt serve`.
 """
 from __future__ import annotations
 
 import csv
 import json
-import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from PIL import Image
+
+from serving.cli import free_port, stop, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -36,12 +34,6 @@ def bench(*args: str, script: bool = False, timeout: float = 120) -> subprocess.
     name, *rest = args
     cmd = [sys.executable, f"benchmarks/{name}.py"] if script else [sys.executable, "-m", f"benchmarks.{name}"]
     return subprocess.run(cmd + rest, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- throughput -------------------------------------------------------------------------------------------------
@@ -231,44 +223,21 @@ def test_http_load_refuses_non_loopback(url, tmp_path, capsys):
 
 
 # ---- http_load against the real service ---------------------------------------------------------------------
-def _serve_available() -> bool:
-    res = subprocess.run([sys.executable, "-m", "fvgpt.cli", "serve", "--help"], capture_output=True, text=True,
-                         cwd=REPO, timeout=60)
-    return res.returncode == 0 and "--port" in res.stdout
-
-
 @pytest.mark.slow
 def test_http_load_against_fvgpt_serve(tiny_zero_shot_bundle, tmp_path):
-    if not _serve_available():
-        pytest.skip("`fvgpt serve` is not available yet (serving/ still a placeholder)")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "fvgpt.cli", "serve", str(tiny_zero_shot_bundle),
-                               "--host", "127.0.0.1", "--port", str(port)], cwd=REPO, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "w"),
-                              env=os.environ | {"BENTOML_DO_NOT_TRACK": "True"})
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
-            try:
-                with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "fvgpt serve did not become ready in 60 s"
-            time.sleep(0.5)
-        res = bench("http_load", "--url", url, "--concurrency", "1,2", "--requests", "6", "--warmup", "1",
-                    "--bundle", str(tiny_zero_shot_bundle), "--model-batch", "2", "--model-iters", "2",
-                    "--out", str(tmp_path))
-        assert res.returncode == 0, res.stderr
-        for row in check_http_report(tmp_path)["results"]:
-            assert row["errors"] == 0 and row["images_per_s"] > 0 and row["ratio_to_model_only"] > 0
-    finally:
-        server.terminate()  # by PID; its own process group holds the workers BentoML starts
+    with open(tmp_path / "serve.log", "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "fvgpt.cli", "serve", str(tiny_zero_shot_bundle),
+                                   "--host", "127.0.0.1", "--port", str(port)], cwd=REPO, start_new_session=True,
+                                  stdout=subprocess.DEVNULL, stderr=log)
         try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+            wait_ready(server, url, 60)
+            res = bench("http_load", "--url", url, "--concurrency", "1,2", "--requests", "6", "--warmup", "1",
+                        "--bundle", str(tiny_zero_shot_bundle), "--model-batch", "2", "--model-iters", "2",
+                        "--out", str(tmp_path))
+            assert res.returncode == 0, res.stderr
+            for row in check_http_report(tmp_path)["results"]:
+                assert row["errors"] == 0 and row["images_per_s"] > 0 and row["ratio_to_model_only"] > 0
+        finally:
+            stop(server)  # by PID; its own process group holds the workers BentoML starts
