@@ -121,7 +121,7 @@ def decode_batch(photos: list[tuple[str, bytes]], batch: int, cfg) -> np.ndarray
 
     from PIL import Image
 
-    from export.preprocess import preprocess
+    from fvgpt_runtime.preprocess import preprocess
 
     arrays = []
     for i in range(batch):

@@ -1,7 +1,10 @@
-"""What the fused heads cost inside a bundle's image graph: the full graph against the same graph cut at `features`
-(the bare image encoder: same weights, same kernels, no adapters, heads or gate), timed interleaved in one run.
+"""What splitting the image side into a shared tower and per-bundle heads costs, against one fused graph.
 
-    python -m benchmarks.graph_overhead --bundle BUNDLE [--batch 8] [--threads 2] [--iters 20]
+The split path is what serving runs: the tower graph, then the heads graph through the runtime's label routing
+(Bundle.scores: table lookup + one ONNX Runtime call). The fused path is one graph, built here by joining the same
+two graphs at `features` (onnx.compose), fed the same tables. Both are timed interleaved in one run.
+
+    python -m benchmarks.graph_overhead --bundle BUNDLE [--precision int8] [--batch 8] [--threads 2] [--iters 20]
 """
 from __future__ import annotations
 
@@ -18,53 +21,69 @@ if not __package__:
 import numpy as np
 
 
-def encoder_only(graph: Path, out: Path) -> Path:
-    import onnx.utils
+def fused_graph(tower: Path, heads: Path, out: Path) -> Path:
+    """tower ∘ heads as one ONNX graph: the tower's `features` output feeds the heads' `features` input."""
+    import onnx
+    from onnx import compose
 
-    onnx.utils.extract_model(str(graph), str(out), ["pixels"], ["features"])
+    t, h = onnx.load(str(tower)), onnx.load(str(heads))
+    h = compose.add_prefix(h, "heads/", rename_inputs=False, rename_outputs=False)
+    merged = compose.merge_models(t, h, io_map=[("features", "features")])
+    onnx.save(merged, str(out))
     return out
 
 
 def overhead(bundle_dir: Path, precision: str, batch: int, threads: int, iters: int) -> dict:
-    from export.bundle import ort_session, read_manifest
+    from fvgpt_runtime.bundle import Bundle
+    from fvgpt_runtime.sessions import ort_session
 
-    manifest = read_manifest(bundle_dir)
-    graph = bundle_dir / manifest["graphs"]["image"][precision]["file"]
-    size = manifest["preprocess"]["size"]
+    bundle = Bundle(bundle_dir, threads=threads)
+    m = bundle.manifest
+    tower = bundle.tower(precision, threads=threads)
+    size = m.preprocess.size
     pixels = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
+    names = list(bundle.classes.names)
+    learned, clip = bundle.label_features(names)
+    tables = {"clip": clip} if bundle.kind != "fvgpt" else {"learned": learned, "clip": clip,
+                                                           "adapted": bundle.tables["adapted"]}
+    output = "logits" if bundle.kind != "fvgpt" else bundle.scores(tower(pixels[:1])).head + "_logits"
     with tempfile.TemporaryDirectory() as tmp:
-        sessions = {"full": ort_session(graph, "cpu", threads)[0],
-                    "encoder": ort_session(encoder_only(graph, Path(tmp) / "encoder.onnx"), "cpu", threads)[0]}
-        times: dict[str, list[float]] = {k: [] for k in sessions}
+        graph = fused_graph(bundle_dir / m.towers["image"].precisions[precision].file, bundle_dir / m.heads.file,
+                            Path(tmp) / "fused.onnx")
+        fused, _ = ort_session(graph, "cpu", threads)
+        paths = {"split": lambda: bundle.scores(tower(pixels)).logits,
+                 "fused": lambda: fused.run([output], {"pixels": pixels} | tables)[0]}
+        np.testing.assert_allclose(paths["split"](), paths["fused"](), atol=1e-4)  # the same function, two layouts
+        times: dict[str, list[float]] = {k: [] for k in paths}
         for _ in range(2):  # warm-up
-            for s in sessions.values():
-                s.run(None, {"pixels": pixels})
+            for run in paths.values():
+                run()
         for _ in range(iters):  # interleaved, so drift in machine load hits both alike
-            for name, s in sessions.items():
+            for name, run in paths.items():
                 t0 = time.perf_counter()
-                s.run(None, {"pixels": pixels})
+                run()
                 times[name].append(time.perf_counter() - t0)
-    full, enc = (float(np.median(times[k])) for k in ("full", "encoder"))
-    return {"precision": precision, "batch": batch, "threads": threads, "iters": iters,
-            "full_graph_ms": round(full * 1e3, 2), "encoder_only_ms": round(enc * 1e3, 2),
-            "heads_overhead_pct": round((full / enc - 1) * 100, 2)}
+    split, fused_s = (float(np.median(times[k])) for k in ("split", "fused"))
+    return {"bundle": m.model_id, "precision": precision, "batch": batch, "threads": threads, "iters": iters,
+            "classes": len(names), "split_ms": round(split * 1e3, 3), "fused_ms": round(fused_s * 1e3, 3),
+            "split_overhead_pct": round((split / fused_s - 1) * 100, 2)}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", required=True, type=Path, help="bundle dir")
-    p.add_argument("--precision", help="image graph to measure (default: every one in the bundle)")
+    p.add_argument("--precision", help="tower precision to measure (default: every one in the bundle)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
-    p.add_argument("--iters", type=int, default=20, help="timed runs of each graph (median reported)")
+    p.add_argument("--iters", type=int, default=20, help="timed runs of each path (median reported)")
     args = p.parse_args(argv)
-    from export.bundle import BundleError, read_manifest
+    from fvgpt_runtime.manifest import BundleError, Manifest
 
     try:
-        precisions = [args.precision] if args.precision else list(read_manifest(args.bundle)["graphs"]["image"])
+        precisions = [args.precision] if args.precision else list(Manifest.read(args.bundle).towers["image"].precisions)
         for precision in precisions:
-            print(json.dumps(overhead(args.bundle, precision, args.batch, args.threads, args.iters)))
-    except (BundleError, KeyError) as exc:
+            print(json.dumps(overhead(args.bundle, precision, args.batch, args.threads, args.iters)), flush=True)
+    except BundleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -6,7 +6,7 @@ Each of C client threads keeps one HTTP/1.1 connection (http.client, standard li
 photos to `POST {url}/classify` as multipart/form-data (field `images`), until --requests have been sent or
 --duration has passed for that concurrency level. Reported per level: QPS in images/s (2xx answers only), latency
 p50/p95/p99 of the 2xx answers, and the error count (non-2xx answers and transport errors). Given --bundle, the
-model-only throughput of the same bundle (Bundle.run_image at --model-batch, the service's batch size) is measured
+model-only throughput of the same bundle (tower + heads at --model-batch, the service's batch size) is measured
 before and after the load, and each level's images/s is reported as a ratio to it: how much of the model's speed the
 service delivers end to end. With FVGPT_API_KEY set, it is sent as `Authorization: Bearer` (and never recorded).
 Writes http_load.json and http_load.csv.
@@ -38,7 +38,7 @@ from benchmarks.common import (BenchError, command_line, decode_batch, int_list,
 if TYPE_CHECKING:
     import numpy as np
 
-    from export.bundle import Bundle
+    from fvgpt_runtime.bundle import Bundle, TowerRunner
 
 API_KEY_ENV = "FVGPT_API_KEY"  # the service's (serving/config.py); not imported, to keep this script light
 MAX_CONCURRENCY = 256
@@ -188,13 +188,14 @@ def run_level(target: Target, bodies: list[tuple[bytes, str]], concurrency: int,
     return row | latency_summary(latencies) | {"ratio_to_model_only": None}
 
 
-def model_only(bundle: Bundle, pixels: np.ndarray, iters: int) -> float:
-    """images/s of Bundle.run_image on one preprocessed batch (after two untimed calls)."""
+def model_only(bundle: Bundle, tower: TowerRunner, pixels: np.ndarray, iters: int) -> float:
+    """images/s of tower + heads (what /classify runs after decoding) on one preprocessed batch, after two untimed
+    calls."""
     for _ in range(2):
-        bundle.run_image(pixels)
+        bundle.scores(tower(pixels))
     t0 = time.perf_counter()
     for _ in range(iters):
-        bundle.run_image(pixels)
+        bundle.scores(tower(pixels))
     return len(pixels) * iters / (time.perf_counter() - t0)
 
 
@@ -216,12 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=4, help="sequential requests before the first level, not counted; "
                                                          "the first also checks the service answers 2xx (default 4)")
     g = p.add_argument_group("model-only reference (needs the bundle the service runs)")
-    g.add_argument("--bundle", help="bundle dir: measure Bundle.run_image before and after the load and report "
+    g.add_argument("--bundle", help="bundle dir: measure tower + heads before and after the load and report "
                                     "each level as a ratio to it")
-    g.add_argument("--precision", help="image graph precision the service runs (default: the bundle's default)")
+    g.add_argument("--precision", help="tower precision the service runs (default: the bundle's default)")
     g.add_argument("--model-batch", type=int, default=8, help="batch size of the model-only measurement: the "
                                                               "service's batch size (default 8)")
-    g.add_argument("--model-iters", type=int, default=10, help="timed Bundle.run_image calls each time (default 10)")
+    g.add_argument("--model-iters", type=int, default=10, help="timed tower + heads calls each time (default 10)")
     p.add_argument("--out", default="runs/benchmarks", help="folder for http_load.json and .csv "
                                                             "(default runs/benchmarks)")
     return p
@@ -245,13 +246,14 @@ def run(args) -> dict:
     load_start = load_average()
     target = parse_target(args.url)
     check_reachable(target, min(args.timeout, 5.0))
-    bundle = pixels = None
+    bundle = tower = pixels = None
     if args.bundle:  # loaded before any request, so a bad bundle path fails before the load
-        from export.bundle import Bundle
+        from fvgpt_runtime.bundle import Bundle
 
         if not Path(args.bundle).exists():
             raise BenchError(f"bundle {args.bundle} does not exist")
-        bundle = Bundle(args.bundle, precision=args.precision)
+        bundle = Bundle(args.bundle)
+        tower = bundle.tower(args.precision)
     photos = photo_bytes()
     bodies = [multipart(photos, i, args.images_per_request) for i in range(len(photos))]
     check_service(target, bodies[0], args.timeout)
@@ -261,8 +263,9 @@ def run(args) -> dict:
     reference = None
     if bundle is not None:
         pixels = decode_batch(photos, args.model_batch, bundle.preprocess)
-        reference = {"batch": args.model_batch, "precision": bundle.precision, "provider": bundle.provider,
-                     "iters": args.model_iters, "before_images_per_s": model_only(bundle, pixels, args.model_iters)}
+        reference = {"batch": args.model_batch, "precision": tower.precision, "provider": tower.provider,
+                     "iters": args.model_iters,
+                     "before_images_per_s": model_only(bundle, tower, pixels, args.model_iters)}
     rows = []
     for c in args.concurrency:
         rows.append(run_level(target, bodies, c, args))
@@ -270,7 +273,7 @@ def run(args) -> dict:
         print(f"concurrency {c}: {r['images_per_s']:.1f} images/s, p50 {r['latency_ms_p50'] or 0:.1f} ms, "
               f"{r['errors']} errors", file=sys.stderr)
     if bundle is not None:
-        reference["after_images_per_s"] = model_only(bundle, pixels, args.model_iters)
+        reference["after_images_per_s"] = model_only(bundle, tower, pixels, args.model_iters)
         before, after = reference["before_images_per_s"], reference["after_images_per_s"]
         reference["images_per_s"] = (before + after) / 2
         reference["spread"] = abs(before - after) / reference["images_per_s"]  # noise bracket of the ratio

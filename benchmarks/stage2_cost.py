@@ -30,11 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from fvgpt.backbone import load_backbone
+    from fvgpt.classes import ClassSplit
     from fvgpt.config import TrainConfig
     from fvgpt.data import FewShotDataset, collate, load_index, train_transform
     from fvgpt.demo_data import make_demo_dataset
+    from fvgpt.model import FVGPTModel
+    from fvgpt.prompts import PromptLearner
     from fvgpt.rundir import atomic_write_json
-    from fvgpt.train import _backbone_info, train_plugin
+    from fvgpt.train import train_plugin
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="fvgpt-stage2-"))
@@ -43,13 +46,14 @@ def main(argv: list[str] | None = None) -> int:
                       test_fraction=0.1)
     backbone = load_backbone(cfg.model, cfg.pretrained)
     index = load_index(cfg.data, cfg.shots, cfg.seed, test_fraction=cfg.test_fraction)
-    flags = [True, True, False, False]
-    samples = [s for s in index.train if flags[s.label]]
+    classes = ClassSplit.paper(index.classnames)
+    model = FVGPTModel(backbone, classes, cfg, PromptLearner.initial(backbone, cfg.n_ctx))
+    samples = [s for s in index.train if classes.base[s.label]]
     dataset = FewShotDataset(samples, train_transform(backbone.preprocess, augment=True))
 
     def plain_forward() -> None:  # same images, same loader and augmentation, no gradient
         for batch in torch.utils.data.DataLoader(dataset, batch_size=cfg.plugin_batch, collate_fn=collate):
-            backbone.encode_images(batch["img"])
+            model.encode_image(batch["img"])
 
     plain_forward()  # warm-up
     t0 = time.perf_counter()
@@ -57,9 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     forward_s = time.perf_counter() - t0
     run = work / "run"
     atomic_write_json(run / "progress.json", {})
-    ctx = torch.randn(cfg.n_ctx, backbone.text.token_embedding.weight.shape[1]) * 0.02
     t0 = time.perf_counter()
-    train_plugin(cfg, run, backbone, index, flags, ctx, _backbone_info(backbone, cfg), progress=False)
+    train_plugin(model, run, index, backbone.logit_scale, progress=False)
     epoch_s = time.perf_counter() - t0
     print(json.dumps({"model": args.model, "images": len(samples), "batch": cfg.plugin_batch,
                       "threads": args.threads, "plain_forward_s": round(forward_s, 3),

@@ -4,8 +4,8 @@
 
 Runtimes: `eager-{fp32,fp16,bf16}` (open_clip `encode_image` + L2 norm + the head as a torch matmul against the
 bundle's zero-shot text table, under inference_mode; weights rebuilt from the manifest and checked against its
-fingerprint), `compile-{fp32,fp16,bf16}` (the same under torch.compile), `onnx-<precision>` (the bundle's fused image
-graph through Bundle.run_image) and `tensorrt-<precision>` (its engines). eager-fp32 is the baseline of every ratio.
+fingerprint), `compile-{fp32,fp16,bf16}` (the same under torch.compile), `onnx-<precision>` (the bundle's tower graph through
+the runtime) and `tensorrt-<precision>` (its engines). eager-fp32 is the baseline of every ratio.
 
 Every model figure is host to host: NumPy pixels in, NumPy outputs back (so H2D/D2H copies count on a GPU), as a
 service sees it. Three stages are timed separately on the package's real JPEG photos: decode + preprocess (PIL +
@@ -40,7 +40,8 @@ RUNTIMES = ([f"eager-{p}" for p in TORCH_DTYPES] + [f"compile-{p}" for p in TORC
             + [f"onnx-{p}" for p in BUNDLE_PRECISIONS] + [f"tensorrt-{p}" for p in BUNDLE_PRECISIONS])
 
 if TYPE_CHECKING:
-    from export.bundle import Bundle
+    from fvgpt_runtime.bundle import Bundle
+    from fvgpt_runtime.manifest import Manifest
 
 Outputs = dict[str, np.ndarray]
 
@@ -74,7 +75,7 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def skip_reason(name: str, device: str, manifest: dict, requested: bool) -> str | None:
+def skip_reason(name: str, device: str, manifest: Manifest, requested: bool) -> str | None:
     """Why a runtime cannot (or, when not asked for by name, should not) run here; None when it runs."""
     import torch
 
@@ -89,8 +90,9 @@ def skip_reason(name: str, device: str, manifest: dict, requested: bool) -> str 
             return "torch.compile is in the default set on CUDA only (inductor compiles each batch size for " \
                    "minutes on a few CPU cores); name it in --runtimes to measure it on CPU"
     if kind == "onnx":
-        if precision not in manifest["graphs"]["image"]:
-            return f"the bundle has no {precision} image graph (has: {', '.join(manifest['graphs']['image'])})"
+        towers = manifest.towers["image"].precisions
+        if precision not in towers:
+            return f"the bundle has no {precision} tower graph (has: {', '.join(towers)})"
         if device == "cuda":
             import onnxruntime as ort
 
@@ -98,7 +100,7 @@ def skip_reason(name: str, device: str, manifest: dict, requested: bool) -> str 
                 return "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu, the `gpu` extra); " \
                        "use --device cpu to measure ONNX Runtime on the CPU"
     if kind == "tensorrt":
-        engines = (manifest.get("tensorrt") or {}).get("engines") or {}
+        engines = (manifest.tensorrt or {}).get("image", {})
         if precision not in engines:
             return f"the bundle has no {precision} TensorRT engine (has: {', '.join(engines) or 'none'}; " \
                    f"export with --tensorrt on a GPU host)"
@@ -132,16 +134,16 @@ def count_flops(model, size: int) -> int:
         torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
-def load_baseline(manifest: dict, device: str):
+def load_baseline(manifest: Manifest, device: str):
     """The open_clip model the bundle was exported from, rebuilt from the manifest; refuses different weights."""
     from fvgpt.backbone import load_backbone
 
-    m = manifest["model"]
-    backbone = load_backbone(m["name"], m["pretrained"], device, int(m.get("init_seed", 0)))
-    if (found := backbone.fingerprint()) != m["fingerprint"]:
-        raise BenchError(f"the open_clip baseline rebuilt from the manifest ({m['name']}, pretrained={m['pretrained']}"
-                         f", init_seed={m.get('init_seed', 0)}) has weights fingerprint {found[:16]}…, but the bundle "
-                         f"was exported from {m['fingerprint'][:16]}…: the baseline would not be the same model")
+    m = manifest.backbone
+    backbone = load_backbone(m.name, m.pretrained, device, m.init_seed)
+    if (found := backbone.fingerprint()) != m.fingerprint:
+        raise BenchError(f"the open_clip baseline rebuilt from the manifest ({m.name}, pretrained={m.pretrained}"
+                         f", init_seed={m.init_seed}) has weights fingerprint {found[:16]}…, but the bundle "
+                         f"was exported from {m.fingerprint[:16]}…: the baseline would not be the same model")
     return backbone
 
 
@@ -170,14 +172,13 @@ def torch_runner(name: str, backbone, table: np.ndarray, logit_scale: float, dev
 
 
 def bundle_runner(name: str, path: Path, device: str, threads: int, verify: bool) -> Runner:
-    from export.bundle import Bundle
+    """The bundle's tower on one runtime; its heads (CPU ONNX Runtime) are timed as their own stage."""
+    from fvgpt_runtime.bundle import Bundle
 
     kind, precision = name.split("-")
-    # TensorRT runs the image engine itself; "auto" lets the text/head graphs use CPU ONNX Runtime on hosts without
-    # onnxruntime-gpu (device="cuda" would refuse them there)
-    bundle = Bundle(path, precision=precision, runtime=kind, device="auto" if kind == "tensorrt" else device,
-                    threads=threads, verify=verify)
-    return Runner(name, bundle.run_image, bundle.provider, bundle)
+    bundle = Bundle(path, verify=verify, threads=threads)
+    tower = bundle.tower(precision, "tensorrt" if kind == "tensorrt" else "onnx", device, threads)
+    return Runner(name, lambda pixels: {"features": tower(pixels)}, tower.provider, bundle)
 
 
 def time_calls(fn: Callable, arg, warmup: int, iters: int, tick: Callable[[], None]) -> tuple[float, list[float]]:
@@ -197,17 +198,19 @@ def time_calls(fn: Callable, arg, warmup: int, iters: int, tick: Callable[[], No
     return first, times
 
 
-def _parity(manifest: dict, runner: Runner) -> float | None:
-    """Worst top-1 agreement with the torch model found by the export's parity gate, for the graph being timed."""
+def _parity(manifest: Manifest, runner: Runner) -> float | None:
+    """Worst end-to-end top-1 agreement with the torch model found by the export's parity gate, for the tower being
+    timed."""
     if runner.bundle is None:
         return None
     kind, precision = runner.name.split("-")
-    report = (manifest.get("parity") or {}).get(precision if kind == "onnx" else f"tensorrt_{precision}") or {}
+    name = f"end_to_end_{precision if kind == 'onnx' else f'tensorrt_{precision}'}"
+    report = manifest.parity.get("checks", {}).get(name) or {}
     agreement = report.get("top1_agreement") or {}
     return float(min(agreement.values())) if agreement else None
 
 
-def measure(runner: Runner, batch: int, pixels: np.ndarray, args, flops: int, preprocess_s: float, manifest: dict,
+def measure(runner: Runner, batch: int, pixels: np.ndarray, args, flops: int, preprocess_s: float, manifest: Manifest,
             tick: Callable[[], None]) -> dict:
     x = pixels[:batch]
     first, times = time_calls(runner.run, x, args.warmup, args.iters, tick)
@@ -215,7 +218,7 @@ def measure(runner: Runner, batch: int, pixels: np.ndarray, args, flops: int, pr
     heads_s = None
     if runner.bundle is not None:
         out = runner.run(x)
-        _, head_times = time_calls(runner.bundle.scores, out, 1, args.iters, lambda: None)
+        _, head_times = time_calls(runner.bundle.scores, out["features"], 1, args.iters, lambda: None)
         heads_s = sum(head_times) / len(head_times)
     images_per_s = batch * len(times) / sum(times)
     kind, precision = runner.name.split("-")
@@ -313,18 +316,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> dict:
-    from export.bundle import read_manifest
+    from fvgpt_runtime.manifest import Manifest
 
     path = Path(args.bundle)
     if not path.exists():
         raise BenchError(f"bundle {path} does not exist")
-    manifest = read_manifest(path)  # before the heavy imports: a wrong path fails at once
+    manifest = Manifest.read(path)  # before the heavy imports: a wrong path fails at once
 
     import torch
     from safetensors.numpy import load_file
     from tqdm import tqdm
-
-    from export.preprocess import PreprocessConfig
 
     device = resolve_device(args.device)
     load_start = load_average()
@@ -341,8 +342,8 @@ def run(args) -> dict:
               file=sys.stderr)
 
     backbone = load_baseline(manifest, device)
-    table = load_file(str(path / manifest["tables"]))["clip"]
-    cfg = PreprocessConfig.from_manifest(manifest["preprocess"])
+    table = load_file(str(path / manifest.tables))["clip"]
+    cfg = manifest.preprocess
     flops = count_flops(backbone.model, cfg.size)
     photos = photo_bytes()
     batches = args.batch_sizes
@@ -362,7 +363,7 @@ def run(args) -> dict:
     for name in names:
         try:
             if name.startswith(("eager", "compile")):
-                runner = torch_runner(name, backbone, table, float(manifest["logit_scale"]), device)
+                runner = torch_runner(name, backbone, table, manifest.backbone.logit_scale, device)
             else:
                 runner = bundle_runner(name, path, device, args.threads, verify=not verified)
                 verified = True
@@ -372,7 +373,7 @@ def run(args) -> dict:
             bar.update((args.warmup + args.iters) * len(batches))
             continue
         for b in batches:
-            if runner.bundle is not None and runner.bundle.runtime == "tensorrt" and b > runner.bundle.max_batch:
+            if name.startswith("tensorrt") and b > runner.bundle.max_batch:
                 skipped.append({"runtime": f"{name} batch {b}", "reason": f"the engine's profile stops at batch "
                                                                           f"{runner.bundle.max_batch}"})
                 bar.update(args.warmup + args.iters)
@@ -389,7 +390,7 @@ def run(args) -> dict:
     base = {r["batch_size"]: r["images_per_s"] for r in rows if r["runtime"] == BASELINE}
     for r in rows:
         r["ratio_to_baseline"] = r["images_per_s"] / base[r["batch_size"]] if r["batch_size"] in base else None
-    m = manifest["model"]
+    m = manifest.backbone
     return {
         "benchmark": "throughput", "created": utc_now(), "command": command_line(), "cwd": str(Path.cwd()),
         "machine": machine_info(), "load_average": {"start": load_start, "end": load_average()},
@@ -397,19 +398,19 @@ def run(args) -> dict:
         "settings": {"device": device, "threads": args.threads, "batch_sizes": batches, "iters": args.iters,
                      "warmup": args.warmup, "runtimes": names,
                      "cuda_matmul_tf32": bool(torch.backends.cuda.matmul.allow_tf32) if device == "cuda" else None},
-        "bundle": {"path": str(path.resolve()), "model_id": manifest.get("model_id"), "kind": manifest["kind"],
-                   "model": m["name"], "pretrained": m["pretrained"], "image_size": cfg.size,
-                   "classes": len(manifest["classes"]), "precisions": list(manifest["graphs"]["image"]),
-                   "default_precision": manifest["default_precision"], "fingerprint": m["fingerprint"],
-                   "fingerprint_checked": True},
+        "bundle": {"path": str(path.resolve()), "model_id": manifest.model_id, "kind": manifest.kind,
+                   "model": m.name, "pretrained": m.pretrained, "image_size": cfg.size,
+                   "classes": len(manifest.classes.names), "precisions": list(manifest.towers["image"].precisions),
+                   "tower_id": manifest.tower_id, "default_precision": manifest.default_precision,
+                   "fingerprint": m.fingerprint, "fingerprint_checked": True},
         "baseline": {"runtime": BASELINE, "what": "open_clip model.encode_image + L2 normalise + logit_scale * "
                                                   "features @ the bundle's zero-shot text table, torch eager fp32 "
                                                   "under inference_mode, same weights (fingerprint checked)"},
         "flops_per_image": flops, "flop_counter": "torch.utils.flop_counter.FlopCounterMode, image tower, batch 1",
-        "stages": {"preprocess": "decode JPEG bytes (PIL) + resize/crop/normalise (export.preprocess), CPU, "
+        "stages": {"preprocess": "decode JPEG bytes (PIL) + resize/crop/normalise (fvgpt_runtime.preprocess), CPU, "
                                  "the same for every runtime",
-                   "model": "host pixels -> host outputs (transfers included)",
-                   "heads": "Bundle.scores(outputs) with the bundled label set (routing + column selection); "
+                   "model": "host pixels -> host image features (transfers included)",
+                   "heads": "Bundle.scores(features) over the bundled label set (routing + the heads graph); "
                             "for torch runtimes the head matmul is inside the model stage"},
         "results": rows, "skipped": skipped,
     }

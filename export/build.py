@@ -1,11 +1,11 @@
-"""`fvgpt export`: a run dir (or plain CLIP + labels) → a parity-gated bundle dir.
+"""`fvgpt export`: a run dir (or plain CLIP + labels) → a parity-gated bundle dir in format v2 (docs/bundle-format.md).
 
 Everything is written into a temporary sibling folder and renamed into place only after every parity gate passed,
 so a failed export leaves no bundle behind and an existing bundle is never half-overwritten.
 """
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 import shutil
 import time
@@ -19,18 +19,25 @@ import torch
 from safetensors.numpy import save_file
 
 import fvgpt
-from fvgpt.backbone import Backbone, load_backbone
-from fvgpt.classifier import CalibratedHead, CosineHead, FVGPTClassifier, TextTables, ZeroShotClassifier, text_tables
+from fvgpt.backbone import load_backbone
+from fvgpt.classes import ClassSplit
 from fvgpt.errors import FVGPTError
-from fvgpt.plugin import TAU
-from fvgpt.prompts import ZERO_SHOT_TEMPLATE, learned_template
+from fvgpt.labels import ZERO_SHOT_TEMPLATE, learned_template
+from fvgpt.model import FVGPTModel
 from fvgpt.rundir import load_run, read_json
+from fvgpt_runtime.manifest import (MANIFEST, BackboneInfo, Graph, Heads, Manifest, Prompts, Tokenizer, Tower, sha256_file,
+                              short_id)
+from fvgpt_runtime.tokenizer import VOCAB_FILE
 
-from .bundle import MANIFEST, PARITY_REFERENCE, SCHEMA_VERSION, sha256_file
-from .onnx_export import TRACE_BATCH, TextGraph, export_graph
-from .parity import ParityError, check_image_graph, check_text_and_head, parity_set, parity_transform, run_in_batches
+from .graphs import TRACE_BATCH, CosineHeadsGraph, FVGPTHeadsGraph, TextGraph, export_graph
+from .parity import PARITY_REFERENCE, check_bundle, gate, parity_pixels, run_in_batches
 from .precision import PRECISIONS, convert_fp16, quantize_int8
-from .tensorrt_engine import ENGINE_DIR, build_engine
+from .tensorrt_build import ENGINE_DIR, build_engine
+
+TABLES = "tables.safetensors"
+TEXT_GRAPH = "text.onnx"
+HEADS_GRAPH = "heads.onnx"
+VOCAB = f"tokenizer/{VOCAB_FILE}"
 
 
 class ExportError(FVGPTError):
@@ -95,158 +102,168 @@ def _commit(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def _torch_outputs(module: torch.nn.Module, pixels: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+@torch.no_grad()
+def _reference(model: FVGPTModel, pixels: np.ndarray) -> dict[str, np.ndarray]:
+    """The torch model's outputs on the parity set, through the model object's own heads."""
+    tables = model.tables(list(model.classes.names))
+
+    def run(x: np.ndarray) -> dict[str, np.ndarray]:
+        f = model.encode_image(torch.from_numpy(x))
+        if model.plugin is None:
+            return {"features": f.numpy(), "logits": model.heads(f, tables).z_clip.numpy()}
+        base = model.heads(f, tables.rows(model.classes.base_ids))
+        return {"features": f.numpy(), "base_logits": base.z_fdc.numpy(), "new_logits": model.heads(f, tables).z_pc.numpy()}
+
+    return run_in_batches(run, pixels)
+
+
+def _tables(model: FVGPTModel) -> dict[str, np.ndarray]:
+    """learned, clip (C, D); adapted (C_base, D) = G̃ of the base classes; context (n_ctx, W), or one zero row for
+    zero-shot bundles (the text graph ignores it where use_context = 0)."""
     with torch.no_grad():
-        return run_in_batches(lambda x: dict(zip(names, (t.numpy() for t in module(torch.from_numpy(x))))), pixels)
+        tables = model.tables(list(model.classes.names))
+        arrays = {"learned": tables.learned, "clip": tables.clip}
+        if model.plugin is not None:
+            arrays["adapted"] = model.plugin.adapt_text(tables.learned[model.classes.base_ids])
+            arrays["context"] = model.context
+        else:
+            arrays["context"] = torch.zeros(1, model.backbone.text.token_embedding.weight.shape[1])
+    return {k: v.detach().cpu().float().numpy() for k, v in arrays.items()}
 
 
-def _gate(report: dict, what: str) -> dict:
-    if not report["passed"]:
-        raise ParityError(f"parity gate failed for {what}: " + "; ".join(report["failures"]) +
-                          " — no bundle was written")
-    return report
+def _export_graphs(tmp: Path, model: FVGPTModel, opts: ExportOptions) -> list[str]:
+    """tower.fp32.onnx, text.onnx and heads.onnx; returns the heads' output names."""
+    bb = model.backbone
+    size, dim = bb.preprocess.size, bb.embed_dim
+    with _timed(opts, "tower graph (fp32)"):
+        export_graph(model.tower, {"pixels": torch.randn(TRACE_BATCH, 3, size, size)}, tmp / "tower.fp32.onnx",
+                     ["features"], {"pixels": {0: "batch"}}, opts.opset, {"batch": opts.max_batch})
+    with _timed(opts, "text graph"):
+        width = bb.text.token_embedding.weight.shape[1]
+        example = {"token_ids": bb.tokenize(["X X a cat.", "a photo of a dog."]), "context": torch.randn(2, width),
+                   "use_context": torch.tensor([1.0, 0.0])}
+        export_graph(TextGraph(model), example, tmp / TEXT_GRAPH, ["text_features"],
+                     {"token_ids": {0: "texts"}, "use_context": {0: "texts"}, "context": {0: "n_ctx"}}, opts.opset,
+                     {"n_ctx": bb.context_length - 2})
+    with _timed(opts, "heads graph"):
+        rows = torch.nn.functional.normalize(torch.randn(3, dim), dim=-1)
+        features = {"features": torch.nn.functional.normalize(torch.randn(TRACE_BATCH, dim), dim=-1)}
+        if model.plugin is None:
+            graph, outputs = CosineHeadsGraph(model), ["logits"]
+            example, dynamic = features | {"clip": rows}, {"clip": {0: "labels"}}
+        else:
+            graph, outputs = FVGPTHeadsGraph(model), ["base_logits", "new_logits"]
+            example = features | {"learned": rows, "clip": rows.flip(0), "adapted": rows[:2]}
+            dynamic = {"learned": {0: "labels"}, "clip": {0: "labels"}, "adapted": {0: "base_labels"}}
+        export_graph(graph.eval(), example, tmp / HEADS_GRAPH, outputs, {"features": {0: "batch"}} | dynamic,
+                     opts.opset, {})
+    return outputs
 
 
-def _write_manifest(tmp: Path, manifest: dict) -> None:
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-
-
-def _write_bundle(out: Path, opts: ExportOptions, backbone: Backbone, classifier: torch.nn.Module,
-                  outputs: list[str], text_graph: TextGraph, head: torch.nn.Module, head_inputs: list[str],
-                  tables: TextTables, adapted_base: np.ndarray | None, manifest: dict) -> Path:
+def _write_bundle(out: Path, opts: ExportOptions, model: FVGPTModel, pretrained: str, init_seed: int,
+                  run: dict | None) -> Path:
+    bb = model.backbone
+    fingerprint = bb.fingerprint()
     tmp = _prepare_out(out, opts.force)
     try:
-        size, dim = backbone.preprocess.size, backbone.embed_dim
-        files = ["image.onnx", "text.onnx", "head.onnx", "tables.safetensors", PARITY_REFERENCE]
-        with _timed(opts, "image graph (fp32)"):
-            export_graph(classifier, {"pixels": torch.randn(TRACE_BATCH, 3, size, size)}, tmp / "image.onnx",
-                         outputs, {"pixels": {0: "batch"}}, opts.opset, {"batch": opts.max_batch})
-        with _timed(opts, "text graph"):
-            example = {"token_ids": backbone.tokenize(["a photo of a cat.", "a photo of a dog."])}
-            dynamic = {"token_ids": {0: "texts"}}
-            if text_graph.has_context:
-                example["use_context"] = torch.tensor([1.0, 0.0])
-                dynamic["use_context"] = {0: "texts"}
-            export_graph(text_graph, example, tmp / "text.onnx", ["text_features"], dynamic, opts.opset, {})
-        with _timed(opts, "head graph"):
-            rows = {"tuned": tables.tuned[:2], "clip": tables.clip[:2]}
-            example = {"features": torch.nn.functional.normalize(torch.randn(TRACE_BATCH, dim), dim=-1)}
-            export_graph(head, example | {k: rows[k] for k in head_inputs}, tmp / "head.onnx", ["logits"],
-                         {"features": {0: "batch"}} | {k: {0: "labels"} for k in head_inputs}, opts.opset, {})
-        arrays = {"tuned": tables.tuned.cpu().numpy(), "clip": tables.clip.cpu().numpy()}
-        if adapted_base is not None:
-            arrays["adapted_base"] = adapted_base
-        save_file(arrays, str(tmp / "tables.safetensors"))
-        manifest |= {
-            "schema_version": SCHEMA_VERSION, "fvgpt_version": fvgpt.__version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "preprocess": backbone.preprocess.to_dict(),
-            "tokenizer": {"type": "open_clip_simple", "context_length": backbone.context_length},
-            "logit_scale": backbone.logit_scale, "gate_tau": TAU, "opset": opts.opset, "max_batch": opts.max_batch,
-            "graphs": {"image": {"fp32": {"file": "image.onnx", "outputs": outputs}}, "text": {"file": "text.onnx"},
-                       "head": {"file": "head.onnx", "inputs": head_inputs}},
-            "tables": "tables.safetensors", "default_precision": "fp32", "tensorrt": None,
-        }
-        _write_manifest(tmp, manifest)
+        outputs = _export_graphs(tmp, model, opts)
+        save_file(_tables(model), str(tmp / TABLES))
+        (tmp / VOCAB).parent.mkdir()
+        shutil.copyfile(bb.vocabulary_path(), tmp / VOCAB)
 
-        with _timed(opts, "parity: fp32 image graph vs torch"):
-            pixels = parity_set(parity_transform(manifest["preprocess"]), opts.parity_images)
-            reference = _torch_outputs(classifier, pixels, outputs)
+        def tower_graph(precision: str) -> Graph:
+            facts = {"graph": "clip-image-tower", "model": bb.name, "weights": fingerprint,
+                     "preprocess": bb.preprocess.to_dict(), "precision": precision}
+            return Graph(f"tower.{precision}.onnx", short_id("tower", facts))
+
+        fvgpt_kind = model.plugin is not None
+        identity = hashlib.sha256((sha256_file(tmp / HEADS_GRAPH) + sha256_file(tmp / TABLES)).encode()).hexdigest()
+        n_ctx = 0 if model.context is None else int(model.context.shape[0])
+        manifest = Manifest(
+            kind="fvgpt" if fvgpt_kind else "zero-shot",
+            model_id=f"{'fvgpt' if fvgpt_kind else 'zero-shot'}-{bb.name}-{identity[:12]}",
+            backbone=BackboneInfo(bb.name, pretrained, init_seed, fingerprint, bb.embed_dim, bb.context_length,
+                                  bb.logit_scale),
+            preprocess=bb.preprocess, tokenizer=Tokenizer(VOCAB, bb.context_length), classes=model.classes,
+            prompts=Prompts(n_ctx, learned_template(n_ctx) if fvgpt_kind else None, ZERO_SHOT_TEMPLATE),
+            towers={"image": Tower({"fp32": tower_graph("fp32")})}, default_precision="fp32",
+            text=Graph(TEXT_GRAPH, short_id("text", {"graph": "clip-text", "model": bb.name, "weights": fingerprint,
+                                                     "context_length": bb.context_length})),
+            heads=Heads(HEADS_GRAPH, {"features": "image"}, outputs, model.plugin.tau if fvgpt_kind else None),
+            tables=TABLES, max_batch=opts.max_batch, opset=opts.opset,
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), fvgpt_version=fvgpt.__version__, run=run,
+            files=dict.fromkeys(["tower.fp32.onnx", TEXT_GRAPH, HEADS_GRAPH, TABLES, VOCAB, PARITY_REFERENCE]))
+        with _timed(opts, "parity: fp32 graphs vs torch"):
+            pixels = parity_pixels(bb.preprocess, opts.parity_images)
+            reference = _reference(model, pixels)
             save_file(reference, str(tmp / PARITY_REFERENCE))  # lets `fvgpt validate` re-check without torch
-            parity = {"images": int(len(pixels)), "generated_images": opts.parity_images,
-                      "reference": PARITY_REFERENCE,
-                      "fp32": _gate(check_image_graph(tmp, "fp32", "onnx", pixels, reference), "the fp32 image graph")}
-        with _timed(opts, "parity: text and head graphs"):
-            for name, report in check_text_and_head(tmp, reference).items():
-                parity[name] = _gate(report, f"the {name} graph")
+            manifest.write(tmp)
+            engines = {"onnx": ["fp32"]}
+            reports = check_bundle(tmp, pixels, reference, engines)
+            gate(reports)
         if opts.precision != "fp32":
-            name = f"image.{opts.precision}.onnx"
-            with _timed(opts, f"{opts.precision} image graph"):
-                if opts.precision == "int8":
-                    quantize_int8(tmp / "image.onnx", tmp / name)
-                else:
-                    convert_fp16(tmp / "image.onnx", tmp / name)
-            files.append(name)
-            manifest["graphs"]["image"][opts.precision] = {"file": name, "outputs": outputs}
-            manifest["default_precision"] = opts.precision
-            _write_manifest(tmp, manifest)
-            with _timed(opts, f"parity: {opts.precision} image graph vs torch"):
-                parity[opts.precision] = _gate(check_image_graph(tmp, opts.precision, "onnx", pixels, reference),
-                                               f"the {opts.precision} image graph")
+            graph = tower_graph(opts.precision)
+            with _timed(opts, f"{opts.precision} tower graph"):
+                convert = quantize_int8 if opts.precision == "int8" else convert_fp16
+                convert(tmp / "tower.fp32.onnx", tmp / graph.file)
+            manifest.towers["image"].precisions[opts.precision] = graph
+            manifest.files[graph.file] = None
+            manifest.default_precision = opts.precision
+            manifest.write(tmp)
+            with _timed(opts, f"parity: {opts.precision} tower vs torch"):
+                engines["onnx"].append(opts.precision)
+                reports |= check_bundle(tmp, pixels, reference, {"onnx": [opts.precision]})
+                gate(reports)
         if opts.tensorrt:
-            manifest["tensorrt"] = _tensorrt(tmp, manifest, files, opts, size, pixels, reference, parity)
-        manifest["parity"] = parity
-        manifest["files"] = {name: sha256_file(tmp / name) for name in sorted(files)}
-        manifest["model_id"] = f"{manifest['kind']}-{backbone.name}-{manifest['files']['image.onnx'][:12]}"
-        _write_manifest(tmp, manifest)
+            manifest.tensorrt = _tensorrt(tmp, manifest, opts, pixels, reference, reports)
+        manifest.parity = {"images": int(len(pixels)), "generated_images": opts.parity_images,
+                           "reference": PARITY_REFERENCE, "engines": engines, "checks": reports}
+        manifest.write(tmp)
         _commit(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    agreement = ", ".join(f"{k} top-1 agreement {min(v['top1_agreement'].values()):.1%}" for k, v in parity.items()
-                          if isinstance(v, dict) and v.get("top1_agreement") and k != "head")
-    _say(opts, f"bundle written to {out} (default precision {opts.precision}; {agreement})")
+    agreement = ", ".join(f"{k} top-1 {min(v['top1_agreement'].values()):.1%}" for k, v in reports.items()
+                          if k.startswith("end_to_end") and v["top1_agreement"])
+    _say(opts, f"bundle written to {out} (tower {manifest.tower_id}, default precision {opts.precision}; "
+               f"{agreement})")
     return out
 
 
-def _tensorrt(tmp: Path, manifest: dict, files: list[str], opts: ExportOptions, size: int, pixels: np.ndarray,
-              reference: dict[str, np.ndarray], parity: dict) -> dict:
-    """Engines built from the bundle's ONNX graph of the chosen precision; gated like the ONNX graphs."""
-    name = f"{ENGINE_DIR}/image.{opts.precision}.plan"
-    cache = f"{ENGINE_DIR}/timing.cache"
+def _tensorrt(tmp: Path, manifest: Manifest, opts: ExportOptions, pixels: np.ndarray,
+              reference: dict[str, np.ndarray], reports: dict) -> dict:
+    """An engine built from the bundle's ONNX tower of the chosen precision; gated like the ONNX graphs."""
+    name, cache = f"{ENGINE_DIR}/tower.{opts.precision}.plan", f"{ENGINE_DIR}/timing.cache"
     with _timed(opts, f"TensorRT {opts.precision} engine"):
-        source = tmp / manifest["graphs"]["image"][opts.precision]["file"]
-        build = build_engine(source, tmp / name, size, opts.max_batch, tmp / cache)
-    files += [name, cache]
-    manifest["tensorrt"] = {"engines": {opts.precision: {"file": name}}, "build": build}
-    _write_manifest(tmp, manifest)
+        source = tmp / manifest.towers["image"].precisions[opts.precision].file
+        build = build_engine(source, tmp / name, manifest.preprocess.size, opts.max_batch, tmp / cache)
+    manifest.tensorrt = {"image": {opts.precision: {"file": name, "build": build}}}
+    manifest.files |= {name: None, cache: None}
+    manifest.write(tmp)
     with _timed(opts, f"parity: TensorRT {opts.precision} engine vs torch"):
-        parity[f"tensorrt_{opts.precision}"] = _gate(
-            check_image_graph(tmp, opts.precision, "tensorrt", pixels, reference),
-            f"the TensorRT {opts.precision} engine")
-    return manifest["tensorrt"]
+        reports |= check_bundle(tmp, pixels, reference, {"tensorrt": [opts.precision]})
+        gate(reports)
+    return manifest.tensorrt
 
 
 def export_run(run_dir: str | Path, out: str | Path, opts: ExportOptions) -> Path:
-    """Fuse a trained FVG-PT run (prompt + plugin) into a bundle."""
+    """Fuse a trained FVG-PT run (learned prompt + plugin) into a bundle."""
     _say(opts, f"exporting run {run_dir}")
     run = load_run(run_dir, require_plugin=True)
-    tables = text_tables(run.backbone, run.classnames, run.ctx)
-    n_ctx = int(run.ctx.shape[0])
-    classifier = FVGPTClassifier(run.backbone, run.plugin, tables, run.base_flags).eval()
-    head = CalibratedHead(run.plugin, run.backbone.logit_scale).eval()
+    cfg = run.config
     metrics = read_json(run.path / "metrics.json") if (run.path / "metrics.json").is_file() else None
-    manifest = {
-        "kind": "fvgpt",
-        "model": {"name": run.config.model, "pretrained": run.config.pretrained, "init_seed": run.config.init_seed,
-                  "fingerprint": run.info["fingerprint"], "embed_dim": run.backbone.embed_dim},
-        "run": {"path": str(Path(run_dir).resolve()), "method": run.config.method, "shots": run.config.shots,
-                "seed": run.config.seed, "metrics": metrics},
-        "classes": [{"name": c, "base": b} for c, b in zip(run.classnames, run.base_flags)],
-        "prompts": {"n_ctx": n_ctx, "learned": learned_template(n_ctx), "template": ZERO_SHOT_TEMPLATE},
-        "fdc_logit_scale": run.fdc_logit_scale,
-    }
-    return _write_bundle(Path(out), opts, run.backbone, classifier, ["features", "base_logits", "new_logits"],
-                         TextGraph(run.backbone, run.ctx), head, ["tuned", "clip"], tables,
-                         classifier.adapted_base.cpu().numpy(), manifest)
+    info = {"path": str(Path(run_dir).resolve()), "method": cfg.method, "shots": cfg.shots, "seed": cfg.seed,
+            "metrics": metrics}
+    return _write_bundle(Path(out), opts, run.model, cfg.pretrained, cfg.init_seed, info)
 
 
 def export_zero_shot(model: str, pretrained: str, labels: list[str], out: str | Path, opts: ExportOptions,
                      init_seed: int = 0) -> Path:
-    """Plain CLIP with the hand-crafted template: one head, new labels through the plain text graph."""
+    """Plain CLIP with the hand-crafted template: a cosine head, new labels through the text graph."""
     labels = [lab.strip() for lab in labels if lab.strip()]
     if len(labels) < 2 or len(set(labels)) != len(labels):
         raise ExportError("--labels needs at least two distinct, non-empty labels")
     _say(opts, f"exporting zero-shot {model} ({pretrained}) with {len(labels)} labels")
     backbone = load_backbone(model, pretrained, "cpu", init_seed)
-    tables = text_tables(backbone, labels, None)
-    classifier = ZeroShotClassifier(backbone, tables).eval()
-    manifest = {
-        "kind": "zero-shot",
-        "model": {"name": model, "pretrained": pretrained, "init_seed": init_seed,
-                  "fingerprint": backbone.fingerprint(), "embed_dim": backbone.embed_dim},
-        "classes": [{"name": c, "base": False} for c in labels],
-        "prompts": {"n_ctx": 0, "template": ZERO_SHOT_TEMPLATE},
-    }
-    return _write_bundle(Path(out), opts, backbone, classifier, ["features", "logits"], TextGraph(backbone, None),
-                         CosineHead(backbone.logit_scale).eval(), ["clip"], tables, None, manifest)
+    classes = ClassSplit(tuple(labels), (False,) * len(labels))
+    return _write_bundle(Path(out), opts, FVGPTModel(backbone, classes).eval(), pretrained, init_seed, None)

@@ -15,16 +15,18 @@ def _labels(text: str) -> list[str]:
 
 def register_export(sub) -> None:
     p = sub.add_parser("export", help="fuse a trained run (or plain CLIP) into a parity-gated ONNX/TensorRT bundle",
-                       description="Writes a bundle dir: image graph (dynamic batch → features, base and new logits), "
-                                   "text graph (new labels with the learned context), head graph, text tables and a "
-                                   "manifest with sha256 of every file. Every export runs the parity gate against "
-                                   "the torch model and refuses to write a bundle that fails it.",
+                       description="Writes a bundle dir in format v2 (docs/bundle-format.md): the tower graph "
+                                   "(pixels → image features, shared by every bundle on the backbone), the heads "
+                                   "graph (features → base and new logits), the text graph (new labels with the "
+                                   "learned context), text tables, the tokenizer's vocabulary and a manifest that "
+                                   "hashes every file. Every export runs the parity gate against the torch model and "
+                                   "refuses to write a bundle that fails it.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run", nargs="?", help="run dir from fvgpt train (omit with --zero-shot)")
     p.add_argument("--out", required=True, help="bundle dir to write")
-    p.add_argument("--precision", default="fp32", help="fp32 | int8 (CPU: int8 weights per channel, dynamic "
-                                                       "activations) | fp16 (GPU); "
-                                                       "the fp32 graph is always kept as the reference")
+    p.add_argument("--precision", default="fp32", help="tower precision: fp32 | int8 (CPU: int8 weights per "
+                                                       "channel, dynamic activations) | fp16 (GPU); the fp32 tower "
+                                                       "is always kept as the reference")
     p.add_argument("--max-batch", type=int, default=64, help="largest batch the graphs/engines are built for")
     p.add_argument("--opset", type=int, default=23, help="ONNX opset (≥ 23 exports fused Attention and Gelu ops)")
     p.add_argument("--tensorrt", action="store_true", help="also build a TensorRT engine (GPU host with tensorrt)")

@@ -18,26 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import FVGPTError
+from .preprocess import Preprocess
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(_CONFIG_DIR)
 
 TINY_MODEL = "fvgpt-tiny"
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """Evaluation preprocessing exactly as open_clip defines it for the model (written into bundles)."""
-
-    size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str  # "bicubic" | "bilinear"
-    resize_mode: str  # "shortest" (resize short side, centre crop) | "squash"
-
-    def to_dict(self) -> dict:
-        return {"size": self.size, "mean": list(self.mean), "std": list(self.std),
-                "interpolation": self.interpolation, "resize_mode": self.resize_mode}
 
 
 @dataclass
@@ -74,10 +60,16 @@ class Backbone:
     def device(self) -> torch.device:
         return self.model.logit_scale.device
 
-    @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """L2-normalised image features; the tower is frozen, so never tracked by autograd."""
-        return F.normalize(self.model.encode_image(images), dim=-1)
+    def vocabulary_path(self) -> Path:
+        """The BPE vocabulary of the text tower's tokenizer, which bundles ship so that serving needs no open_clip.
+        Only open_clip's SimpleTokenizer (CLIP's BPE, 'lower' cleaning, plain truncation) is reproduced there."""
+        from open_clip.tokenizer import SimpleTokenizer, _clean_lower, default_bpe
+
+        tok = self.tokenizer
+        if type(tok) is not SimpleTokenizer or tok.clean_fn is not _clean_lower or tok.reduction_fn is not None:
+            raise BackboneError(f"{self.name}: its tokenizer ({type(tok).__name__}) is not CLIP's BPE tokenizer; "
+                                f"bundles can only ship that one")
+        return Path(default_bpe())
 
     def fingerprint(self) -> str:
         """sha256 over every parameter and buffer: identifies the exact frozen weights a run was trained on."""
@@ -132,12 +124,26 @@ def load_backbone(name: str, pretrained: str = "none", device: str = "cpu", init
                     preprocess=preprocess, eval_transform=eval_transform)
 
 
+class ImageTower(nn.Module):
+    """pixels (B, 3, S, S) → L2-normalised image features (B, D): the frozen visual tower, the `tower` graph of a
+    bundle. CoOp/KgCoOp (+ FVG-PT) never change it, so zero-shot CLIP and every prompt tuned on this backbone share
+    it."""
+
+    def __init__(self, backbone: Backbone):
+        super().__init__()
+        self.visual = backbone.model.visual
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.visual(pixels), dim=-1)
+
+
 class TextEncoder(nn.Module):
     """open_clip's text tower fed with token embeddings, so learned context vectors can replace placeholder tokens.
 
     `forward(token_ids, context, use_context)` returns L2-normalised text features. Rows with use_context = 1 have
     the embeddings at positions 1..n_ctx replaced by `context` (CoOp: "X X X X <label>."); rows with 0 are encoded
-    as plain CLIP text (the zero-shot template). The EOT position is found with a float argmax, which ONNX Runtime
+    as plain CLIP text (the zero-shot template). The context is an input, not a weight, so one exported text graph
+    serves every prompt learned on this backbone. The EOT position is found with a float argmax, which ONNX Runtime
     supports on every provider (int64 ArgMax it does not).
     """
 
@@ -158,9 +164,8 @@ class TextEncoder(nn.Module):
             n_ctx = context.shape[0]
             placeholder = x[:, 1:1 + n_ctx]
             ctx = context.unsqueeze(0).expand_as(placeholder)
-            if use_context is not None:
-                w = use_context.to(x.dtype).view(-1, 1, 1)
-                ctx = w * ctx + (1 - w) * placeholder
+            if use_context is not None:  # per row: the learned context, or the placeholder tokens' own embeddings
+                ctx = torch.where(use_context.view(-1, 1, 1) > 0.5, ctx, placeholder)
             x = torch.cat([x[:, :1], ctx, x[:, 1 + n_ctx:]], dim=1)
         x = x + self.positional_embedding
         x = self.transformer(x, attn_mask=self.attn_mask)

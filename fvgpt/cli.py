@@ -26,60 +26,64 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+_OPTION_TYPES = {"int": int, "float": float, "str": str, "str | None": str, "float | None": float,
+                 "int | None": int, "list[str] | None": _csv}
+# options that set a field of both stages at once; the per-stage option wins when both are given
+_SHORTCUTS = {"epochs": (int, ("prompt_epochs", "plugin_epochs")), "lr": (float, ("prompt_lr", "plugin_lr")),
+              "batch_size": (int, ("prompt_batch", "plugin_batch"))}
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field, its help and default taken from the field (fvgpt.config)."""
+    from .config import config_fields, field_default
+
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in config_fields():
+        group = groups.setdefault(f.metadata["group"], p.add_argument_group(f.metadata["group"]))
+        default = field_default(f)
+        kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata["help"]}
+        if default not in (None, ""):
+            kwargs["help"] += f" (default: {','.join(default) if isinstance(default, list) else default})"
+        if f.type in ("bool", "bool | None"):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = _OPTION_TYPES[f.type]
+            kwargs["metavar"] = f.name.upper() if "choices" not in f.metadata else None
+            kwargs["choices"] = f.metadata.get("choices")
+        if f.name == "data":
+            kwargs["required"] = True
+        group.add_argument(f"--{f.name.replace('_', '-')}", **kwargs)
+    g = p.add_argument_group("both stages at once")
+    for name, (kind, targets) in _SHORTCUTS.items():
+        g.add_argument(f"--{name.replace('_', '-')}", type=kind, default=argparse.SUPPRESS,
+                       help=f"sets {' and '.join('--' + t.replace('_', '-') for t in targets)}")
+
+
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="tune CoOp/KgCoOp prompts (stage 1) and the FVG-PT plugin (stage 2)",
+    p = sub.add_parser("train", help="learn CoOp/KgCoOp prompts (stage 1) and the FVG-PT plugin (stage 2)",
                        description="Train on the base classes of a few-shot dataset. Writes a self-describing run dir "
-                                   "(config, classes, prompt and plugin weights as safetensors, metrics, log). "
-                                   "Defaults follow the paper (method.md §7.1).",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, help="dataset root: ImageFolder (ROOT/<class>/<img>, optional train/test "
-                                                 "split folders) or a CoOp/Dassl folder with split_zhou_*.json; masks "
-                                                 "in ROOT/mask/<same relative path>")
-    g.add_argument("--split-file", help="Dassl split JSON (default: ROOT/split_zhou_*.json if present)")
-    g.add_argument("--image-dir", help="folder the split file's paths are relative to (default: detected)")
-    g.add_argument("--shots", type=int, default=16, help="training images per class (K)")
-    g.add_argument("--seed", type=int, default=1, help="selects the K-shot images and seeds training")
-    g.add_argument("--base-classes", type=_csv, help="comma-separated base class names (default: first half by "
-                                                    "label, the paper's protocol)")
-    g.add_argument("--test-fraction", type=float, default=0.3, help="flat ImageFolder only: held-out test part")
-    g.add_argument("--workers", type=int, default=0, help="data loader worker processes")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="ViT-B-16", help="any open_clip model name, or fvgpt-tiny")
-    g.add_argument("--pretrained", default="openai", help="open_clip tag (downloads once), a local checkpoint "
-                                                         "file, or none (random init)")
-    g.add_argument("--init-seed", type=int, default=0, help="seed of the random init when --pretrained none")
-    g.add_argument("--device", default="cpu", help="cpu or cuda")
-    g = p.add_argument_group("training")
+                                   "(config, classes, prompt and plugin weights as safetensors, metrics, log); "
+                                   "docs/run-dir.md. Defaults follow the paper (docs/method.md, Defaults).")
+    _add_config_options(p)
+    g = p.add_argument_group("run")
     g.add_argument("--out", required=True, help="run dir to create (or continue with --resume)")
-    g.add_argument("--method", choices=["coop", "kgcoop"], default="coop", help="stage-1 prompt learner")
-    g.add_argument("--stage", choices=["backbone", "plugin", "all"], default="all", help="which stage(s) to run")
-    g.add_argument("--epochs", type=int, help="epochs for both stages (default 10)")
-    g.add_argument("--backbone-epochs", type=int, help="stage-1 epochs (overrides --epochs)")
-    g.add_argument("--plugin-epochs", type=int, help="stage-2 epochs (overrides --epochs)")
-    g.add_argument("--lr", type=float, help="SGD learning rate for both stages (default 0.0035)")
-    g.add_argument("--batch-size", type=int, help="batch size for both stages (default 4)")
-    g.add_argument("--lambda-d", type=float, help="distillation weight λ_d (default 10)")
-    g.add_argument("--lambda-new", type=float, help="Prior Calibration weight λ_new (default 1)")
-    g.add_argument("--fg-fill", choices=["mean", "black"], help="background of the foreground view (default mean)")
-    g.add_argument("--crop-scale", type=float, help="smallest area kept by random resized crops (default 0.08)")
+    g.add_argument("--stage", choices=["prompt", "plugin", "all"], default="all",
+                   help="prompt: stage 1 only; plugin: stage 2 on a run whose prompt stage finished; all: both "
+                        "(default)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run dir")
     g.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_train)
 
 
-def _config_from_args(args):
-    from .config import TrainConfig
+def _config_from_args(args: argparse.Namespace):
+    from .config import TrainConfig, config_fields
 
-    epochs = args.epochs
-    return TrainConfig.for_method(
-        args.method, data=args.data, split_file=args.split_file, image_dir=args.image_dir, shots=args.shots,
-        seed=args.seed, base_classes=args.base_classes, test_fraction=args.test_fraction, workers=args.workers,
-        model=args.model, pretrained=args.pretrained, init_seed=args.init_seed, device=args.device,
-        backbone_epochs=args.backbone_epochs or epochs, plugin_epochs=args.plugin_epochs or epochs,
-        backbone_lr=args.lr, plugin_lr=args.lr, backbone_batch=args.batch_size, plugin_batch=args.batch_size,
-        lambda_d=args.lambda_d, lambda_new=args.lambda_new, fg_fill=args.fg_fill, crop_scale=args.crop_scale)
+    given = {f.name: getattr(args, f.name) for f in config_fields() if hasattr(args, f.name)}
+    for name, (_, targets) in _SHORTCUTS.items():
+        if hasattr(args, name):
+            given = {t: getattr(args, name) for t in targets} | given
+    return TrainConfig(**given)
 
 
 def _train(args) -> int:
@@ -96,7 +100,7 @@ def _train(args) -> int:
 
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="Base / New accuracy, HM and D_fg of one or more runs",
-                       description="Evaluate zero-shot CLIP, the stage-1 backbone and FVG-PT on the test split: base "
+                       description="Evaluate zero-shot CLIP, the stage-1 prompt-tuned model and FVG-PT on the test split: base "
                                    "accuracy (base head, base classes), new accuracy (new head, new classes), HM, "
                                    "and the foreground shift D_fg (E13) where test masks exist. With several runs "
                                    "(datasets or seeds) it also prints the paper's average row: mean Base, mean New "
@@ -111,7 +115,7 @@ def _add_eval(sub) -> None:
 
 def _eval_many(args) -> int:
     from .evaluate import format_table
-    from .losses import average_row
+    from .metrics import average_row
 
     if len(args.runs) > 1 and (args.data or args.out):
         raise SystemExit("error: --data and --out apply to a single run")
@@ -132,18 +136,17 @@ def _eval_many(args) -> int:
 def _evaluate(run_dir: Path, data: str | None, out: str | None, quiet: bool, device: str | None = None) -> dict:
     from .data import load_index
     from .evaluate import evaluate, format_table
-    from .rundir import atomic_write_json, load_run, read_json
+    from .rundir import atomic_write_json, load_run, read_config
 
-    cfg = read_json(Path(run_dir) / "config.json")["train"]
-    run = load_run(run_dir, device or cfg["device"])
+    cfg, _ = read_config(Path(run_dir))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the K-shot notes were reported at training time
-        index = load_index(data or run.config.data, run.config.shots, run.config.seed, run.config.split_file,
-                           run.config.image_dir, run.config.test_fraction)
-    if index.classnames != run.classnames:
+        index = load_index(data or cfg.data, cfg.shots, cfg.seed, cfg.split_file, cfg.image_dir, cfg.test_fraction)
+    run = load_run(run_dir, device or cfg.device)
+    if index.classnames != list(run.classes.names):
         raise SystemExit(f"error: the dataset's classes differ from the run's ({len(index.classnames)} vs "
-                         f"{len(run.classnames)})")
-    metrics = evaluate(run, index, run.config.eval_batch, progress=not quiet)
+                         f"{len(run.classes.names)})")
+    metrics = evaluate(run.model, index, cfg.eval_batch, progress=not quiet)
     atomic_write_json(Path(out) if out else Path(run_dir) / "metrics.json", metrics)
     print(format_table(metrics))
     return metrics

@@ -1,79 +1,147 @@
-"""The resolved training configuration, written to every run dir (defaults: method.md §7.1 and §10)."""
+"""The training configuration: one dataclass whose fields carry their default and help text once.
+
+`fvgpt train`'s options are generated from these fields (fvgpt.cli), the resolved config is written to every run
+dir with a schema version, and loading it refuses unknown keys and names missing ones, so a run never silently
+picks up today's defaults. Torch-free. The method's defaults and where they come from: docs/method.md, "Defaults".
+"""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
 
+from .errors import FVGPTError
+
+CONFIG_SCHEMA = 2  # run-dir config.json layout (docs/run-dir.md); 1 was the untyped config of fvgpt 0.1
 METHODS = ("coop", "kgcoop")
-STAGES = ("backbone", "plugin", "all")
+FG_FILLS = ("mean", "black")
+KGCOOP_CTX_INIT = "a photo of a"
+
+
+class ConfigError(FVGPTError):
+    pass
+
+
+def option(default: Any, help: str, group: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A config field with its CLI group and help text (the default is shown by the CLI, never repeated here)."""
+    meta = {"help": help, "group": group} | ({"choices": choices} if choices else {})
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class TrainConfig:
-    # data
-    data: str = ""
-    split_file: str | None = None
-    image_dir: str | None = None
-    test_fraction: float = 0.3  # flat ImageFolder only: per-class held-out test part
-    shots: int = 16
-    seed: int = 1
-    base_classes: list[str] | None = None  # None: first ⌈n/2⌉ classes by label
-    workers: int = 0
-    # backbone
-    model: str = "ViT-B-16"
-    pretrained: str = "openai"
-    init_seed: int = 0  # random-init weights (pretrained = none) are reproducible from this seed
-    device: str = "cpu"
-    # stage 1: CoOp / KgCoOp
-    method: str = "coop"
-    n_ctx: int = 4
-    ctx_init: str | None = None  # KgCoOp: "a photo of a"
-    kg_weight: float = 2.0
-    backbone_epochs: int = 10
-    backbone_lr: float = 0.0035
-    backbone_batch: int = 4
-    backbone_augment: bool = False  # CoOp backbone config: centre crop only; KgCoOp: random resized crop + flip
-    crop_scale: float = 0.08  # smallest area fraction of RandomResizedCrop (Dassl default; MMRL uses 0.5)
-    # stage 2: the FVG-PT plugin
-    plugin_epochs: int = 10
-    plugin_lr: float = 0.0035
-    plugin_batch: int = 4
-    bottleneck: int = 64
-    gate_hidden: int = 32
-    fdc_init_scale: float = 1e-3
-    fdc_logit_scale: float | None = None  # None: the backbone's own scale (100 for pretrained CLIP)
-    fg_fill: str = "mean"  # background of x_fg: CLIP mean colour ("mean") or pixel black ("black")
-    lambda_d: float = 10.0
-    lambda_rg: float = 1.0
-    lambda_new: float = 1.0
-    pc_kl: bool = True
-    # optimiser shared by both stages (Dassl defaults)
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: int = 1
-    warmup_lr: float = 1e-5
-    eval_batch: int = 100
+    # ---- data
+    data: str = option("", "dataset root: ImageFolder (ROOT/<class>/<image>, optional train/test folders) or a "
+                           "CoOp/Dassl folder with split_zhou_*.json; masks in ROOT/mask/<same relative path>", "data")
+    split_file: str | None = option(None, "Dassl split JSON (default: ROOT/split_zhou_*.json if present)", "data")
+    image_dir: str | None = option(None, "folder the split file's paths are relative to (default: detected)", "data")
+    test_fraction: float = option(0.3, "flat ImageFolder only: per-class held-out test part", "data")
+    shots: int = option(16, "training images per class (K)", "data")
+    seed: int = option(1, "selects the K-shot images and seeds training", "data")
+    base_classes: list[str] | None = option(None, "comma-separated base class names (default: the first half by "
+                                                  "label, the paper's protocol)", "data")
+    workers: int = option(0, "data loader worker processes", "data")
+    # ---- backbone (frozen in both stages)
+    model: str = option("ViT-B-16", "any open_clip model name, or fvgpt-tiny", "backbone")
+    pretrained: str = option("openai", "open_clip tag (downloads once), a local checkpoint file, or none "
+                                       "(random init)", "backbone")
+    init_seed: int = option(0, "seed of the random init when --pretrained none", "backbone")
+    device: str = option("cpu", "cpu or cuda", "backbone")
+    # ---- stage 1: the learned prompt (CoOp / KgCoOp)
+    method: str = option("coop", "prompt learner of stage 1", "prompt", METHODS)
+    n_ctx: int = option(4, "learned context tokens", "prompt")
+    ctx_init: str | None = option(None, f"words the context starts from (default: random for coop, "
+                                        f"{KGCOOP_CTX_INIT!r} for kgcoop)", "prompt")
+    kg_weight: float = option(2.0, "KgCoOp: weight of the knowledge-guided regulariser (λ)", "prompt")
+    prompt_epochs: int = option(10, "stage-1 epochs", "prompt")
+    prompt_lr: float = option(0.0035, "stage-1 SGD learning rate", "prompt")
+    prompt_batch: int = option(4, "stage-1 batch size", "prompt")
+    prompt_augment: bool | None = option(None, "stage-1 random resized crop + flip (default: off for coop, as "
+                                                "CoOp's B2N config; on for kgcoop)", "prompt")
+    crop_scale: float = option(0.08, "smallest area fraction kept by random resized crops (both stages)", "prompt")
+    # ---- stage 2: the FVG-PT plugin
+    plugin_epochs: int = option(10, "stage-2 epochs", "plugin")
+    plugin_lr: float = option(0.0035, "stage-2 SGD learning rate", "plugin")
+    plugin_batch: int = option(4, "stage-2 batch size", "plugin")
+    bottleneck: int = option(64, "FDC adapter bottleneck width h (E5)", "plugin")
+    gate_hidden: int = option(32, "hidden width g of the FRG and BRG MLPs (E2, E10)", "plugin")
+    fdc_init_scale: float = option(1e-3, "std of the adapters' last layer at init (adapters start near identity)",
+                                   "plugin")
+    fdc_logit_scale: float | None = option(None, "S in E6 (default: the backbone's own logit scale, 100 for CLIP)",
+                                           "plugin")
+    fg_fill: str = option("mean", "background of the foreground view: CLIP mean colour or pixel black", "plugin",
+                          FG_FILLS)
+    tau: float = option(2.0, "temperature τ of every softmax in the gates and KL terms (τ_d = τ_PC = τ_KL)", "plugin")
+    lambda_d: float = option(10.0, "weight λ_d of the foreground distillation L_dist (E8)", "plugin")
+    lambda_rg: float = option(1.0, "weight λ_RG of the FRG's BCE L_FRG (E8)", "plugin")
+    lambda_new: float = option(1.0, "weight λ_new of the Prior Calibration loss L_PC (E14)", "plugin")
+    pc_kl: bool = option(True, "add KL(p_CLIP ‖ p_PC) to L_PC (E12)", "plugin")
+    delta: float = option(0.0, "margin δ in the trust target r* = 1[CE_fg + δ < CE_full] (E3)", "plugin")
+    area_min: float = option(0.02, "foreground area below which a mask is unusable (r := 0)", "plugin")
+    area_max: float = option(0.98, "foreground area above which a mask is unusable (r := 0)", "plugin")
+    # ---- optimiser and schedule, both stages (Dassl's defaults)
+    momentum: float = option(0.9, "SGD momentum", "optimiser")
+    weight_decay: float = option(5e-4, "SGD weight decay", "optimiser")
+    warmup_epochs: int = option(1, "epochs at the constant warm-up learning rate", "optimiser")
+    warmup_lr: float = option(1e-5, "warm-up learning rate", "optimiser")
+    eval_batch: int = option(100, "batch size of evaluation", "optimiser")
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.shots < 1:
-            raise ValueError("shots must be >= 1")
-        if self.fg_fill not in ("mean", "black"):
-            raise ValueError("fg_fill must be 'mean' or 'black'")
+        # method-dependent defaults resolve here, so the stored config says what actually ran
+        if self.ctx_init is None and self.method == "kgcoop":
+            self.ctx_init = KGCOOP_CTX_INIT
+        if self.prompt_augment is None:
+            self.prompt_augment = self.method == "kgcoop"
+        self.validate()
+
+    def validate(self) -> None:
+        problems = []
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                problems.append(f"{f.name} must be one of {', '.join(choices)}, not {getattr(self, f.name)!r}")
+        for name in ("shots", "n_ctx", "prompt_epochs", "plugin_epochs", "prompt_batch", "plugin_batch",
+                     "bottleneck", "gate_hidden", "eval_batch"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, not {getattr(self, name)}")
+        for name in ("prompt_lr", "plugin_lr", "tau", "fdc_init_scale"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive, not {getattr(self, name)}")
+        if not 0 < self.crop_scale <= 1:
+            problems.append(f"crop_scale must be in (0, 1], not {self.crop_scale}")
+        if not 0 <= self.area_min < self.area_max <= 1:
+            problems.append(f"need 0 ≤ area_min < area_max ≤ 1, got {self.area_min}, {self.area_max}")
+        if not 0 <= self.test_fraction < 1:
+            problems.append(f"test_fraction must be in [0, 1), not {self.test_fraction}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
     @classmethod
-    def for_method(cls, method: str, **overrides) -> "TrainConfig":
-        """Method defaults: KgCoOp initialises the context from "a photo of a" and augments in both stages."""
-        base = {"method": method}
-        if method == "kgcoop":
-            base |= {"ctx_init": "a photo of a", "backbone_augment": True}
-        return cls(**(base | {k: v for k, v in overrides.items() if v is not None}))
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """Strict: every field must be present and no other key (a run is what it was, never today's defaults)."""
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        missing = [n for n in names if n not in d]
+        if unknown or missing:
+            raise ConfigError("config does not match this version of fvgpt:"
+                              + (f" unknown keys {unknown}" if unknown else "")
+                              + (f" missing keys {missing}" if missing else ""))
+        return cls(**d)
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+def config_fields() -> list:
+    """The fields in declaration order, for the CLI generator."""
+    return list(fields(TrainConfig))
+
+
+def field_default(f) -> Any:
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def config_json(cfg: TrainConfig, backbone: dict) -> str:
+    return json.dumps({"schema_version": CONFIG_SCHEMA, "train": cfg.to_dict(), "backbone": backbone}, indent=2)

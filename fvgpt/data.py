@@ -9,7 +9,6 @@ Layouts (read unchanged):
 from __future__ import annotations
 
 import json
-import math
 import random
 import warnings
 from collections import defaultdict
@@ -22,8 +21,8 @@ from PIL import Image, UnidentifiedImageError
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from .backbone import Preprocess
 from .errors import FVGPTError
+from .preprocess import Preprocess
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 MASK_DIR = "mask"
@@ -210,19 +209,6 @@ def load_index(root: str | Path, shots: int, seed: int, split_file: str | Path |
     for note in index.warnings:
         warnings.warn(note, stacklevel=2)
     return index
-
-
-def split_base_new(n_classes: int, base: list[int] | None = None) -> list[bool]:
-    """Per-class base flag: the first ⌈n/2⌉ labels (the paper's protocol) unless an explicit list is given."""
-    if base is None:
-        if n_classes < 2:
-            raise DataError("need at least two classes to form base and new splits")
-        base = list(range(math.ceil(n_classes / 2)))
-    bad = [i for i in base if not 0 <= i < n_classes]
-    if bad or not base:
-        raise DataError(f"base classes must be a non-empty subset of 0..{n_classes - 1}, got {bad or base}")
-    chosen = set(base)
-    return [i in chosen for i in range(n_classes)]
 
 
 # ---- transforms -----------------------------------------------------------------------------------------------

@@ -1,32 +1,46 @@
-"""`fvgpt eval`: Base / New accuracy, HM and the foreground-shift index D_fg (E13) for zero-shot CLIP, the tuned
-backbone and FVG-PT, from one pass over the test images (plus one over the masked foreground views)."""
+"""`fvgpt eval`: Base / New accuracy, HM and the foreground-shift index D_fg (E13) for zero-shot CLIP, the
+prompt-tuned model and FVG-PT, from one pass over the test images (plus one over their foreground views).
+
+Each model row reads its heads from the same forward (FVGPTModel.heads): Base accuracy is the row's base head over the
+base classes on base test images, New accuracy its new head over the new classes on new test images (the paper's
+split-selected evaluation). D_fg is the mean KL(p_full ‖ p_fg) of the base head on base test images with masks.
+"""
 from __future__ import annotations
 
 import torch
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from .classifier import text_tables
 from .data import DatasetIndex, FewShotDataset, collate, eval_geometry, foreground_view
-from .losses import foreground_shift, harmonic_mean
-from .rundir import Run
+from .metrics import accuracy, foreground_shift, harmonic_mean
+from .model import FVGPTModel
+
+D_FG_TAUS = (1, 2)
+
+
+def model_rows(model: FVGPTModel) -> dict[str, tuple[str, str]]:
+    """Model row → (base head, new head), as Heads attributes."""
+    rows = {"zero-shot": ("z_clip", "z_clip"), model.cfg.method: ("z_full", "z_full")}
+    if model.plugin is not None:
+        rows["fvgpt"] = ("z_fdc", "z_pc")
+    return rows
 
 
 @torch.no_grad()
-def _features(run: Run, index: DatasetIndex, batch_size: int, progress: bool):
-    bb = run.backbone
+def _features(model: FVGPTModel, index: DatasetIndex, batch_size: int, progress: bool):
+    bb = model.backbone
     dataset = FewShotDataset(index.test, v2.Compose(eval_geometry(bb.preprocess)), image_transform=bb.eval_transform)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate,
-                                         num_workers=run.config.workers)
+                                         num_workers=model.cfg.workers)
     feats, fg_feats, labels, has_mask, dropped = [], [], [], [], 0
     for batch in tqdm(loader, desc="eval", disable=not progress, leave=False):
         dropped += batch.pop("dropped")
         if not batch:
             continue
         img = batch["img"].to(bb.device)
-        feats.append(bb.encode_images(img))
-        x_fg = foreground_view(img, batch["mask"].to(bb.device), bb.preprocess, run.config.fg_fill)
-        fg_feats.append(bb.encode_images(x_fg))
+        feats.append(model.encode_image(img))
+        x_fg = foreground_view(img, batch["mask"].to(bb.device), bb.preprocess, model.cfg.fg_fill)
+        fg_feats.append(model.encode_image(x_fg))
         labels.append(batch["label"].to(bb.device))
         has_mask.append(batch["has_mask"].to(bb.device))
     if not feats:
@@ -34,55 +48,31 @@ def _features(run: Run, index: DatasetIndex, batch_size: int, progress: bool):
     return torch.cat(feats), torch.cat(fg_feats), torch.cat(labels), torch.cat(has_mask).bool(), dropped
 
 
-def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((logits.argmax(-1) == labels).float().mean() * 100) if len(labels) else float("nan")
-
-
 @torch.no_grad()
-def evaluate(run: Run, index: DatasetIndex, batch_size: int = 100, progress: bool = True) -> dict:
-    """Metrics per model ("zero-shot", the stage-1 method, "fvgpt" when the plugin exists).
-
-    Base accuracy uses each model's base branch over the base classes, New accuracy its new branch over the new
-    classes (the paper's split-selected evaluation). D_fg is the mean KL(p_full ‖ p_fg) of the base branch on base
-    test images that have masks, at τ = 1 and τ = 2 (method.md §10 #18).
-    """
-    bb = run.backbone
-    f, f_fg, labels, has_mask, dropped = _features(run, index, batch_size, progress)
-    tables = text_tables(bb, run.classnames, run.ctx)
-    flags = torch.tensor(run.base_flags, device=f.device)
-    base_cls = flags.nonzero().squeeze(1)
-    new_cls = (~flags).nonzero().squeeze(1)
-    is_base = flags[labels]
-    remap = torch.full((len(flags),), -1, dtype=torch.long, device=f.device)
-    remap[base_cls] = torch.arange(len(base_cls), device=f.device)
-    remap[new_cls] = torch.arange(len(new_cls), device=f.device)
-    y_base, y_new = remap[labels[is_base]], remap[labels[~is_base]]
-    fb, fn, fgb = f[is_base], f[~is_base], f_fg[is_base & has_mask]
-    s = bb.logit_scale
-
-    def zs(x, cls):
-        return s * x @ tables.clip[cls].t()
-
-    def tuned(x, cls):
-        return s * x @ tables.tuned[cls].t()
-
-    branches = {"zero-shot": (lambda x: zs(x, base_cls), lambda x: zs(x, new_cls)),
-                run.config.method: (lambda x: tuned(x, base_cls), lambda x: tuned(x, new_cls))}
-    if run.plugin is not None:
-        adapted = run.plugin.adapt_text(tables.tuned[base_cls])
-        branches["fvgpt"] = (lambda x: run.plugin.base_logits(x, adapted),
-                             lambda x: run.plugin.calibrate(tuned(x, new_cls), zs(x, new_cls))[0])
+def evaluate(model: FVGPTModel, index: DatasetIndex, batch_size: int = 100, progress: bool = True) -> dict:
+    """{"models": {row: {"base", "new", "hm", "d_fg"}}, "test_images": counts}; a split without test images has
+    accuracy None (printed as "-"), never NaN."""
+    f, f_fg, labels, has_mask, dropped = _features(model, index, batch_size, progress)
+    split = model.classes
+    is_base = torch.tensor(split.base, device=f.device)[labels]
+    target = torch.tensor(split.position, device=f.device)[labels]
+    base_tables = model.tables(split.base_names)
+    on_base = model.heads(f[is_base], base_tables)
+    on_new = model.heads(f[~is_base], model.tables(split.new_names)) if split.new_ids else None
+    masked = has_mask[is_base]
+    on_base_fg = model.heads(f_fg[is_base][masked], base_tables)
     models = {}
-    for name, (base_head, new_head) in branches.items():
-        base_acc = _accuracy(base_head(fb), y_base)
-        new_acc = _accuracy(new_head(fn), y_new) if len(new_cls) else float("nan")
-        row = {"base": base_acc, "new": new_acc, "hm": harmonic_mean(base_acc, new_acc) if len(new_cls) else None}
-        if len(fgb):
-            z_full, z_fg = base_head(fb[has_mask[is_base]]), base_head(fgb)
-            row["d_fg"] = {f"tau{t}": float(foreground_shift(z_full, z_fg, t).mean()) for t in (1, 2)}
+    for name, (base_head, new_head) in model_rows(model).items():
+        base_acc = accuracy(getattr(on_base, base_head), target[is_base])
+        new_acc = accuracy(getattr(on_new, new_head), target[~is_base]) if on_new is not None else None
+        row = {"base": base_acc, "new": new_acc,
+               "hm": harmonic_mean(base_acc, new_acc) if base_acc is not None and new_acc is not None else None}
+        if masked.any():
+            z_full, z_fg = getattr(on_base, base_head)[masked], getattr(on_base_fg, base_head)
+            row["d_fg"] = {f"tau{t}": float(foreground_shift(z_full, z_fg, t).mean()) for t in D_FG_TAUS}
         models[name] = row
     return {"models": models, "test_images": {"base": int(is_base.sum()), "new": int((~is_base).sum()),
-                                              "base_with_mask": int(len(fgb)), "unreadable": int(dropped)}}
+                                              "base_with_mask": int(masked.sum()), "unreadable": int(dropped)}}
 
 
 def _cell(v: float | None, width: int = 8, digits: int = 2) -> str:

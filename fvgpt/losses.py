@@ -1,22 +1,26 @@
-"""FVG-PT training objective (method.md E3, E4, E7, E8, E12, E14) and the D_fg metric (E13)."""
+"""The training objectives: stage 1 (CoOp cross-entropy, KgCoOp's regulariser) and stage 2 (docs/method.md E3, E4,
+E7, E8, E12, E14). They take logits computed by the model object (fvgpt.model) and weights from the TrainConfig."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from .plugin import TAU, FVGPTPlugin
+from .config import TrainConfig
+from .stats import kl_div
+
+if TYPE_CHECKING:
+    from .model import Heads
+    from .plugin import FVGPTPlugin
 
 
-def kl_div(p_teacher_logits: torch.Tensor, q_student_logits: torch.Tensor, tau: float = TAU) -> torch.Tensor:
-    """Per-sample KL(softmax(t/τ) ‖ softmax(s/τ)), summed over classes, no τ² factor (method.md §10 #7)."""
-    log_p = F.log_softmax(p_teacher_logits.float() / tau, dim=-1)
-    log_q = F.log_softmax(q_student_logits.float() / tau, dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
+def kgcoop_regulariser(learned: torch.Tensor, zero_shot: torch.Tensor) -> torch.Tensor:
+    """KgCoOp: 1 − mean cosine between the learned-prompt and the hand-crafted text features of each class."""
+    return 1.0 - F.cosine_similarity(learned, zero_shot, dim=-1).mean()
 
 
-def trust_target(z_full: torch.Tensor, z_fg: torch.Tensor, labels: torch.Tensor, delta: float = 0.0) -> torch.Tensor:
+def trust_target(z_full: torch.Tensor, z_fg: torch.Tensor, labels: torch.Tensor, delta: float) -> torch.Tensor:
     """E3: r* = 1[CE(z_fg, y) + δ < CE(z_full, y)] on raw logits, per sample, without gradient."""
     with torch.no_grad():
         ce_fg = F.cross_entropy(z_fg.float(), labels, reduction="none")
@@ -24,63 +28,39 @@ def trust_target(z_full: torch.Tensor, z_fg: torch.Tensor, labels: torch.Tensor,
         return (ce_fg + delta < ce_full).float()
 
 
-def distillation_loss(z_fdc: torch.Tensor, z_full: torch.Tensor, z_fg: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """E7: mean_i [ r_i·KL(p_fg ‖ p_FDC) + (1 − r_i)·KL(p_full ‖ p_FDC) ], r detached (method.md §10 #8)."""
+def distillation_loss(z_fdc: torch.Tensor, z_full: torch.Tensor, z_fg: torch.Tensor, r: torch.Tensor,
+                      tau: float) -> torch.Tensor:
+    """E7: mean_i [ r_i·KL(p_fg ‖ p_FDC) + (1 − r_i)·KL(p_full ‖ p_FDC) ], with r detached (the gate trains only
+    through E4; otherwise it could lower L_dist by choosing whichever teacher is closer)."""
     r = r.detach()
-    return (r * kl_div(z_fg, z_fdc) + (1 - r) * kl_div(z_full, z_fdc)).mean()
+    return (r * kl_div(z_fg, z_fdc, tau) + (1 - r) * kl_div(z_full, z_fdc, tau)).mean()
 
 
-@dataclass(frozen=True)
-class LossWeights:
-    lambda_d: float = 10.0  # RDBOOST_LAMBDA_D (--lambda_base)
-    lambda_rg: float = 1.0  # RDBOOST_LAMBDA_RG
-    lambda_new: float = 1.0  # BDPC_LAMBDA (--lambda_new)
-    use_pc_kl: bool = True  # BDPC_USE_KL
-    delta: float = 0.0  # RDBOOST_DELTA
-    area_min: float = 0.02  # RDBOOST_AREA_MIN
-    area_max: float = 0.98  # RDBOOST_AREA_MAX
+def prior_calibration_loss(z_pc: torch.Tensor, z_clip: torch.Tensor, labels: torch.Tensor, tau: float,
+                           use_kl: bool) -> torch.Tensor:
+    """E12: CE(z_PC, y) + KL(p_CLIP ‖ softmax(z_PC/τ)) (the KL term optional)."""
+    loss = F.cross_entropy(z_pc, labels)
+    return loss + kl_div(z_clip, z_pc, tau).mean() if use_kl else loss
 
 
-def fvgpt_loss(plugin: FVGPTPlugin, f: torch.Tensor, text_tuned: torch.Tensor, z_full: torch.Tensor,
-               z_fg: torch.Tensor, z_clip: torch.Tensor, area: torch.Tensor, has_mask: torch.Tensor,
-               labels: torch.Tensor, w: LossWeights) -> dict[str, torch.Tensor]:
-    """E14: L_total = L_base + λ_new·L_PC for one batch of frozen-backbone outputs.
+def plugin_objective(plugin: FVGPTPlugin, heads: Heads, z_fg: torch.Tensor, area: torch.Tensor,
+                     has_mask: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """E14: L_total = L_base + λ_new·L_PC for one batch; `heads` on the full image, `z_fg` the backbone's logits
+    on the foreground view.
 
-    Samples without a usable foreground view (no mask, or area outside [area_min, area_max]) get r := 0 — they
-    distil only toward p_full — and are left out of the FRG's BCE (method.md §10 #3).
+    Samples without a usable foreground view (no mask, or area outside [area_min, area_max]) get r := 0, so they
+    distil only toward p_full, and are left out of the FRG's BCE.
     """
-    usable = has_mask.bool() & (area >= w.area_min) & (area <= w.area_max)
-    r_logit = plugin.trust_logit(z_full, z_fg, area)
+    usable = has_mask.bool() & (area >= cfg.area_min) & (area <= cfg.area_max)
+    r_logit = plugin.trust_logit(heads.z_full, z_fg, area)
     r = torch.where(usable, torch.sigmoid(r_logit), torch.zeros_like(r_logit))
-    r_star = trust_target(z_full, z_fg, labels, w.delta)
-    if usable.any():  # E4, over usable samples only
-        l_frg = F.binary_cross_entropy_with_logits(r_logit[usable], r_star[usable])
-    else:
-        l_frg = r_logit.sum() * 0.0
-    z_fdc = plugin.base_logits(f, plugin.adapt_text(text_tuned))
-    l_dist = distillation_loss(z_fdc, z_full, z_fg, r)
-    l_base = F.cross_entropy(z_fdc, labels) + w.lambda_rg * l_frg + w.lambda_d * l_dist  # E8
-    z_pc, b = plugin.calibrate(z_full, z_clip)
-    l_pc = F.cross_entropy(z_pc, labels)  # E12
-    if w.use_pc_kl:
-        l_pc = l_pc + kl_div(z_clip, z_pc).mean()
-    total = l_base + w.lambda_new * l_pc
+    r_star = trust_target(heads.z_full, z_fg, labels, cfg.delta)
+    # E4 over usable samples only; a batch without any keeps the graph connected with a zero term
+    l_frg = (F.binary_cross_entropy_with_logits(r_logit[usable], r_star[usable]) if usable.any()
+             else r_logit.sum() * 0.0)
+    l_dist = distillation_loss(heads.z_fdc, heads.z_full, z_fg, r, cfg.tau)
+    l_base = F.cross_entropy(heads.z_fdc, labels) + cfg.lambda_rg * l_frg + cfg.lambda_d * l_dist  # E8
+    l_pc = prior_calibration_loss(heads.z_pc, heads.z_clip, labels, cfg.tau, cfg.pc_kl)
+    total = l_base + cfg.lambda_new * l_pc
     return {"loss": total, "base": l_base.detach(), "frg": l_frg.detach(), "dist": l_dist.detach(),
-            "pc": l_pc.detach(), "r": r.detach().mean(), "r_star": r_star.mean(), "b": b.detach().mean()}
-
-
-def foreground_shift(z_full: torch.Tensor, z_fg: torch.Tensor, tau: float) -> torch.Tensor:
-    """E13: D_fg = KL(p_full ‖ p_fg) per sample (p = softmax(z/τ)); 0 when the two views agree."""
-    return kl_div(z_full, z_fg, tau)
-
-
-def harmonic_mean(base: float, new: float) -> float:
-    """HM = 2BN/(B+N); the paper's average row is the HM of the averaged Base and New (method.md §9.1)."""
-    return 0.0 if base + new == 0 else 2 * base * new / (base + new)
-
-
-def average_row(rows: list[tuple[float, float]]) -> tuple[float, float, float]:
-    """The paper's "Average" row over datasets or seeds: mean Base, mean New, and the HM of those means."""
-    base = sum(b for b, _ in rows) / len(rows)
-    new = sum(n for _, n in rows) / len(rows)
-    return base, new, harmonic_mean(base, new)
+            "pc": l_pc.detach(), "r": r.detach().mean(), "r_star": r_star.mean(), "b": heads.b.detach().mean()}

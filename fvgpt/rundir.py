@@ -1,12 +1,13 @@
-"""The run dir written by `fvgpt train`: self-describing, enough to rebuild the trained classifier.
+"""The run dir written by `fvgpt train`: self-describing and versioned (docs/run-dir.md).
 
-  config.json         resolved TrainConfig + backbone facts (embed dim, logit scale, preprocessing, weight fingerprint)
+  config.json         {"schema_version", "train": every TrainConfig field, "backbone": BackboneRecord}
   classes.json        [{"name", "base"}] in label order
-  prompt.safetensors  {"ctx": (n_ctx, width)}                    (stage 1)
-  plugin.safetensors  FVGPTPlugin state dict                      (stage 2)
+  data.json           layout, root and the K-shot training files
+  prompt.safetensors  {"ctx": (n_ctx, width)}                          (stage 1, "prompt")
+  plugin.safetensors  FVGPTPlugin state dict                            (stage 2, "plugin")
   progress.json       per-stage epochs done (resume bookkeeping)
   state/<stage>.pt    optimiser + weights at the last finished epoch (tensors only; loaded with weights_only=True)
-  metrics.json        evaluation (base, new, HM, D_fg)
+  metrics.json        evaluation (Base, New, HM, D_fg per model)
   train_log.jsonl     one JSON line per epoch
 Every file is written atomically (temp file in the same folder, then rename).
 """
@@ -15,17 +16,21 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import open_clip
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .backbone import Backbone, load_backbone
-from .config import TrainConfig
+from .classes import ClassSplit
+from .config import CONFIG_SCHEMA, ConfigError, TrainConfig, config_json
 from .errors import FVGPTError
-from .plugin import FVGPTPlugin
+from .model import FVGPTModel
+from .preprocess import Preprocess
+from .prompts import PromptLearner
 
 
 class RunDirError(FVGPTError):
@@ -92,50 +97,95 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise RunDirError(f"{path} is corrupt ({exc})") from exc
 
 
+@dataclass(frozen=True)
+class BackboneRecord:
+    """Facts about the frozen backbone, recorded when a run starts and checked whenever it is rebuilt."""
+
+    embed_dim: int
+    logit_scale: float
+    fdc_logit_scale: float
+    context_length: int
+    preprocess: Preprocess
+    fingerprint: str  # sha256 over every weight (Backbone.fingerprint)
+    torch: str
+    open_clip: str
+
+    @classmethod
+    def of(cls, backbone: Backbone, cfg: TrainConfig) -> BackboneRecord:
+        return cls(backbone.embed_dim, backbone.logit_scale, cfg.fdc_logit_scale or backbone.logit_scale,
+                   backbone.context_length, backbone.preprocess, backbone.fingerprint(), torch.__version__,
+                   open_clip.__version__)
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"preprocess": self.preprocess.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BackboneRecord:
+        try:
+            return cls(**(d | {"preprocess": Preprocess.from_dict(d["preprocess"])}))
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(f"backbone record is incomplete or has unknown keys ({exc})") from None
+
+
+def write_config(out: Path, cfg: TrainConfig, record: BackboneRecord) -> None:
+    atomic_write_bytes(out / "config.json", (config_json(cfg, record.to_dict()) + "\n").encode())
+
+
+def read_config(run_dir: Path) -> tuple[TrainConfig, BackboneRecord]:
+    raw = read_json(run_dir / "config.json")
+    if not isinstance(raw, dict) or "train" not in raw:
+        raise RunDirError(f"{run_dir / 'config.json'} is not a fvgpt run config")
+    if raw.get("schema_version") != CONFIG_SCHEMA:
+        raise RunDirError(f"{run_dir} was written by another version of fvgpt (config schema "
+                          f"{raw.get('schema_version', 1)}, this version reads {CONFIG_SCHEMA}); train it again")
+    try:
+        return TrainConfig.from_dict(raw["train"]), BackboneRecord.from_dict(raw["backbone"])
+    except ConfigError as exc:
+        raise RunDirError(f"{run_dir / 'config.json'}: {exc}") from None
+
+
+def read_classes(run_dir: Path) -> ClassSplit:
+    return ClassSplit.from_records(read_json(run_dir / "classes.json"))
+
+
+def stage_done(run_dir: Path, stage: str) -> bool:
+    progress = read_json(run_dir / "progress.json") if (run_dir / "progress.json").is_file() else {}
+    return bool(progress.get(stage, {}).get("done"))
+
+
 @dataclass
 class Run:
     """A trained run, rebuilt from its run dir."""
 
     path: Path
     config: TrainConfig
-    info: dict  # backbone facts recorded at training time
-    classnames: list[str]
-    base_flags: list[bool]
-    backbone: Backbone
-    ctx: torch.Tensor
-    plugin: FVGPTPlugin | None  # None until stage 2 has finished
+    record: BackboneRecord
+    model: FVGPTModel
 
     @property
-    def fdc_logit_scale(self) -> float:
-        return float(self.info["fdc_logit_scale"])
-
-
-def build_plugin(cfg: TrainConfig, dim: int, logit_scale: float) -> FVGPTPlugin:
-    return FVGPTPlugin(dim, cfg.bottleneck, cfg.gate_hidden, cfg.fdc_init_scale, logit_scale)
+    def classes(self) -> ClassSplit:
+        return self.model.classes
 
 
 def load_run(path: str | Path, device: str = "cpu", require_plugin: bool = False) -> Run:
-    """Rebuild a run (backbone + learned prompt + plugin) and check the backbone is the one it was trained on."""
+    """Rebuild a run's model (backbone + learned prompt + plugin) and check the backbone is the one it was trained
+    on."""
     path = Path(path)
     if not path.is_dir():
         raise RunDirError(f"run dir {path} does not exist")
-    raw = read_json(path / "config.json")
-    if "train" not in raw or "backbone" not in raw:
-        raise RunDirError(f"{path / 'config.json'} is not a fvgpt run config")
-    cfg = TrainConfig.from_dict(raw["train"])
-    info = raw["backbone"]
-    classes = read_json(path / "classes.json")
-    progress = read_json(path / "progress.json")
-    if not progress.get("backbone", {}).get("done"):
-        raise RunDirError(f"{path}: stage 1 (backbone) has not finished; run `fvgpt train --resume --out {path}`")
+    cfg, record = read_config(path)
+    cfg.device = device
+    classes = read_classes(path)
+    if not stage_done(path, "prompt"):
+        raise RunDirError(f"{path}: stage 1 (prompt) has not finished; run `fvgpt train --resume --out {path}`")
     backbone = load_backbone(cfg.model, cfg.pretrained, device, cfg.init_seed)
-    if backbone.fingerprint() != info["fingerprint"]:
+    if backbone.fingerprint() != record.fingerprint:
         raise RunDirError(f"{path}: the {cfg.model} weights from {cfg.pretrained!r} differ from those the run was "
                           f"trained on (fingerprint mismatch; different checkpoint or torch version?)")
-    ctx = read_tensors(path / "prompt.safetensors")["ctx"].to(device)
-    plugin = None
-    if progress.get("plugin", {}).get("done"):
-        plugin = build_plugin(cfg, backbone.embed_dim, float(info["fdc_logit_scale"])).to(device)
+    prompt = PromptLearner(read_tensors(path / "prompt.safetensors")["ctx"].to(device)).requires_grad_(False)
+    model = FVGPTModel(backbone, classes, cfg, prompt)
+    if stage_done(path, "plugin"):
+        plugin = model.new_plugin(record.fdc_logit_scale)
         try:
             plugin.load_state_dict(read_tensors(path / "plugin.safetensors"))
         except RuntimeError as exc:
@@ -143,4 +193,4 @@ def load_run(path: str | Path, device: str = "cpu", require_plugin: bool = False
         plugin.eval().requires_grad_(False)
     elif require_plugin:
         raise RunDirError(f"{path}: stage 2 (plugin) has not finished; run `fvgpt train --resume --out {path}`")
-    return Run(path, cfg, info, [c["name"] for c in classes], [bool(c["base"]) for c in classes], backbone, ctx, plugin)
+    return Run(path, cfg, record, model.eval())

@@ -1,5 +1,6 @@
-"""The two training stages (DESIGN.md): stage 1 tunes the CoOp/KgCoOp context on the base classes; stage 2 trains
-the FVG-PT plugin with backbone, prompt and zero-shot CLIP frozen.
+"""The two training stages (docs/method.md, "Training"): stage 1 ("prompt") learns the CoOp/KgCoOp context on the
+base classes; stage 2 ("plugin") trains the FVG-PT plugin with the backbone, the prompt and zero-shot CLIP frozen.
+Both run the model object's objectives (fvgpt.model).
 
 Resumable at epoch granularity: after every epoch the trainable weights and optimiser state go to
 `state/<stage>.pt`, and each epoch reseeds every random source from (seed, stage, epoch), so an interrupted and
@@ -14,40 +15,22 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import open_clip
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .backbone import Backbone, TextEncoder, load_backbone
+from .backbone import load_backbone
+from .classes import ClassSplit
 from .config import TrainConfig
-from .data import (DatasetIndex, FewShotDataset, collate, foreground_view, load_index, split_base_new,
-                   train_transform)
-from .losses import LossWeights, fvgpt_loss
-from .plugin import FVGPTPlugin
-from .prompts import PromptLearner, encode_prompts, kgcoop_loss
-from .rundir import (RunDirError, atomic_save_tensors, atomic_torch_save, atomic_write_json, build_plugin, read_json,
-                     read_tensors)
+from .data import DatasetIndex, FewShotDataset, collate, load_index, train_transform
+from .model import FVGPTModel
+from .prompts import PromptLearner
+from .rundir import (BackboneRecord, RunDirError, atomic_save_tensors, atomic_torch_save, atomic_write_json,
+                     read_classes, read_config, read_json, read_tensors, stage_done, write_config)
 
 EpochHook = Callable[[str, int], None]
-_STAGE_SEED = {"backbone": 1, "plugin": 2}
-
-
-def resolve_base_flags(cfg: TrainConfig, classnames: list[str]) -> list[bool]:
-    if cfg.base_classes is None:
-        return split_base_new(len(classnames))
-    unknown = [c for c in cfg.base_classes if c not in classnames]
-    if unknown:
-        raise ValueError(f"--base-classes names unknown classes: {unknown}")
-    return split_base_new(len(classnames), [classnames.index(c) for c in cfg.base_classes])
-
-
-def _backbone_info(backbone: Backbone, cfg: TrainConfig) -> dict:
-    return {"embed_dim": backbone.embed_dim, "logit_scale": backbone.logit_scale,
-            "fdc_logit_scale": cfg.fdc_logit_scale or backbone.logit_scale,
-            "context_length": backbone.context_length, "preprocess": backbone.preprocess.to_dict(),
-            "fingerprint": backbone.fingerprint(), "torch": torch.__version__, "open_clip": open_clip.__version__}
+STAGES = ("prompt", "plugin")
+_STAGE_SEED = {"prompt": 1, "plugin": 2}
 
 
 def prepare_run_dir(cfg: TrainConfig, out: Path, stage: str, resume: bool) -> TrainConfig:
@@ -55,7 +38,7 @@ def prepare_run_dir(cfg: TrainConfig, out: Path, stage: str, resume: bool) -> Tr
     if (out / "config.json").is_file():
         if not resume:
             raise RunDirError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-        stored = TrainConfig.from_dict(read_json(out / "config.json")["train"])
+        stored, _ = read_config(out)
         stored.device, stored.workers = cfg.device, cfg.workers  # where it runs may change; what it is may not
         return stored
     if out.exists() and any(out.iterdir()):
@@ -63,7 +46,7 @@ def prepare_run_dir(cfg: TrainConfig, out: Path, stage: str, resume: bool) -> Tr
     if resume:
         raise RunDirError(f"--resume given but {out} holds no run")
     if stage == "plugin":
-        raise RunDirError("--stage plugin needs a run dir whose backbone stage has finished")
+        raise RunDirError("--stage plugin needs a run dir whose prompt stage has finished")
     return cfg
 
 
@@ -81,16 +64,16 @@ def _lr_at(cfg: TrainConfig, lr: float, epoch: int, epochs: int) -> float:
     return 0.5 * lr * (1 + math.cos(math.pi * epoch / epochs))
 
 
-def _run_stage(stage: str, cfg: TrainConfig, out: Path, module: nn.Module, epochs: int, lr: float,
+def _run_stage(stage: str, cfg: TrainConfig, out: Path, trainable: nn.Module, epochs: int, lr: float,
                loader_for: Callable[[torch.Generator], torch.utils.data.DataLoader],
                step: Callable[[dict], dict[str, torch.Tensor]], hook: EpochHook | None, progress: bool) -> None:
-    params = [p for p in module.parameters() if p.requires_grad]
+    params = [p for p in trainable.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     state_path = out / "state" / f"{stage}.pt"
     start = 0
     if state_path.is_file():
         state = torch.load(state_path, map_location=cfg.device, weights_only=True)
-        module.load_state_dict(state["weights"])
+        trainable.load_state_dict(state["weights"])
         opt.load_state_dict(state["optimizer"])
         start = int(state["epoch"])
     for epoch in range(start, epochs):
@@ -119,136 +102,104 @@ def _run_stage(stage: str, cfg: TrainConfig, out: Path, module: nn.Module, epoch
         record = {"stage": stage, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "images": n,
                   "seconds": round(seconds, 3), "images_per_s": round(n / seconds, 2), "dropped": dropped}
         record |= {k: round(v / n, 6) for k, v in sums.items()}
-        atomic_torch_save(state_path, {"weights": module.state_dict(), "optimizer": opt.state_dict(),
+        atomic_torch_save(state_path, {"weights": trainable.state_dict(), "optimizer": opt.state_dict(),
                                        "epoch": epoch + 1})
         with open(out / "train_log.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
-        progress_doc = read_json(out / "progress.json")
-        progress_doc[stage] = {"epochs_done": epoch + 1, "done": False}
-        atomic_write_json(out / "progress.json", progress_doc)
+        _set_progress(out, stage, epoch + 1, done=False)
         if progress:
             tqdm.write(f"{stage} epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f} "
                        f"({record['images_per_s']:.1f} img/s)")
         if hook is not None:
             hook(stage, epoch + 1)
+    _set_progress(out, stage, epochs, done=True)
 
 
-def _mark_done(out: Path, stage: str, epochs: int) -> None:
+def _set_progress(out: Path, stage: str, epochs_done: int, done: bool) -> None:
     doc = read_json(out / "progress.json")
-    doc[stage] = {"epochs_done": epochs, "done": True}
+    doc[stage] = {"epochs_done": epochs_done, "done": done}
     atomic_write_json(out / "progress.json", doc)
 
 
-def _loader(dataset, batch: int, cfg: TrainConfig, gen: torch.Generator) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, generator=gen, collate_fn=collate,
-                                       num_workers=cfg.workers, drop_last=False)
+def _base_loader(model: FVGPTModel, index: DatasetIndex, augment: bool, batch: int):
+    """Loader factory over the base-class training images; targets are positions among the base classes."""
+    cfg, classes = model.cfg, model.classes
+    samples = [s for s in index.train if classes.base[s.label]]
+    dataset = FewShotDataset(samples, train_transform(model.backbone.preprocess, augment, cfg.crop_scale))
+    position = torch.tensor(classes.position, device=model.backbone.device)
+
+    def loader_for(gen: torch.Generator) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, generator=gen,
+                                           collate_fn=collate, num_workers=cfg.workers, drop_last=False)
+
+    return loader_for, lambda labels: position[labels.to(model.backbone.device)]
 
 
-def train_backbone(cfg: TrainConfig, out: Path, backbone: Backbone, index: DatasetIndex, base_flags: list[bool],
-                   hook: EpochHook | None = None, progress: bool = True) -> torch.Tensor:
-    """Stage 1: CoOp / KgCoOp context on the base classes; returns the learned context (n_ctx, width)."""
-    base_ids = [i for i, b in enumerate(base_flags) if b]
-    pos = {c: i for i, c in enumerate(base_ids)}
-    base_labels = [index.classnames[i] for i in base_ids]
-    samples = [s for s in index.train if base_flags[s.label]]
-    dataset = FewShotDataset(samples, train_transform(backbone.preprocess, cfg.backbone_augment, cfg.crop_scale))
-    _seed(cfg, "backbone", -1)
-    learner = PromptLearner(backbone, cfg.n_ctx, cfg.ctx_init).to(backbone.device)
-    encoder = TextEncoder(backbone)
-    scale = backbone.logit_scale
-    remap = torch.tensor([pos.get(i, -1) for i in range(len(base_flags))], device=backbone.device)
-    zero_shot = None
-    if cfg.method == "kgcoop":
-        with torch.no_grad():
-            zero_shot = encode_prompts(encoder, backbone, base_labels, None)
+def train_prompt(model: FVGPTModel, out: Path, index: DatasetIndex, hook: EpochHook | None = None,
+                 progress: bool = True) -> None:
+    """Stage 1: CoOp / KgCoOp context on the base classes."""
+    cfg, dev = model.cfg, model.backbone.device
+    base = model.classes.base_names
+    zero_shot = model.tables(base).clip if cfg.method == "kgcoop" else None
+    loader_for, targets = _base_loader(model, index, cfg.prompt_augment, cfg.prompt_batch)
 
     def step(batch: dict) -> dict[str, torch.Tensor]:
-        f = backbone.encode_images(batch["img"].to(backbone.device))
-        text = encode_prompts(encoder, backbone, base_labels, learner.ctx)
-        labels = remap[batch["label"].to(backbone.device)]
-        ce = F.cross_entropy(scale * f @ text.t(), labels)
-        if zero_shot is None:
-            return {"loss": ce, "ce": ce.detach()}
-        kg = kgcoop_loss(text, zero_shot)
-        return {"loss": ce + cfg.kg_weight * kg, "ce": ce.detach(), "kg": kg.detach()}
+        return model.prompt_loss(batch["img"].to(dev), targets(batch["label"]), base, zero_shot)
 
-    _run_stage("backbone", cfg, out, learner, cfg.backbone_epochs, cfg.backbone_lr,
-               lambda g: _loader(dataset, cfg.backbone_batch, cfg, g), step, hook, progress)
-    atomic_save_tensors(out / "prompt.safetensors", {"ctx": learner.ctx},
+    _run_stage("prompt", cfg, out, model.prompt, cfg.prompt_epochs, cfg.prompt_lr, loader_for, step, hook, progress)
+    atomic_save_tensors(out / "prompt.safetensors", {"ctx": model.prompt.ctx},
                         {"method": cfg.method, "n_ctx": str(cfg.n_ctx)})
-    _mark_done(out, "backbone", cfg.backbone_epochs)
-    return learner.ctx.detach()
 
 
-def train_plugin(cfg: TrainConfig, out: Path, backbone: Backbone, index: DatasetIndex, base_flags: list[bool],
-                 ctx: torch.Tensor, info: dict, hook: EpochHook | None = None, progress: bool = True) -> FVGPTPlugin:
+def train_plugin(model: FVGPTModel, out: Path, index: DatasetIndex, fdc_logit_scale: float,
+                 hook: EpochHook | None = None, progress: bool = True) -> None:
     """Stage 2: FRG + FDC + Prior Calibration (E1–E14) on the base data; only the plugin's parameters train."""
-    dev = backbone.device
-    base_ids = [i for i, b in enumerate(base_flags) if b]
-    pos = {c: i for i, c in enumerate(base_ids)}
-    base_labels = [index.classnames[i] for i in base_ids]
-    samples = [s for s in index.train if base_flags[s.label]]
-    dataset = FewShotDataset(samples, train_transform(backbone.preprocess, augment=True, crop_scale=cfg.crop_scale))
-    encoder = TextEncoder(backbone)
-    with torch.no_grad():
-        tuned = encode_prompts(encoder, backbone, base_labels, ctx)
-        clip = encode_prompts(encoder, backbone, base_labels, None)
+    cfg, dev = model.cfg, model.backbone.device
+    model.prompt.requires_grad_(False)
+    tables = model.tables(model.classes.base_names)
     _seed(cfg, "plugin", -1)
-    plugin = build_plugin(cfg, backbone.embed_dim, float(info["fdc_logit_scale"])).to(dev)
-    weights = LossWeights(lambda_d=cfg.lambda_d, lambda_rg=cfg.lambda_rg, lambda_new=cfg.lambda_new,
-                          use_pc_kl=cfg.pc_kl)
-    scale = backbone.logit_scale
-    remap = torch.tensor([pos.get(i, -1) for i in range(len(base_flags))], device=dev)
+    plugin = model.new_plugin(fdc_logit_scale)
+    loader_for, targets = _base_loader(model, index, True, cfg.plugin_batch)
 
     def step(batch: dict) -> dict[str, torch.Tensor]:
-        img, masks = batch["img"].to(dev), batch["mask"].to(dev)
-        x_fg = foreground_view(img, masks, backbone.preprocess, cfg.fg_fill)
-        # one frozen pass over x and x_fg together; f also serves zero-shot CLIP (shared tower for CoOp/KgCoOp)
-        f, f_fg = backbone.encode_images(torch.cat([img, x_fg])).split(img.shape[0])
-        z_full, z_fg, z_clip = scale * f @ tuned.t(), scale * f_fg @ tuned.t(), scale * f @ clip.t()
-        return fvgpt_loss(plugin, f, tuned, z_full, z_fg, z_clip, masks.mean(dim=(1, 2, 3)),
-                          batch["has_mask"].to(dev), remap[batch["label"].to(dev)], weights)
+        return model.plugin_loss(batch["img"].to(dev), batch["mask"].to(dev), batch["has_mask"].to(dev),
+                                 targets(batch["label"]), tables)
 
-    _run_stage("plugin", cfg, out, plugin, cfg.plugin_epochs, cfg.plugin_lr,
-               lambda g: _loader(dataset, cfg.plugin_batch, cfg, g), step, hook, progress)
+    _run_stage("plugin", cfg, out, plugin, cfg.plugin_epochs, cfg.plugin_lr, loader_for, step, hook, progress)
     atomic_save_tensors(out / "plugin.safetensors", plugin.state_dict())
-    _mark_done(out, "plugin", cfg.plugin_epochs)
-    return plugin
 
 
 def train(cfg: TrainConfig, out: str | Path, stage: str = "all", resume: bool = False,
           hook: EpochHook | None = None, progress: bool = True) -> Path:
-    """Run the requested stage(s) into `out`; a finished stage is never re-run."""
+    """Run the requested stage(s) ("prompt", "plugin" or "all") into `out`; a finished stage is never re-run."""
     out = Path(out)
     cfg = prepare_run_dir(cfg, out, stage, resume)
-    backbone = load_backbone(cfg.model, cfg.pretrained, cfg.device, cfg.init_seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         index = load_index(cfg.data, cfg.shots, cfg.seed, cfg.split_file, cfg.image_dir, cfg.test_fraction)
     for w in caught:
         tqdm.write(f"warning: {w.message}")
-    base_flags = resolve_base_flags(cfg, index.classnames)
+    backbone = load_backbone(cfg.model, cfg.pretrained, cfg.device, cfg.init_seed)
     if not (out / "config.json").is_file():
-        info = _backbone_info(backbone, cfg)
+        classes = ClassSplit.paper(index.classnames, cfg.base_classes)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "classes.json", [{"name": c, "base": b} for c, b in zip(index.classnames, base_flags)])
+        atomic_write_json(out / "classes.json", classes.records())
         atomic_write_json(out / "data.json", {"layout": index.layout, "root": str(index.root),
                                               "train": [[str(s.path), s.label, s.mask is not None]
                                                         for s in index.train],
                                               "warnings": index.warnings})
         atomic_write_json(out / "progress.json", {})
-        atomic_write_json(out / "config.json", {"train": json.loads(cfg.to_json()), "backbone": info})
-    info = read_json(out / "config.json")["backbone"]
-    if backbone.fingerprint() != info["fingerprint"]:
+        write_config(out, cfg, BackboneRecord.of(backbone, cfg))
+    _, record = read_config(out)
+    classes = read_classes(out)
+    if backbone.fingerprint() != record.fingerprint:
         raise RunDirError(f"{out}: backbone weights differ from those this run started with")
-    progress_doc = read_json(out / "progress.json")
-    if stage in ("backbone", "all") and not progress_doc.get("backbone", {}).get("done"):
-        ctx = train_backbone(cfg, out, backbone, index, base_flags, hook, progress)
-    elif progress_doc.get("backbone", {}).get("done"):
-        ctx = read_tensors(out / "prompt.safetensors")["ctx"].to(cfg.device)
-    else:
-        raise RunDirError(f"{out}: the backbone stage has not finished; run --stage backbone or all first")
-    if stage in ("plugin", "all") and not progress_doc.get("plugin", {}).get("done"):
-        train_plugin(cfg, out, backbone, index, base_flags, ctx, info, hook, progress)
+    if stage in ("prompt", "all") and not stage_done(out, "prompt"):
+        _seed(cfg, "prompt", -1)
+        train_prompt(FVGPTModel.new_prompt(backbone, classes, cfg), out, index, hook, progress)
+    elif not stage_done(out, "prompt"):
+        raise RunDirError(f"{out}: the prompt stage has not finished; run --stage prompt or all first")
+    if stage in ("plugin", "all") and not stage_done(out, "plugin"):
+        prompt = PromptLearner(read_tensors(out / "prompt.safetensors")["ctx"].to(cfg.device))
+        train_plugin(FVGPTModel(backbone, classes, cfg, prompt), out, index, record.fdc_logit_scale, hook, progress)
     return out
-

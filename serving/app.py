@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from export.bundle import Scores
+from fvgpt_runtime.bundle import Scores
 
 from .errors import ApiError, error_response
 from .request import parse_classify
@@ -71,7 +71,7 @@ def ranked(scores: Scores, top_k: int, model_id: str) -> list[dict]:
 
 @endpoint
 async def classify(request: Request, svc: FVGPT) -> Response:
-    req = await parse_classify(request, svc.limits, svc.catalog)
+    req = await parse_classify(request, svc.limits, svc.bundle.classes)
     pixels = await svc.pixels(req.images, req.names)
     scores = await svc.classify(pixels, req.labels)
     return JSONResponse({"results": ranked(scores, req.top_k, svc.bundle.model_id)})
@@ -79,14 +79,14 @@ async def classify(request: Request, svc: FVGPT) -> Response:
 
 @endpoint
 async def labels(request: Request, svc: FVGPT) -> Response:
-    classes = [{"name": c, "base": b} for c, b in zip(svc.bundle.classes, svc.bundle.base_flags)]
-    return JSONResponse({"model_id": svc.bundle.model_id, "kind": svc.bundle.kind, "classes": classes})
+    return JSONResponse({"model_id": svc.bundle.model_id, "kind": svc.bundle.kind,
+                         "classes": svc.bundle.classes.records()})
 
 
 @endpoint
 async def info(request: Request, svc: FVGPT) -> Response:
     return JSONResponse({"model_id": svc.bundle.model_id, "kind": svc.bundle.kind,
-                         "image_size": svc.bundle.preprocess.size, "image_graph": await svc.runtime_info(),
+                         "image_size": svc.bundle.preprocess.size, "tower": await svc.runtime_info(),
                          "text_graph": {"provider": "CPUExecutionProvider", "threads": 1},
                          "batching": svc.batching,
                          "limits": svc.limits.as_dict(), "api_key_required": svc.config.api_key is not None})

@@ -1,4 +1,4 @@
-"""`fvgpt serve BUNDLE`: run `bentoml serve serving.service:FVGPT` with the bundle and options passed as environment
+"""`fvgpt serve BUNDLE`: run `bentoml serve fvgpt_serving.service:FVGPT` with the bundle and options passed as environment
 variables (serving/config.py), forward SIGINT/SIGTERM to it, and exit with its status. `--smoke-test` starts it on a
 free loopback port, classifies one bundled photo over HTTP, prints the JSON and stops it.
 """
@@ -16,13 +16,13 @@ from pathlib import Path
 
 from . import config
 
-SERVICE = "serving.service:FVGPT"
-REPO_ROOT = Path(__file__).resolve().parent.parent  # where `serving` (and bentofile.yaml) live
+SERVICE = "fvgpt_serving.service:FVGPT"
+REPO_ROOT = Path(__file__).resolve().parent.parent  # bentoml serve imports the installed fvgpt_serving from here
 
 
 def register(sub) -> None:
     p = sub.add_parser("serve", help="serve a bundle over HTTP with BentoML (POST /classify, GET /labels, GET /info)",
-                       description="Starts `bentoml serve` on the bundle: adaptive batching on the image graph (ONNX "
+                       description="Starts `bentoml serve` on the bundle: adaptive batching on the tower (ONNX "
                                    "Runtime, CUDA where available, or the bundle's TensorRT engine), base/new/zero-"
                                    "shot routing, new labels through the text graph. Limits and the API key come "
                                    "from FVGPT_* environment variables (serving/README.md).")
@@ -31,10 +31,10 @@ def register(sub) -> None:
                    help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, default=3000, help="HTTP port (default 3000)")
     p.add_argument("--runtime", choices=config.RUNTIMES, default="auto",
-                   help="image graph runtime (default auto: the bundle's TensorRT engine if usable here, else ONNX "
+                   help="tower runtime (default auto: the bundle's TensorRT engine if usable here, else ONNX "
                         "Runtime)")
-    p.add_argument("--precision", help="image graph precision (default: the bundle's default)")
-    p.add_argument("--threads", type=int, help="ONNX Runtime threads for the image graph (default: one per core)")
+    p.add_argument("--precision", help="tower precision (default: the bundle's default)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime threads for the tower (default: one per core)")
     p.add_argument("--max-batch-size", type=int, default=config.DEFAULT_MAX_BATCH,
                    help=f"largest batch the adaptive batcher forms, in images across requests (default "
                         f"{config.DEFAULT_MAX_BATCH})")
@@ -49,21 +49,20 @@ def register(sub) -> None:
 
 
 def _serve(args) -> int:
-    from export.bundle import BundleError, read_manifest, verify_files
+    from fvgpt_runtime.manifest import open_manifest
 
     # Fail here, with the bundle's own message: a worker that fails to start is only restarted by BentoML.
-    manifest = read_manifest(args.bundle)
-    if problems := verify_files(args.bundle, manifest):
-        raise BundleError(f"{args.bundle}: " + "; ".join(problems))
-    precision = args.precision or manifest["default_precision"]
-    if precision not in manifest["graphs"]["image"]:
-        raise ValueError(f"the bundle has no {precision} image graph (has: {', '.join(manifest['graphs']['image'])})")
-    if args.runtime == "tensorrt":
-        from export.tensorrt_engine import engine_for
-
-        engine_for(manifest, precision)  # raises, naming the engines the bundle has
-    if not 2 <= args.max_batch_size <= int(manifest["max_batch"]):
-        raise ValueError(f"--max-batch-size must be between 2 and the bundle's max batch {manifest['max_batch']}")
+    manifest = open_manifest(args.bundle)
+    precision = args.precision or manifest.default_precision
+    towers = manifest.towers["image"].precisions
+    if precision not in towers:
+        raise ValueError(f"the bundle has no {precision} tower graph (has: {', '.join(towers)})")
+    engines = (manifest.tensorrt or {}).get("image", {})
+    if args.runtime == "tensorrt" and precision not in engines:
+        raise ValueError(f"--runtime tensorrt: the bundle has no {precision} TensorRT engine (has: "
+                         f"{', '.join(engines) or 'none'}); export with --tensorrt on a GPU host")
+    if not 2 <= args.max_batch_size <= manifest.max_batch:
+        raise ValueError(f"--max-batch-size must be between 2 and the bundle's max batch {manifest.max_batch}")
     if args.max_latency_ms < 1 or (args.threads is not None and args.threads < 1):
         raise ValueError("--max-latency-ms and --threads must be positive")
     env = os.environ | {

@@ -38,7 +38,7 @@ class ServeConfig:
     bundle: Path
     runtime: str = "auto"
     precision: str | None = None
-    threads: int | None = None  # ONNX Runtime intra-op threads of the image graph (None: one per core)
+    threads: int | None = None  # ONNX Runtime intra-op threads of the tower (None: one per core)
     decode_threads: int = 2  # threads decoding and preprocessing images in the API process
     ready_ttl_s: int = 10  # a successful inference younger than this makes /readyz skip its canary
     api_key: str | None = None

@@ -3,7 +3,7 @@
 Only raster formats whose PIL decoders are self-contained are accepted (no EPS: PIL would run Ghostscript). The pixel
 count is checked from the header, before any pixel is decoded, so decompression bombs cost nothing; PIL's own limit
 is set to the same value as a second line. Every mode PIL decodes (RGB, RGBA, L, LA, P, CMYK, 16-bit, 32-bit) is
-accepted and made RGB by export.preprocess.to_rgb, exactly as the parity and training pipelines do. EXIF orientation
+accepted and made RGB by fvgpt_runtime.preprocess.to_rgb, exactly as the parity and training pipelines do. EXIF orientation
 is not applied, as in open_clip and in training.
 """
 from __future__ import annotations
@@ -17,7 +17,8 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from export.preprocess import PreprocessConfig, preprocess
+from fvgpt.preprocess import Preprocess
+from fvgpt_runtime.preprocess import preprocess
 
 from .errors import ApiError
 from .limits import Limits
@@ -77,7 +78,7 @@ def decode_image(data: bytes, limits: Limits, name: str) -> Image.Image:
     return image
 
 
-def to_pixels(images: list[bytes], cfg: PreprocessConfig, limits: Limits, names: list[str]) -> np.ndarray:
+def to_pixels(images: list[bytes], cfg: Preprocess, limits: Limits, names: list[str]) -> np.ndarray:
     """(N, 3, S, S) float32 batch exactly as the bundle's manifest preprocesses; the decoded images are dropped as soon
     as each is preprocessed, so at most one full-size image per calling thread is alive."""
     out = np.empty((len(images), 3, cfg.size, cfg.size), np.float32)

@@ -20,6 +20,8 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 
+from fvgpt.classes import ClassSplit
+
 from .decode import decode_base64
 from .errors import ApiError
 from .limits import Limits
@@ -36,17 +38,6 @@ class ClassifyRequest:
     names: list[str]  # how error messages refer to each image: images[0] (cat.jpg)
     labels: list[str] | None
     top_k: int
-
-
-class LabelCatalog:
-    """The bundle's classes, and how request labels map onto them."""
-
-    def __init__(self, classes: list[str]):
-        self.classes = list(classes)
-        self._lookup = {c.replace("_", " "): c for c in classes} | {c: c for c in classes}
-
-    def canonical(self, label: str) -> str | None:
-        return self._lookup.get(label)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -71,7 +62,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def parse_classify(request: Request, limits: Limits, catalog: LabelCatalog) -> ClassifyRequest:
+async def parse_classify(request: Request, limits: Limits, classes: ClassSplit) -> ClassifyRequest:
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media and media != "multipart/form-data" and media != "application/json" and not media.endswith("+json"):
         raise ApiError(415, f"unsupported Content-Type {media!r}: {USAGE}")
@@ -84,9 +75,9 @@ async def parse_classify(request: Request, limits: Limits, catalog: LabelCatalog
         fields = await _multipart_fields(request, body, limits)
     else:  # json.loads and base64 of a large body would hold the event loop for a while
         fields = await anyio.to_thread.run_sync(_json_fields, body, limits)
-    labels = resolve_labels(fields.get("labels"), fields.get("mode", "open"), catalog, limits)
+    labels = resolve_labels(fields.get("labels"), fields.get("mode", "open"), classes, limits)
     return ClassifyRequest(fields["images"], fields["names"], labels,
-                           resolve_top_k(fields.get("top_k"), len(labels or catalog.classes), limits))
+                           resolve_top_k(fields.get("top_k"), len(labels or classes.names), limits))
 
 
 async def _single_chunk(body: bytes) -> AsyncIterator[bytes]:
@@ -168,7 +159,7 @@ def _json_fields(body: bytes, limits: Limits) -> dict:
     return fields
 
 
-def resolve_labels(raw: object, mode: object, catalog: LabelCatalog, limits: Limits) -> list[str] | None:
+def resolve_labels(raw: object, mode: object, classes: ClassSplit, limits: Limits) -> list[str] | None:
     """Validated labels, bundled ones under their bundle name; None: every bundled class."""
     if mode not in MODES:
         raise ApiError(400, f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -195,11 +186,11 @@ def resolve_labels(raw: object, mode: object, catalog: LabelCatalog, limits: Lim
                                 f"{limits.max_label_chars} (FVGPT_MAX_LABEL_CHARS)")
         if not label.isprintable():
             raise ApiError(400, f"labels[{i}] contains control characters")
-        canonical = catalog.canonical(label)
-        if canonical is None and mode == "subset":
+        found = classes.find(label)
+        if found is None and mode == "subset":
             raise ApiError(400, f"labels[{i}] {label!r} is not a bundled class (mode 'subset'); the bundled "
-                                f"classes are: {', '.join(catalog.classes)}")
-        label = canonical or label
+                                f"classes are: {', '.join(classes.names)}")
+        label = label if found is None else classes.names[found]
         if label in seen:
             raise ApiError(400, f"labels[{i}] {item!r} repeats labels[{seen[label]}]")
         seen[label] = i

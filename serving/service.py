@@ -1,4 +1,4 @@
-"""The BentoML services: `FVGPT`, the public API, and `Encoder`, the image graph behind adaptive batching.
+"""The BentoML services: `FVGPT`, the public API, and `Encoder`, the tower behind adaptive batching.
 
 Two services, two worker processes (BentoML's composition pattern), because BentoML batches a `batchable` API only
 when it is called through its HTTP route; a plain method call inside one service would not batch:
@@ -6,7 +6,8 @@ when it is called through its HTTP route; a plain method call inside one service
   client ─HTTP─► FVGPT (API process)                          Encoder (model process)
                  read body (size-capped), parse, decode and    @api(batchable=True): requests from concurrent
                  preprocess in a thread pool ─── pixels ────►  /classify calls are queued and run as one batch
-                 route labels / text graph (Bundle.scores) ◄─  through the image graph (ONNX Runtime or TensorRT)
+                 heads, label routing, text graph ◄─ features  through the tower (ONNX Runtime or TensorRT)
+                 (Bundle.scores)
 
 So decoding and preprocessing never sit on the model's critical path: they run in another process while the Encoder
 runs the previous batch. The two talk over a Unix socket that only this server can reach.
@@ -29,15 +30,15 @@ import numpy as np
 from bentoml.exceptions import BentoMLException
 from PIL import Image
 
-from export.bundle import Bundle, BundleError, Scores, read_manifest
-from export.tensorrt_engine import TensorRTUnavailable
+from fvgpt_runtime.bundle import Bundle, Scores, TowerRunner
+from fvgpt_runtime.manifest import BundleError
+from fvgpt_runtime.tensorrt import TensorRTUnavailable
 
 from .app import http_app
 from .config import ServeConfig, max_batch_size, max_latency_ms
 from .decode import configure_pil, to_pixels
 from .errors import ApiError
 from .limits import Limits
-from .request import LabelCatalog
 
 logger = logging.getLogger("bentoml.fvgpt")
 
@@ -46,28 +47,18 @@ MAX_LATENCY_MS = max_latency_ms()
 TIMEOUT_S = max(60, 3 * MAX_LATENCY_MS // 1000)
 
 
-def open_image_bundle(cfg: ServeConfig) -> Bundle:
-    """The bundle with its image graph on the requested runtime; "auto" takes the bundle's TensorRT engine when there
-    is one and TensorRT can run it here, else ONNX Runtime (the CUDA provider where a GPU is visible, else CPU)."""
-    runtime = cfg.runtime
-    if runtime == "auto":
-        manifest = read_manifest(cfg.bundle)
-        precision = cfg.precision or manifest["default_precision"]
-        runtime = "onnx"
-        if precision in (manifest.get("tensorrt") or {}).get("engines", {}):
-            try:
-                return Bundle(cfg.bundle, cfg.precision, runtime="tensorrt", threads=cfg.threads)
-            except TensorRTUnavailable as exc:
-                logger.warning("not using the bundle's TensorRT engine: %s; falling back to ONNX Runtime", exc)
-    return Bundle(cfg.bundle, cfg.precision, runtime=runtime, device="auto", threads=cfg.threads)
-
-
-def output_layout(bundle: Bundle) -> list[tuple[str, int]]:
-    """(name, width) of each image-graph output, in the order Encoder.encode concatenates them (DESIGN.md: features,
-    then each head's logits over the bundled classes)."""
-    widths = {"features": int(bundle.tables["clip"].shape[1]), "base_logits": sum(bundle.base_flags),
-              "new_logits": len(bundle.classes), "logits": len(bundle.classes)}
-    return [(name, widths[name]) for name in bundle.outputs]
+def open_tower(bundle: Bundle, cfg: ServeConfig) -> TowerRunner:
+    """The bundle's tower on the requested runtime; "auto" takes the bundle's TensorRT engine when there is one and
+    TensorRT can run it here, else ONNX Runtime (the CUDA provider where a GPU is visible, else CPU)."""
+    precision = cfg.precision or bundle.manifest.default_precision
+    if cfg.runtime in ("auto", "tensorrt") and precision in (bundle.manifest.tensorrt or {}).get("image", {}):
+        try:
+            return bundle.tower(precision, "tensorrt")
+        except TensorRTUnavailable as exc:
+            if cfg.runtime == "tensorrt":
+                raise
+            logger.warning("not using the bundle's TensorRT engine: %s; falling back to ONNX Runtime", exc)
+    return bundle.tower(precision, "onnx", device="auto", threads=cfg.threads)
 
 
 def canary_png(size: int) -> bytes:
@@ -87,40 +78,39 @@ NEVER = {"max_requests": 1 << 62, "max_age": float(1 << 40)}
 
 @bentoml.service(name="fvgpt-encoder", workers=1, threads=1, traffic={"timeout": TIMEOUT_S}, runner_connection=NEVER)
 class Encoder:
-    """The image graph. One worker, one batch at a time: the batch, not the worker count, uses the cores."""
+    """The tower. One worker, one batch at a time: the batch, not the worker count, uses the cores."""
 
     def __init__(self) -> None:
         self.config = ServeConfig.from_env()
-        self.bundle = open_image_bundle(self.config)
-        if MAX_BATCH_SIZE > self.bundle.max_batch:
-            raise BundleError(f"max batch size {MAX_BATCH_SIZE} is over the bundle's {self.bundle.max_batch} "
+        bundle = Bundle(self.config.bundle)
+        if MAX_BATCH_SIZE > bundle.max_batch:
+            raise BundleError(f"max batch size {MAX_BATCH_SIZE} is over the bundle's {bundle.max_batch} "
                               f"(its graphs and engines are built for that)")
-        self.layout = output_layout(self.bundle)
-        size = self.bundle.preprocess.size
-        out = self.bundle.run_image(np.zeros((1, 3, size, size), np.float32))  # warm-up, and a layout check
-        if wrong := [name for name, width in self.layout if out[name].shape != (1, width)]:
-            raise BundleError(f"image graph outputs {wrong} do not have the shapes the manifest implies")
-        logger.info("fvgpt encoder: %s image graph (%s) on %s via %s, ORT threads %s, batch ≤ %d, max latency %d ms",
-                    self.bundle.model_id, self.bundle.precision, self.bundle.provider, self.bundle.runtime,
+        self.tower = open_tower(bundle, self.config)
+        size, dim = bundle.preprocess.size, bundle.manifest.backbone.embed_dim
+        out = self.tower(np.zeros((1, 3, size, size), np.float32))  # warm-up, and a shape check
+        if out.shape != (1, dim):
+            raise BundleError(f"the tower returns {out.shape}, not (1, {dim}) as the manifest says")
+        logger.info("fvgpt encoder: tower %s (%s) on %s via %s, ORT threads %s, batch ≤ %d, max latency %d ms",
+                    self.tower.tower_id, self.tower.precision, self.tower.provider, self.tower.runtime,
                     self.config.threads or "auto", MAX_BATCH_SIZE, MAX_LATENCY_MS)
 
     @bentoml.api(batchable=True, batch_dim=0, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
     def encode(self, pixels: np.ndarray) -> np.ndarray:
-        """(B, 3, S, S) float32 → (B, Σ widths): every image-graph output, concatenated along axis 1."""
-        out = self.bundle.run_image(pixels)
-        return np.concatenate([out[name].astype(np.float32, copy=False) for name, _ in self.layout], axis=1)
+        """(B, 3, S, S) float32 → (B, D) image features."""
+        return self.tower(pixels)
 
     @bentoml.api
     def runtime_info(self) -> dict[str, Any]:
-        return {"runtime": self.bundle.runtime, "provider": self.bundle.provider, "precision": self.bundle.precision,
-                "threads": self.config.threads}
+        return {"tower_id": self.tower.tower_id, "runtime": self.tower.runtime, "provider": self.tower.provider,
+                "precision": self.tower.precision, "threads": self.config.threads}
 
 
 @bentoml.asgi_app(http_app, path="/")
 @bentoml.service(name="fvgpt", workers=1, traffic={"timeout": TIMEOUT_S})
 class FVGPT:
     """POST /classify, GET /labels, GET /info (serving/app.py), on top of BentoML's /livez, /readyz, /metrics and
-    /docs.json. Holds the bundle's text and head graphs (label routing, new labels) on the CPU, one thread."""
+    /docs.json. Holds the bundle's heads and text graph (label routing, new labels) on the CPU, one thread."""
 
     encoder = bentoml.depends(Encoder)
 
@@ -128,9 +118,7 @@ class FVGPT:
         self.config = ServeConfig.from_env()
         self.limits = Limits.from_env()
         configure_pil(self.limits)
-        self.bundle = Bundle(self.config.bundle, self.config.precision, device="cpu", threads=1, load_image=False)
-        self.catalog = LabelCatalog(self.bundle.classes)
-        self.layout = output_layout(self.bundle)
+        self.bundle = Bundle(self.config.bundle, threads=1)
         self._decode_limiter: anyio.CapacityLimiter | None = None
         self._last_ok = -math.inf
         self._runtime_info: dict[str, Any] | None = None
@@ -138,11 +126,11 @@ class FVGPT:
         self.batching = {"max_batch_size": MAX_BATCH_SIZE, "max_latency_ms": MAX_LATENCY_MS}
         threading.Thread(target=self._warm_text_graph, name="fvgpt-text-warm-up", daemon=True).start()
         logger.info("fvgpt API: bundle %s (%s, %d classes), limits %s, API key %s", self.bundle.model_id,
-                    self.bundle.kind, len(self.bundle.classes), self.limits.as_dict(),
+                    self.bundle.kind, len(self.bundle.classes.names), self.limits.as_dict(),
                     "required" if self.config.api_key else "not set")
 
     def _warm_text_graph(self) -> None:
-        """Load the tokenizer (it imports torch: seconds) now, not in the first request with new labels."""
+        """Load the tokenizer and text graph now (seconds), not in the first request with new labels."""
         try:
             self.bundle.encode_text(["warm-up"])
         except Exception:  # a broken text graph shows up again, as a 500, on the request that needs it
@@ -157,17 +145,13 @@ class FVGPT:
 
     async def classify(self, pixels: np.ndarray, labels: list[str] | None) -> Scores:
         try:
-            rows = await self.encoder.to_async.encode(pixels)
+            features = await self.encoder.to_async.encode(pixels)
         except BentoMLException as exc:
             if exc.error_code == HTTPStatus.SERVICE_UNAVAILABLE:
                 raise ApiError(503, "the model is overloaded (queue wait over FVGPT_MAX_LATENCY_MS); retry later",
                                {"Retry-After": "1"}) from None
             raise
-        image_out, start = {}, 0
-        for name, width in self.layout:
-            image_out[name] = rows[:, start:start + width]
-            start += width
-        scores = await anyio.to_thread.run_sync(self.bundle.scores, image_out, labels)
+        scores = await anyio.to_thread.run_sync(self.bundle.scores, features, labels)
         self._last_ok = time.monotonic()
         return scores
 
@@ -177,7 +161,7 @@ class FVGPT:
         return self._runtime_info
 
     async def __is_ready__(self) -> bool:
-        """Ready when an inference through the whole path (decode → preprocess → image graph → heads) succeeded in
+        """Ready when an inference through the whole path (decode → preprocess → tower → heads) succeeded in
         the last FVGPT_READY_TTL_S seconds — a client request or, when idle, a canary image run now."""
         if time.monotonic() - self._last_ok < self.config.ready_ttl_s:
             return True

@@ -20,9 +20,9 @@ TINY_CLASSES = ["red circle", "green square", "blue triangle", "yellow cross", "
 def tiny_config(data: Path, **overrides):
     from fvgpt.config import TrainConfig
 
-    base = dict(data=str(data), model="fvgpt-tiny", pretrained="none", shots=4, backbone_epochs=2, plugin_epochs=2,
-                backbone_lr=0.02, plugin_lr=0.02, backbone_batch=4, plugin_batch=4, eval_batch=32)
-    return TrainConfig.for_method(overrides.pop("method", "coop"), **(base | overrides))
+    base = dict(data=str(data), model="fvgpt-tiny", pretrained="none", shots=4, prompt_epochs=2, plugin_epochs=2,
+                prompt_lr=0.02, plugin_lr=0.02, prompt_batch=4, plugin_batch=4, eval_batch=32)
+    return TrainConfig(**(base | overrides))
 
 
 @pytest.fixture(scope="session")
@@ -42,9 +42,18 @@ def tiny_run(demo_data, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_run_seed2(demo_data, tmp_path_factory) -> Path:
+    """Another run on the same backbone (other K-shot draw and seed): another classifier, the same tower."""
+    from fvgpt.train import train
+
+    return train(tiny_config(demo_data, seed=2, prompt_epochs=1, plugin_epochs=1),
+                 tmp_path_factory.mktemp("runs") / "tiny-seed2", progress=False)
+
+
+@pytest.fixture(scope="session")
 def tiny_bundle(tiny_run, tmp_path_factory) -> Path:
     """fp32 FVG-PT bundle exported from tiny_run. Treat as read-only."""
-    from export.build import ExportOptions, export_run
+    from fvgpt_export.build import ExportOptions, export_run
 
     return export_run(tiny_run, tmp_path_factory.mktemp("bundles") / "fvgpt", ExportOptions(progress=False,
                                                                                            parity_images=32))
@@ -53,7 +62,7 @@ def tiny_bundle(tiny_run, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_zero_shot_bundle(tmp_path_factory) -> Path:
     """Zero-shot bundle of plain fvgpt-tiny with three labels. Treat as read-only."""
-    from export.build import ExportOptions, export_zero_shot
+    from fvgpt_export.build import ExportOptions, export_zero_shot
 
     return export_zero_shot("fvgpt-tiny", "none", ["cat", "dog", "rocket"],
                             tmp_path_factory.mktemp("bundles") / "zeroshot", ExportOptions(progress=False,

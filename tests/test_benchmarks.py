@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from serving.cli import free_port, stop, wait_ready
+from fvgpt_serving.cli import free_port, stop, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -87,7 +87,7 @@ def test_throughput_fvgpt_bundle_as_script(tiny_bundle, tmp_path):
     onnx = report["results"][1]
     assert onnx["heads_ms_per_image"] > 0 and onnx["parity_top1_agreement"] == 1.0
     skipped = {s["runtime"]: s["reason"] for s in report["skipped"]}
-    assert "no int8 image graph" in skipped["onnx-int8"] and "TensorRT" in skipped["tensorrt-fp16"]
+    assert "no int8 tower graph" in skipped["onnx-int8"] and "TensorRT" in skipped["tensorrt-fp16"]
     assert "skipping onnx-int8" in res.stderr and "skipped onnx-int8: the bundle has no int8" in res.stdout
 
 

@@ -25,6 +25,17 @@ def test_help_explains_every_command():
                                 text=True, check=True).stdout
     for option in ("--data", "--pretrained", "--method", "--shots", "--stage", "--resume", "--base-classes"):
         assert option in train_help
+    # every config field is an option, with its help text and default from the field (fvgpt.config)
+    from dataclasses import MISSING, fields
+
+    from fvgpt.config import TrainConfig
+
+    flat = " ".join(train_help.split())
+    for f in fields(TrainConfig):
+        assert f"--{f.name.replace('_', '-')}" in train_help, f.name
+        assert " ".join(f.metadata["help"].split()) in flat, f.name
+        if f.default not in (None, "", MISSING) and not isinstance(f.default, bool):
+            assert f"(default: {f.default})" in flat, f.name
 
 
 def test_train_then_eval_end_to_end(demo_data, tmp_path, capsys):
@@ -36,13 +47,16 @@ def test_train_then_eval_end_to_end(demo_data, tmp_path, capsys):
                  "metrics.json", "train_log.jsonl", "progress.json"):
         assert (run / name).is_file(), name
     config = json.loads((run / "config.json").read_text())
+    assert config["schema_version"] == 2
     assert config["train"]["method"] == "kgcoop" and config["train"]["ctx_init"] == "a photo of a"
+    assert config["train"]["prompt_augment"] is True  # KgCoOp's default, resolved and stored
+    assert config["train"]["lambda_d"] == 10.0 and config["train"]["tau"] == 2.0  # loss weights are in the config
     assert len(config["backbone"]["fingerprint"]) == 64
     classes = json.loads((run / "classes.json").read_text())
     assert [c["base"] for c in classes] == [True] * 3 + [False] * 3
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
-    assert [(r["stage"], r["epoch"]) for r in log] == [("backbone", 1), ("backbone", 2), ("plugin", 1), ("plugin", 2)]
-    assert all(r["kg"] >= 0 for r in log if r["stage"] == "backbone")
+    assert [(r["stage"], r["epoch"]) for r in log] == [("prompt", 1), ("prompt", 2), ("plugin", 1), ("plugin", 2)]
+    assert all(r["kg"] >= 0 for r in log if r["stage"] == "prompt")
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["models"]) == {"zero-shot", "kgcoop", "fvgpt"}
     row = metrics["models"]["fvgpt"]
@@ -65,7 +79,7 @@ def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
 
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(demo_data, tmp_path):
-    cfg = tiny_config(demo_data, backbone_epochs=2, plugin_epochs=3)
+    cfg = tiny_config(demo_data, prompt_epochs=2, plugin_epochs=3)
     train(cfg, tmp_path / "whole", progress=False)
 
     def stop_after_first_plugin_epoch(stage: str, epoch: int) -> None:
@@ -87,9 +101,44 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(demo_data, tmp_p
 
 def test_stages_can_run_separately(demo_data, tmp_path):
     run = tmp_path / "staged"
-    train(tiny_config(demo_data), run, stage="backbone", progress=False)
+    train(tiny_config(demo_data), run, stage="prompt", progress=False)
     assert not (run / "plugin.safetensors").exists()
     with pytest.raises(RunDirError, match="--resume"):
         train(tiny_config(demo_data), run, stage="plugin", progress=False)
     train(tiny_config(demo_data), run, stage="plugin", resume=True, progress=False)
-    assert load_run(run, require_plugin=True).plugin is not None
+    assert load_run(run, require_plugin=True).model.plugin is not None
+
+
+def test_config_loading_refuses_unknown_and_names_missing_keys(tiny_run, tmp_path):
+    from fvgpt.config import ConfigError, TrainConfig
+
+    stored = json.loads((tiny_run / "config.json").read_text())["train"]
+    assert TrainConfig.from_dict(stored).to_dict() == stored
+    with pytest.raises(ConfigError, match=r"unknown keys \['lambda_x'\]"):
+        TrainConfig.from_dict(stored | {"lambda_x": 1.0})
+    with pytest.raises(ConfigError, match=r"missing keys \['tau'\]"):
+        TrainConfig.from_dict({k: v for k, v in stored.items() if k != "tau"})
+    old = tmp_path / "old-run"
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps({"train": stored, "backbone": {}}))  # no schema_version: fvgpt 0.1
+    with pytest.raises(RunDirError, match="config schema 1.*train it again"):
+        load_run(old)
+
+
+def test_shortcut_and_per_stage_options(demo_data, tmp_path):
+    from fvgpt.cli import _config_from_args, build_parser
+
+    args = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--epochs", "3", "--plugin-epochs", "5",
+                                      "--lr", "0.1", "--no-pc-kl", "--base-classes", "a,b"])
+    cfg = _config_from_args(args)
+    assert (cfg.prompt_epochs, cfg.plugin_epochs, cfg.prompt_lr, cfg.plugin_lr) == (3, 5, 0.1, 0.1)
+    assert cfg.pc_kl is False and cfg.base_classes == ["a", "b"] and cfg.lambda_d == 10.0
+
+
+@pytest.mark.parametrize("argv, message", [(["--epochs", "0"], "prompt_epochs must be at least 1"),
+                                           (["--tau", "0"], "tau must be positive"),
+                                           (["--area-min", "0.9", "--area-max", "0.5"], "area_min < area_max")])
+def test_nonsense_settings_are_refused(demo_data, tmp_path, capsys, argv, message):
+    assert main(["train", "--data", str(demo_data), "--out", str(tmp_path / "r"), *TINY, *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -8,7 +8,8 @@ import shutil
 import pytest
 import torch
 
-from fvgpt.data import DataError, FewShotDataset, collate, load_index, split_base_new, train_transform
+from fvgpt.classes import ClassSplit, ClassSplitError
+from fvgpt.data import DataError, FewShotDataset, collate, load_index, train_transform
 from fvgpt.demo_data import make_demo_dataset
 
 CLASSES = ["red circle", "green square", "blue triangle", "yellow cross"]
@@ -92,7 +93,7 @@ def test_bad_data_is_reported_not_fatal(folder):
 
 
 def load_preprocess():
-    from fvgpt.backbone import Preprocess
+    from fvgpt.preprocess import Preprocess
 
     return Preprocess(size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), interpolation="bicubic",
                       resize_mode="shortest")
@@ -110,12 +111,18 @@ def test_missing_or_empty_dataset_stops_with_a_clear_error(tmp_path):
 
 
 def test_base_new_split():
-    assert split_base_new(5) == [True, True, True, False, False]
-    assert split_base_new(4, [1, 3]) == [False, True, False, True]
-    with pytest.raises(DataError):
-        split_base_new(1)
-    with pytest.raises(DataError):
-        split_base_new(4, [7])
+    names = ["a", "b", "c", "d", "e"]
+    split = ClassSplit.paper(names)
+    assert split.base == (True, True, True, False, False)  # the first ⌈5/2⌉ labels
+    assert split.base_names == ["a", "b", "c"] and split.new_names == ["d", "e"]
+    assert split.position == [0, 1, 2, 0, 1]
+    assert ClassSplit.paper(names[:4], ["b", "d"]).base == (False, True, False, True)
+    with pytest.raises(ClassSplitError, match="at least two classes"):
+        ClassSplit.paper(["a"])
+    with pytest.raises(ClassSplitError, match="unknown"):
+        ClassSplit.paper(names, ["z"])
+    assert split.head_for(["c", "a"]) == "base" and split.head_for(["a", "d"]) == "new"
+    assert split.head_for(["a", "zebra"]) == "new" and split.head_for(None) == "new"
 
 
 def test_training_batches_carry_masks_and_mask_flags(folder):

@@ -1,4 +1,4 @@
-"""The properties a faithful FVG-PT implementation must pass (method.md §11), numbered as there."""
+"""The properties a faithful FVG-PT implementation must pass (docs/method.md, "Properties"), numbered as there."""
 from __future__ import annotations
 
 import copy
@@ -10,15 +10,31 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import tv_tensors
 
-from fvgpt.backbone import TextEncoder, load_backbone
-from fvgpt.classifier import FVGPTClassifier, text_tables
+from fvgpt.backbone import load_backbone
+from fvgpt.classes import ClassSplit
+from fvgpt.config import TrainConfig
 from fvgpt.data import foreground_view, load_mask, mask_path_for, train_transform
-from fvgpt.losses import (LossWeights, distillation_loss, foreground_shift, fvgpt_loss, harmonic_mean, kl_div,
-                          trust_target)
-from fvgpt.plugin import FVGPTPlugin, frg_inputs, softmax_stats, trainable_parameter_count
-from fvgpt.prompts import PromptLearner, encode_prompts
+from fvgpt.losses import distillation_loss, plugin_objective, trust_target
+from fvgpt.metrics import foreground_shift, harmonic_mean
+from fvgpt.model import FVGPTModel, Heads
+from fvgpt.plugin import FVGPTPlugin, trainable_parameter_count
+from fvgpt.prompts import PromptLearner
+from fvgpt.stats import kl_div, softmax_stats
 
 D = 32
+CFG = TrainConfig(data="unused")
+TAU = CFG.tau
+
+
+def FVGPTPluginD(dim: int = D, logit_scale: float = 100.0) -> FVGPTPlugin:
+    return FVGPTPlugin(dim, CFG.bottleneck, CFG.gate_hidden, CFG.fdc_init_scale, logit_scale, CFG.tau)
+
+
+def objective(plugin, f, text, z_full, z_fg, z_clip, area, has_mask, labels):
+    """L_total from backbone logits, the way FVGPTModel.plugin_loss composes it."""
+    z_pc, b = plugin.calibrate(z_full, z_clip)
+    heads = Heads(z_full, z_clip, plugin.base_logits(f, plugin.adapt_text(text)), z_pc, b)
+    return plugin_objective(plugin, heads, z_fg, area, has_mask, labels, CFG)
 
 
 @pytest.fixture(scope="module")
@@ -84,12 +100,12 @@ def test_foreground_view(backbone, fill):
 # 4 ─ FRG inputs
 def test_frg_inputs_and_trust_range():
     z = torch.randn(5, 7) * 10
-    u = frg_inputs(z, z, torch.ones(5))
+    u = FVGPTPluginD().frg_inputs(z, z, torch.ones(5))
     assert u.shape == (5, 3)
     assert torch.allclose(u[:, 0], torch.zeros(5), atol=1e-6)  # ΔH = 0
     assert torch.allclose(u[:, 1], torch.ones(5), atol=1e-6)  # cos = 1
     assert torch.equal(u[:, 2], torch.ones(5))  # A = 1 for an all-ones mask
-    r = torch.sigmoid(FVGPTPlugin(D).trust_logit(z, torch.randn(5, 7), torch.rand(5)))
+    r = torch.sigmoid(FVGPTPluginD().trust_logit(z, torch.randn(5, 7), torch.rand(5)))
     assert ((r > 0) & (r < 1)).all()
 
 
@@ -97,7 +113,7 @@ def test_frg_inputs_and_trust_range():
 def test_trust_target_matches_cross_entropy_comparison():
     z_full, z_fg = torch.randn(64, 6, requires_grad=True), torch.randn(64, 6, requires_grad=True)
     y = torch.randint(0, 6, (64,))
-    r_star = trust_target(z_full, z_fg, y)
+    r_star = trust_target(z_full, z_fg, y, 0.0)
     assert not r_star.requires_grad and set(r_star.unique().tolist()) <= {0.0, 1.0}
     ce = lambda z: F.cross_entropy(z, y, reduction="none")  # noqa: E731
     assert torch.equal(r_star, (ce(z_fg) < ce(z_full)).float())
@@ -106,7 +122,7 @@ def test_trust_target_matches_cross_entropy_comparison():
 
 # 6 ─ FDC starts near identity
 def test_fdc_adapters_start_near_identity():
-    plugin = FVGPTPlugin(D, logit_scale=100.0)
+    plugin = FVGPTPluginD()
     f, g = unit(16, D), unit(10, D)
     f_t, g_t = plugin.image_adapter(f), plugin.adapt_text(g)
     assert (F.cosine_similarity(f_t, f) > 0.999).all() and (F.cosine_similarity(g_t, g) > 0.999).all()
@@ -118,15 +134,15 @@ def test_fdc_adapters_start_near_identity():
 # 7 ─ L_dist
 def test_distillation_loss_limits():
     z_fdc, z_full, z_fg = torch.randn(8, 5), torch.randn(8, 5), torch.randn(8, 5)
-    assert torch.allclose(distillation_loss(z_fdc, z_full, z_fg, torch.zeros(8)), kl_div(z_full, z_fdc).mean())
-    assert torch.allclose(distillation_loss(z_fdc, z_full, z_fg, torch.ones(8)), kl_div(z_fg, z_fdc).mean())
-    assert distillation_loss(z_full, z_full, z_full, torch.rand(8)).abs() < 1e-6
-    assert distillation_loss(z_fdc, z_full, z_fg, torch.rand(8)) >= 0
+    assert torch.allclose(distillation_loss(z_fdc, z_full, z_fg, torch.zeros(8), TAU), kl_div(z_full, z_fdc, TAU).mean())
+    assert torch.allclose(distillation_loss(z_fdc, z_full, z_fg, torch.ones(8), TAU), kl_div(z_fg, z_fdc, TAU).mean())
+    assert distillation_loss(z_full, z_full, z_full, torch.rand(8), TAU).abs() < 1e-6
+    assert distillation_loss(z_fdc, z_full, z_fg, torch.rand(8), TAU) >= 0
 
 
 # 8 ─ BRG blend
 def test_prior_calibration_blend_bounds():
-    plugin = FVGPTPlugin(D)
+    plugin = FVGPTPluginD()
     z_full, z_clip = torch.randn(6, 4) * 5, torch.randn(6, 4) * 5
     last = plugin.brg.mlp[2]
     with torch.no_grad():
@@ -136,45 +152,35 @@ def test_prior_calibration_blend_bounds():
     with torch.no_grad():
         last.bias.fill_(100.0)  # b → 1
     assert torch.allclose(plugin.calibrate(z_full, z_clip)[0], z_clip, atol=1e-6)
-    z_pc, b = FVGPTPlugin(D).calibrate(z_full, z_clip)
+    z_pc, b = FVGPTPluginD().calibrate(z_full, z_clip)
     lo, hi = torch.minimum(z_full, z_clip), torch.maximum(z_full, z_clip)
     assert ((z_pc >= lo - 1e-6) & (z_pc <= hi + 1e-6)).all() and ((b > 0) & (b < 1)).all()
 
 
-def _stage2_batch(backbone, plugin, ctx, classes):
-    encoder = TextEncoder(backbone)
-    tuned = encode_prompts(encoder, backbone, classes, ctx)  # with grad path to ctx, if it had one
-    clip = encode_prompts(encoder, backbone, classes, None)
-    img = torch.randn(4, 3, backbone.preprocess.size, backbone.preprocess.size)
-    masks = (torch.rand(4, 1, img.shape[-2], img.shape[-1]) > 0.5).float()
-    f, f_fg = backbone.encode_images(torch.cat([img, foreground_view(img, masks, backbone.preprocess)])).split(4)
-    s = backbone.logit_scale
-    z_full, z_fg, z_clip = s * f @ tuned.t(), s * f_fg @ tuned.t(), s * f @ clip.t()
-    return f, tuned, z_full, z_fg, z_clip, masks.mean(dim=(1, 2, 3)), torch.ones(4), torch.tensor([0, 1, 2, 1])
-
-
 # 9 ─ freezing and the parameter count
 def test_only_plugin_parameters_train(backbone):
-    assert trainable_parameter_count(512) == 132_546
-    assert sum(p.numel() for p in FVGPTPlugin(512).parameters()) == 132_546
-    learner = PromptLearner(backbone, 4)
-    learner.requires_grad_(False)  # frozen in stage 2
-    plugin = FVGPTPlugin(backbone.embed_dim)
-    batch = _stage2_batch(backbone, plugin, learner.ctx, ["red circle", "blue cross", "green square"])
-    fvgpt_loss(plugin, *batch, LossWeights())["loss"].backward()
+    assert trainable_parameter_count(512, 64, 32) == 132_546
+    assert sum(p.numel() for p in FVGPTPluginD(512).parameters()) == 132_546
+    classes = ClassSplit.paper(["red circle", "blue cross", "green square", "yellow cross"])
+    model = FVGPTModel(backbone, classes, CFG, PromptLearner.initial(backbone, 4).requires_grad_(False))
+    plugin = model.new_plugin(backbone.logit_scale)
+    img = torch.randn(4, 3, backbone.preprocess.size, backbone.preprocess.size)
+    masks = (torch.rand(4, 1, *img.shape[-2:]) > 0.5).float()
+    model.plugin_loss(img, masks, torch.ones(4), torch.tensor([0, 1, 1, 0]), model.tables(classes.base_names))[
+        "loss"].backward()
     for name, p in backbone.model.named_parameters():
         assert p.grad is None or not p.grad.any(), f"backbone parameter {name} received a gradient"
-    assert learner.ctx.grad is None
+    assert model.prompt.ctx.grad is None
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in plugin.parameters())
 
 
 # 10 ─ gradient routing
 def test_pc_loss_reaches_only_the_brg():
-    plugin = FVGPTPlugin(D)
+    plugin = FVGPTPluginD()
     f, text = unit(6, D), unit(4, D)
     z_full, z_clip, y = 20 * f @ text.t(), 20 * f @ unit(4, D).t(), torch.randint(0, 4, (6,))
     z_pc, _ = plugin.calibrate(z_full, z_clip)
-    (F.cross_entropy(z_pc, y) + kl_div(z_clip, z_pc).mean()).backward()
+    (F.cross_entropy(z_pc, y) + kl_div(z_clip, z_pc, TAU).mean()).backward()
     brg = {id(p) for p in plugin.brg.parameters()}
     for p in plugin.parameters():
         assert (p.grad is not None and p.grad.abs().sum() > 0) == (id(p) in brg)
@@ -183,35 +189,37 @@ def test_pc_loss_reaches_only_the_brg():
     assert all(p.grad is None for p in plugin.brg.parameters())
 
 
-# 11 ─ decoupled heads;  12 ─ no mask at inference;  13 ─ precomputed head = online model
+# 11 ─ decoupled heads;  12 ─ no mask at inference;  13 ─ precomputed tables = online text encoding
 def test_heads_are_decoupled_and_precomputed_equals_online(backbone):
-    classes = ["red circle", "blue cross", "green square", "yellow cross"]
-    flags = [True, True, False, False]
-    ctx = PromptLearner(backbone, 4).ctx.detach()
-    plugin = FVGPTPlugin(backbone.embed_dim, logit_scale=backbone.logit_scale).eval()
-    clf = FVGPTClassifier(backbone, plugin, text_tables(backbone, classes, ctx), flags).eval()
+    classes = ClassSplit.paper(["red circle", "blue cross", "green square", "yellow cross"])
+    model = FVGPTModel(backbone, classes, CFG, PromptLearner.initial(backbone, 4).requires_grad_(False)).eval()
+    model.new_plugin(backbone.logit_scale).requires_grad_(False)
     x = torch.randn(3, 3, backbone.preprocess.size, backbone.preprocess.size)
     with torch.no_grad():
-        f, base, new = clf(x)  # the only input is the image batch: no mask exists at inference
-        # 13: the online model (text encoded now, adapters applied now) equals the precomputed tables
-        encoder, s = TextEncoder(backbone), backbone.logit_scale
-        tuned, clip = encode_prompts(encoder, backbone, classes, ctx), encode_prompts(encoder, backbone, classes, None)
-        f_online = backbone.encode_images(x)
-        assert torch.allclose(f, f_online, atol=1e-6)
-        assert torch.allclose(base, plugin.base_logits(f_online, plugin.adapt_text(tuned[:2])), atol=1e-5)
-        assert torch.allclose(new, plugin.calibrate(s * f_online @ tuned.t(), s * f_online @ clip.t())[0], atol=1e-5)
+        f = model.encode_image(x)  # the only input is the image batch: no mask exists at inference
+        tables = model.tables(list(classes.names))
+        heads = model.heads(f, tables)
+        # 13: tables encoded once equal the text encoded now, and the image features are the tower's
+        s = backbone.logit_scale
+        learned = model.text_encoder(backbone.tokenize([f"X X X X {c}." for c in classes.names]), model.context)
+        clip = model.text_encoder(backbone.tokenize([f"a photo of a {c}." for c in classes.names]))
+        assert torch.allclose(tables.learned, learned, atol=1e-6) and torch.allclose(tables.clip, clip, atol=1e-6)
+        assert torch.allclose(f, F.normalize(backbone.model.encode_image(x), dim=-1), atol=1e-6)
+        assert torch.allclose(heads.z_full, s * f @ learned.t(), atol=1e-4)
+        base = model.heads(f, tables.rows(classes.base_ids))
         # 11: adapters/FRG never touch the new head; the BRG never touches the base head
-        other = copy.deepcopy(plugin)
-        for module in (other.image_adapter, other.text_adapter, other.frg):
+        plugin = model.plugin
+        original = copy.deepcopy(plugin.state_dict())
+        for module in (plugin.image_adapter, plugin.text_adapter, plugin.frg):
             for p in module.parameters():
                 p.add_(torch.randn_like(p))
-        _, base2, new2 = FVGPTClassifier(backbone, other, text_tables(backbone, classes, ctx), flags)(x)
-        assert torch.equal(new2, new) and not torch.equal(base2, base)
-        other = copy.deepcopy(plugin)
-        for p in other.brg.parameters():
+        assert torch.equal(model.heads(f, tables).z_pc, heads.z_pc)
+        assert not torch.equal(model.heads(f, tables.rows(classes.base_ids)).z_fdc, base.z_fdc)
+        plugin.load_state_dict(original)
+        for p in plugin.brg.parameters():
             p.add_(torch.randn_like(p))
-        _, base3, new3 = FVGPTClassifier(backbone, other, text_tables(backbone, classes, ctx), flags)(x)
-        assert torch.equal(base3, base) and not torch.equal(new3, new)
+        assert torch.equal(model.heads(f, tables.rows(classes.base_ids)).z_fdc, base.z_fdc)
+        assert not torch.equal(model.heads(f, tables).z_pc, heads.z_pc)
 
 
 # 14 ─ numerical safety
@@ -242,30 +250,29 @@ def test_loss_decreases_and_trust_learns_the_reliable_view():
     z_fg = torch.where(fg_reliable[:, None], informative, torch.randn(n, c))
     z_full = torch.where(fg_reliable[:, None], torch.randn(n, c), informative)
     f, text = unit(n, D), unit(c, D)
-    plugin = FVGPTPlugin(D, logit_scale=20.0)
+    plugin = FVGPTPluginD(logit_scale=20.0)
     opt = torch.optim.Adam(plugin.parameters(), lr=1e-2)
-    args = (plugin, f, text, z_full, z_fg, z_full, torch.full((n,), 0.3), torch.ones(n), y, LossWeights())
-    r_star = trust_target(z_full, z_fg, y)
-    first = fvgpt_loss(*args)
+    args = (plugin, f, text, z_full, z_fg, z_full, torch.full((n,), 0.3), torch.ones(n), y)
+    r_star = trust_target(z_full, z_fg, y, 0.0)
+    first = objective(*args)
     gap0 = (torch.sigmoid(plugin.trust_logit(z_full, z_fg, torch.full((n,), 0.3))) - r_star).abs().mean()
     for _ in range(150):
-        loss = fvgpt_loss(*args)["loss"]
+        loss = objective(*args)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
-    last = fvgpt_loss(*args)
+    last = objective(*args)
     gap = (torch.sigmoid(plugin.trust_logit(z_full, z_fg, torch.full((n,), 0.3))) - r_star).abs().mean()
     assert last["loss"] < first["loss"] * 0.9
     assert gap < gap0 and gap < 0.25
 
 
 def test_unusable_masks_get_zero_trust():
-    plugin, n = FVGPTPlugin(D), 6
+    plugin, n = FVGPTPluginD(), 6
     z = torch.randn(n, 4)
     area = torch.tensor([0.5, 0.5, 0.01, 0.99, 0.5, 0.5])
     has_mask = torch.tensor([1.0, 0, 1, 1, 1, 1])
-    out = fvgpt_loss(plugin, unit(n, D), unit(4, D), z, z + 1, z, area, has_mask, torch.zeros(n, dtype=torch.long),
-                     LossWeights())
+    out = objective(plugin, unit(n, D), unit(4, D), z, z + 1, z, area, has_mask, torch.zeros(n, dtype=torch.long))
     usable = torch.tensor([True, False, False, False, True, True])
     r = torch.sigmoid(plugin.trust_logit(z, z + 1, area))
     assert torch.allclose(out["r"], torch.where(usable, r, torch.zeros_like(r)).mean())
@@ -273,7 +280,7 @@ def test_unusable_masks_get_zero_trust():
 
 # 17 ─ HM and the average row
 def test_harmonic_mean_and_average_row():
-    from fvgpt.losses import average_row
+    from fvgpt.metrics import average_row
 
     assert round(harmonic_mean(82.40, 73.62), 2) == 77.76
     base, new, hm = average_row([(90.0, 60.0), (74.8, 87.24)])

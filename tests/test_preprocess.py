@@ -1,4 +1,4 @@
-"""The serving preprocessing (export.preprocess, PIL + NumPy) is open_clip's evaluation transform, to 1e-6.
+"""The serving preprocessing (fvgpt_runtime.preprocess, PIL + NumPy) is open_clip's evaluation transform, to 1e-6.
 
 The open_clip transform is built from the bundle manifest's preprocess block, so the test also checks that the
 manifest describes what open_clip does; variants of the block (ViT-B's 224 px, squash, bilinear) widen the net.
@@ -14,9 +14,10 @@ import open_clip
 import pytest
 from PIL import Image
 
-from export.bundle import read_manifest
-from export.preprocess import PreprocessConfig, preprocess, to_rgb
 from fvgpt.photos import photo_paths
+from fvgpt.preprocess import Preprocess
+from fvgpt_runtime.manifest import Manifest
+from fvgpt_runtime.preprocess import preprocess, to_rgb
 
 TOLERANCE = 1e-6
 
@@ -55,7 +56,7 @@ def other_modes() -> dict[str, Image.Image]:
 
 @pytest.fixture(scope="module")
 def manifest_block(tiny_bundle) -> dict:
-    return read_manifest(tiny_bundle)["preprocess"]
+    return Manifest.read(tiny_bundle).preprocess.to_dict()
 
 
 VARIANTS = {"manifest": {}, "ViT-B 224": {"size": 224}, "squash": {"resize_mode": "squash"},
@@ -65,7 +66,7 @@ VARIANTS = {"manifest": {}, "ViT-B 224": {"size": 224}, "squash": {"resize_mode"
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_matches_open_clip(manifest_block, variant):
     block = manifest_block | VARIANTS[variant]
-    ours_cfg = PreprocessConfig.from_manifest(block)
+    ours_cfg = Preprocess.from_dict(block)
     theirs = open_clip_transform(block)
     worst = {}
     for name, image in images().items():
@@ -79,7 +80,7 @@ def test_matches_open_clip(manifest_block, variant):
 @pytest.mark.parametrize("mode", list(other_modes()))
 def test_other_modes_match_open_clip_after_rgb_conversion(manifest_block, mode):
     image = other_modes()[mode]
-    ours = preprocess(image, PreprocessConfig.from_manifest(manifest_block))
+    ours = preprocess(image, Preprocess.from_dict(manifest_block))
     ref = open_clip_transform(manifest_block)(to_rgb(image)).numpy()
     assert float(np.abs(ours - ref).max()) <= TOLERANCE
 

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export.bundle import Bundle
-from export.preprocess import preprocess
+from fvgpt_runtime.bundle import Bundle
+from fvgpt_runtime.preprocess import preprocess
 from fvgpt.photos import photo_paths
-from serving.cli import free_port, server_command, stop, wait_ready
+from fvgpt_serving.cli import free_port, server_command, stop, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -111,7 +111,7 @@ def post_json(url: str, doc, headers: dict | None = None) -> httpx.Response:
 
 def expected(bundle: Bundle, data: bytes, labels: list[str] | None):
     """What the service should answer, computed in-process on the same bytes."""
-    scores = bundle.scores(bundle.run_image(preprocess(Image.open(io.BytesIO(data)), bundle.preprocess)[None]), labels)
+    scores = bundle.classify(preprocess(Image.open(io.BytesIO(data)), bundle.preprocess)[None], labels)
     return scores.head, dict(zip(scores.labels, scores.probabilities[0].tolist()))
 
 
@@ -129,11 +129,11 @@ def assert_matches(bundle: Bundle, result: dict, data: bytes, labels: list[str] 
 
 
 def base_classes(bundle: Bundle) -> list[str]:
-    return [c for c, b in zip(bundle.classes, bundle.base_flags) if b]
+    return bundle.classes.base_names
 
 
 def new_classes(bundle: Bundle) -> list[str]:
-    return [c for c, b in zip(bundle.classes, bundle.base_flags) if not b]
+    return bundle.classes.new_names
 
 
 # ---- good requests ------------------------------------------------------------------------------------------------
@@ -153,7 +153,7 @@ def test_base64_probabilities_equal_in_process_scores(url, bundle, labels):
     chosen = {None: None, "base": base_classes(bundle)[:2], "mixed": [base_classes(bundle)[0], new_classes(bundle)[0]],
               "new-labels": ["a cat", "an astronaut", "a cup of coffee"], "bundled-new": new_classes(bundle)}[labels]
     images = [photo_bytes(i) for i in range(4)]
-    n = len(chosen or bundle.classes)
+    n = len(chosen or bundle.classes.names)
     doc = {"images": [b64(d) for d in images], "top_k": n} | ({"labels": chosen} if chosen else {})
     r = post_json(url, doc)
     assert r.status_code == 200, r.text
@@ -199,9 +199,10 @@ def test_labels_and_info(url, bundle):
     assert r.status_code == 200
     doc = r.json()
     assert doc["model_id"] == bundle.model_id
-    assert [(c["name"], c["base"]) for c in doc["classes"]] == list(zip(bundle.classes, bundle.base_flags))
+    assert [(c["name"], c["base"]) for c in doc["classes"]] == list(zip(bundle.classes.names, bundle.classes.base))
     info = httpx.get(f"{url}/info").json()
-    assert info["image_graph"]["provider"] == "CPUExecutionProvider" and info["image_graph"]["runtime"] == "onnx"
+    assert info["tower"]["provider"] == "CPUExecutionProvider" and info["tower"]["runtime"] == "onnx"
+    assert info["tower"]["tower_id"] == bundle.manifest.tower_id
     assert info["batching"] == {"max_batch_size": 8, "max_latency_ms": 10000}
     assert info["limits"]["max_images"] == 4 and info["api_key_required"] is False
 
@@ -223,7 +224,7 @@ def odd_images() -> dict[str, bytes]:
 @pytest.mark.parametrize("kind", list(odd_images()))
 def test_unusual_images_are_classified(url, bundle, kind):
     data = odd_images()[kind]
-    r = post_files(url, [data], top_k=str(len(bundle.classes)))
+    r = post_files(url, [data], top_k=str(len(bundle.classes.names)))
     assert r.status_code == 200, r.text
     assert_matches(bundle, r.json()["results"][0], data, None)
 

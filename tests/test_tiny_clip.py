@@ -18,10 +18,10 @@ def test_pretrained_checkpoint_loads_as_local_weights_and_trains(demo_data, tmp_
     pretrained = load_backbone("fvgpt-tiny", str(ckpt))
     assert pretrained.fingerprint() != random_init.fingerprint()
     assert not torch.equal(pretrained.model.visual.conv1.weight, random_init.model.visual.conv1.weight)
-    run = train(tiny_config(demo_data, pretrained=str(ckpt), backbone_epochs=1, plugin_epochs=1),
+    run = train(tiny_config(demo_data, pretrained=str(ckpt), prompt_epochs=1, plugin_epochs=1),
                 tmp_path / "run", progress=False)
     assert json.loads((run / "config.json").read_text())["train"]["pretrained"] == str(ckpt)
-    assert load_run(run, require_plugin=True).backbone.fingerprint() == pretrained.fingerprint()
+    assert load_run(run, require_plugin=True).model.backbone.fingerprint() == pretrained.fingerprint()
     ckpt.write_bytes(ckpt.read_bytes()[:-1024] + bytes(1024))  # the weights changed under the run
     try:
         load_run(run)

@@ -1,4 +1,4 @@
-"""Bundle preprocessing in PIL + NumPy (no torch), identical to open_clip's evaluation transform.
+"""A bundle's preprocessing in PIL + NumPy (no torch), identical to open_clip's evaluation transform.
 
 open_clip (resize_mode "shortest"): Resize(short side → size, bicubic) → CenterCrop(size) → RGB → ToTensor →
 Normalize. Here the image is made RGB first (decoders hand us many modes); for RGB input the result is the
@@ -6,30 +6,12 @@ same tensor (tests/test_preprocess.py checks max |Δ| ≤ 1e-6 against open_clip
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from PIL import Image
 
+from fvgpt.preprocess import Preprocess
+
 _INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
-
-
-@dataclass(frozen=True)
-class PreprocessConfig:
-    size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bicubic"
-    resize_mode: str = "shortest"
-
-    @classmethod
-    def from_manifest(cls, d: dict) -> "PreprocessConfig":
-        if d.get("resize_mode", "shortest") not in ("shortest", "squash"):
-            raise ValueError(f"unsupported resize mode {d['resize_mode']!r}")
-        if d.get("interpolation", "bicubic") not in _INTERPOLATION:
-            raise ValueError(f"unsupported interpolation {d['interpolation']!r}")
-        return cls(int(d["size"]), tuple(d["mean"]), tuple(d["std"]), d.get("interpolation", "bicubic"),
-                   d.get("resize_mode", "shortest"))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -58,7 +40,7 @@ def _center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def preprocess(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+def preprocess(image: Image.Image, cfg: Preprocess) -> np.ndarray:
     """One image → float32 (3, size, size), normalised."""
     image = to_rgb(image)
     resample = _INTERPOLATION[cfg.interpolation]

@@ -1,4 +1,7 @@
-"""torch → ONNX for the three bundle graphs, with the batch (and label-set) axes kept dynamic.
+"""torch → ONNX for the bundle's graphs (tower, heads, text), with the batch and label-set axes kept dynamic.
+
+The graph modules here are thin wrappers: every computation is a method of the model object (fvgpt.model), so the
+exported graphs compute exactly what training and evaluation computed.
 
 Graphs are traced at batch 2, never 1, so no reshape inside attention is specialised to a single image
 (anchors.md §C pitfall 2); tests run every graph at batches 1, 3 and 8 against torch.
@@ -23,7 +26,7 @@ import torch.nn.functional as F
 from onnxscript import opset23
 from torch import nn
 
-from fvgpt.backbone import Backbone, TextEncoder
+from fvgpt.model import FVGPTModel
 
 TRACE_BATCH = 2
 TWO_GB = 2 * 1024**3
@@ -85,19 +88,41 @@ def fused_attention(module: nn.Module) -> Iterator[None]:
 
 
 class TextGraph(nn.Module):
-    """token ids (N, L) [+ use_context (N,)] → L2-normalised text features (N, D); the learned context is a constant."""
+    """token ids (N, L), context (n_ctx, W), use_context (N,) → L2-normalised text features (N, D).
 
-    def __init__(self, backbone: Backbone, ctx: torch.Tensor | None):
+    The learned context is an input, so the graph depends only on the backbone: every bundle on it ships the same
+    bytes (its `text_id`), and a server loads it once for all of them."""
+
+    def __init__(self, model: FVGPTModel):
         super().__init__()
-        self.encoder = TextEncoder(backbone)
-        self.has_context = ctx is not None
-        if ctx is not None:
-            self.register_buffer("ctx", ctx.detach().clone())
+        self.encoder = model.text_encoder
 
-    def forward(self, token_ids: torch.Tensor, use_context: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.has_context:
-            return self.encoder(token_ids)
-        return self.encoder(token_ids, self.ctx, use_context)
+    def forward(self, token_ids: torch.Tensor, context: torch.Tensor, use_context: torch.Tensor) -> torch.Tensor:
+        return self.encoder(token_ids, context, use_context)
+
+
+class FVGPTHeadsGraph(nn.Module):
+    """features (B, D), learned and clip rows (L, D), adapted rows (K, D) → base_logits (B, K) = z_FDC (E6) and
+    new_logits (B, L) = z_PC (E9–E11). The plugin's weights are constants of the graph."""
+
+    def __init__(self, model: FVGPTModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: torch.Tensor, learned: torch.Tensor, clip: torch.Tensor,
+                adapted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.base_head(features, adapted), self.model.new_head(features, learned, clip)[0]
+
+
+class CosineHeadsGraph(nn.Module):
+    """Zero-shot CLIP: features (B, D), clip rows (L, D) → logits (B, L) = s·f·Tᵀ."""
+
+    def __init__(self, model: FVGPTModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
+        return self.model.logits(features, clip)
 
 
 def export_graph(module: nn.Module, example: dict[str, torch.Tensor], path: Path, output_names: list[str],

@@ -1,0 +1,24 @@
+"""Class names and prompt text: the one place that turns a label into the words the text tower reads.
+
+Torch-free: the bundle runtime and the server use it too (docs/architecture.md, "torch-free core").
+"""
+from __future__ import annotations
+
+ZERO_SHOT_TEMPLATE = "a photo of a {}."  # the hand-crafted prompt of zero-shot CLIP (docs/method.md, defaults)
+CONTEXT_PLACEHOLDER = "X"  # one token whose embedding a learned context vector replaces
+
+
+def display_name(label: str) -> str:
+    """How a class name is written in a prompt: underscores as spaces, whitespace collapsed ("golden_retriever" →
+    "golden retriever"). Dataset folders use underscores; people type spaces; both name the same class."""
+    return " ".join(label.replace("_", " ").split())
+
+
+def learned_template(n_ctx: int) -> str:
+    """"X X X X {}.": CoOp's prompt with the class token at the end; the n_ctx placeholders are replaced by the
+    learned context vectors inside the text tower."""
+    return " ".join([CONTEXT_PLACEHOLDER] * n_ctx) + " {}."
+
+
+def prompts(labels: list[str], template: str) -> list[str]:
+    return [template.format(display_name(label)) for label in labels]

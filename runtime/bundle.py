@@ -1,0 +1,187 @@
+"""A loaded bundle: its verified manifest, text tables and graphs, and the label routing of docs/method.md
+("Inference"). Torch-free: ONNX Runtime (or a TensorRT engine) runs the graphs, NumPy does the rest.
+
+Routing: a label set made only of base classes goes to the base head (FDC, E6); any other set (new labels, mixed
+labels, or the whole bundle when it holds new classes) to the new head (Prior Calibration, E9–E11) over exactly the
+requested labels. Zero-shot bundles have one cosine head. Bundled classes take their text rows from the tables; other
+labels go through the shared text graph once and are cached.
+
+Graph sessions come from a SessionPool keyed by file content, so bundles on one backbone share their tower and text
+graphs in a process.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fvgpt.labels import prompts
+
+from .manifest import BundleError, Manifest, open_manifest
+from .sessions import SESSIONS, SessionPool
+from .tensorrt import TensorRTRunner, TensorRTUnavailable
+from .tokenizer import ClipTokenizer, shared_tokenizer
+
+LABEL_CACHE_SIZE = 4096
+RUNTIMES = ("onnx", "tensorrt")
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z -= z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+@dataclass
+class Scores:
+    labels: list[str]
+    head: str  # "base" | "new" | "zero-shot"
+    logits: np.ndarray  # (B, C)
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        return softmax(self.logits)
+
+
+class TowerRunner:
+    """One tower graph on one runtime: pixels (B, 3, S, S) → image features (B, D)."""
+
+    def __init__(self, bundle: Bundle, precision: str, runtime: str, device: str, threads: int | None,
+                 pool: SessionPool):
+        m = bundle.manifest
+        towers = m.towers["image"].precisions
+        if precision not in towers:
+            raise BundleError(f"{bundle.path}: no {precision} tower graph (has: {', '.join(towers)})")
+        if runtime not in RUNTIMES:
+            raise BundleError(f"unknown runtime {runtime!r} ({', '.join(RUNTIMES)})")
+        self.precision, self.runtime, self.tower_id = precision, runtime, towers[precision].id
+        if runtime == "tensorrt":
+            engines = (m.tensorrt or {}).get("image", {})
+            if precision not in engines:
+                raise TensorRTUnavailable(f"the bundle has no {precision} TensorRT engine (has: "
+                                          f"{', '.join(engines) or 'none'}); export with --tensorrt on a GPU host")
+            self._trt = TensorRTRunner(bundle.path / engines[precision]["file"])
+            self.provider = "TensorRT"
+        else:
+            graph = towers[precision].file
+            self._session, self.provider = pool.get(bundle.path / graph, m.files[graph], device, threads)
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        if self.runtime == "tensorrt":
+            return self._trt.run(pixels)["features"]
+        return self._session.run(["features"], {"pixels": pixels})[0]
+
+
+class Bundle:
+    """Heads, text graph and tables are loaded at once (small); towers on request (`tower`), since a process that
+    only routes labels (serving's API process) never runs one."""
+
+    def __init__(self, path: str | Path, verify: bool = True, threads: int | None = 1,
+                 pool: SessionPool = SESSIONS):
+        from safetensors.numpy import load_file
+
+        self.path = Path(path)
+        self.manifest: Manifest = open_manifest(self.path, verify)
+        self.classes = self.manifest.classes
+        self.pool = pool
+        self.threads = threads
+        self.tables: dict[str, np.ndarray] = load_file(str(self.path / self.manifest.tables))
+        heads = self.manifest.heads.file
+        self._heads, _ = pool.get(self.path / heads, self.manifest.files[heads], "cpu", threads)
+        self._label_cache: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._cache_lock = threading.Lock()  # scores() may run in several threads at once
+
+    @property
+    def kind(self) -> str:
+        return self.manifest.kind
+
+    @property
+    def model_id(self) -> str:
+        return self.manifest.model_id
+
+    @property
+    def preprocess(self):
+        return self.manifest.preprocess
+
+    @property
+    def max_batch(self) -> int:
+        return self.manifest.max_batch
+
+    # ---- image side -------------------------------------------------------------------------------------------
+    def tower(self, precision: str | None = None, runtime: str = "onnx", device: str = "cpu",
+              threads: int | None = None) -> TowerRunner:
+        return TowerRunner(self, precision or self.manifest.default_precision, runtime, device, threads, self.pool)
+
+    def classify(self, pixels: np.ndarray, labels: list[str] | None = None, precision: str | None = None) -> Scores:
+        """Tower + heads in one call (validation, benchmarks, tests); serving splits the two across processes."""
+        return self.scores(self.tower(precision)(pixels), labels)
+
+    # ---- text side --------------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> ClipTokenizer:
+        t = self.manifest.tokenizer
+        return shared_tokenizer(self.path / t.vocab, t.context_length)
+
+    def encode_text(self, labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(learned, clip) text features through the text graph: the learned prompt with the bundle's context, and
+        the zero-shot template (zero-shot bundles: the template for both)."""
+        p = self.manifest.prompts
+        session, _ = self.pool.get(self.path / self.manifest.text.file, self.manifest.files[self.manifest.text.file],
+                                   "cpu", self.threads)
+        template = prompts(labels, p.template)
+        if self.kind != "fvgpt":
+            feed = {"token_ids": self.tokenizer(template), "context": self.tables["context"],
+                    "use_context": np.zeros(len(labels), np.float32)}
+            clip = session.run(["text_features"], feed)[0]
+            return clip, clip
+        feed = {"token_ids": self.tokenizer(prompts(labels, p.learned) + template), "context": self.tables["context"],
+                "use_context": np.array([1.0] * len(labels) + [0.0] * len(labels), np.float32)}
+        feats = session.run(["text_features"], feed)[0]
+        return feats[:len(labels)], feats[len(labels):]
+
+    def label_features(self, labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(learned, clip) rows: bundled classes from the tables, other labels through the text graph, cached."""
+        ids = [self.classes.find(label) for label in labels]
+        with self._cache_lock:
+            missing = [lab for lab, i in dict(zip(labels, ids)).items() if i is None and lab not in self._label_cache]
+            if missing:
+                for lab, row in zip(missing, zip(*self.encode_text(missing))):
+                    self._label_cache[lab] = row
+            rows = []
+            for lab, i in zip(labels, ids):
+                if i is not None:
+                    rows.append((self.tables["learned"][i], self.tables["clip"][i]))
+                else:
+                    self._label_cache.move_to_end(lab)
+                    rows.append(self._label_cache[lab])
+            while len(self._label_cache) > LABEL_CACHE_SIZE:  # evict only after this request's rows are taken
+                self._label_cache.popitem(last=False)
+        return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+
+    # ---- heads and routing ------------------------------------------------------------------------------------
+    def head_for(self, labels: list[str] | None) -> str:
+        return "zero-shot" if self.kind != "fvgpt" else self.classes.head_for(labels)
+
+    def scores(self, features: np.ndarray | dict[str, np.ndarray], labels: list[str] | None = None) -> Scores:
+        """Logits for the requested labels (None: every bundled class) from image features, routed to the right head.
+        `features` is the image tower's output, or a dict tower role → output."""
+        by_role = features if isinstance(features, dict) else {"image": features}
+        feed = {name: np.ascontiguousarray(by_role[role], np.float32)
+                for name, role in self.manifest.heads.features.items()}
+        head = self.head_for(labels)
+        chosen = list(self.classes.names) if labels is None else list(labels)
+        learned, clip = self.label_features(chosen)
+        if head == "zero-shot":
+            return Scores(chosen, head, self._heads.run(["logits"], feed | {"clip": clip})[0])
+        if head == "base":
+            positions = [self.classes.position[self.classes.find(lab)] for lab in chosen]
+            adapted, output = self.tables["adapted"][positions], "base_logits"
+        else:
+            adapted, output = self.tables["adapted"], "new_logits"
+        logits = self._heads.run([output], feed | {"learned": learned, "clip": clip, "adapted": adapted})[0]
+        return Scores(chosen, head, logits)

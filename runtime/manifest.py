@@ -1,0 +1,309 @@
+"""Bundle format v2 (docs/bundle-format.md): `manifest.json`, read, validated and written by one typed class.
+
+The image side is split into a **tower** (pixels → image features; depends only on the backbone, so every bundle on
+one backbone carries a byte-identical tower with the same `tower_id`) and per-bundle **heads** (image features →
+logits). The text graph takes the learned context as an input, so it too is shared per backbone (`text_id`).
+
+Integrity: `files` maps every other file to its sha256, and `digest` is the sha256 of the manifest's own canonical
+JSON without that field, so no byte of a bundle changes unnoticed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from fvgpt.classes import ClassSplit, ClassSplitError
+from fvgpt.errors import FVGPTError
+from fvgpt.preprocess import Preprocess, PreprocessError
+
+SCHEMA_VERSION = 2
+MANIFEST = "manifest.json"
+KINDS = ("fvgpt", "zero-shot")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+class BundleError(FVGPTError):
+    pass
+
+
+class ManifestError(BundleError):
+    pass
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def short_id(prefix: str, facts: dict) -> str:
+    """A stable id from the facts that determine a graph: prefix + 16 hex digits of their canonical JSON's sha256."""
+    return f"{prefix}-{hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]}"
+
+
+# ---- parsing helpers: every error names the field ---------------------------------------------------------------
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "an object",
+               list: "a list"}
+
+
+def _get(d: Any, key: str, kind: type | tuple[type, ...], where: str, optional: bool = False) -> Any:
+    """d[key] checked against `kind`; `where` is the dotted path of d in the manifest ("" at the top)."""
+    if not isinstance(d, dict):
+        raise ManifestError(f"manifest field {where} must be an object")
+    name = f"{where}.{key}" if where else key
+    if key not in d or (optional and d[key] is None):
+        if optional:
+            return None
+        raise ManifestError(f"manifest field {name} is missing")
+    value = d[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        ok, value = True, float(value)
+    if not ok:
+        raise ManifestError(f"manifest field {name} must be {' or '.join(_TYPE_NAMES[k] for k in kinds)}, "
+                            f"not {type(value).__name__}")
+    return value
+
+
+def _to_json(obj: Any) -> Any:
+    if isinstance(obj, Preprocess):
+        return obj.to_dict()
+    if isinstance(obj, ClassSplit):
+        return obj.records()
+    if is_dataclass(obj):
+        return {f.name: _to_json(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, dict):
+        return {k: _to_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_json(v) for v in obj]
+    return obj
+
+
+# ---- the typed manifest -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    name: str
+    pretrained: str
+    init_seed: int
+    fingerprint: str  # sha256 over every weight of the open_clip model
+    embed_dim: int
+    context_length: int
+    logit_scale: float  # s: exp(logit_scale) of the model
+
+    @classmethod
+    def parse(cls, d: Any, where: str = "backbone") -> BackboneInfo:
+        return cls(_get(d, "name", str, where), _get(d, "pretrained", str, where), _get(d, "init_seed", int, where),
+                   _get(d, "fingerprint", str, where), _get(d, "embed_dim", int, where),
+                   _get(d, "context_length", int, where), _get(d, "logit_scale", float, where))
+
+
+@dataclass(frozen=True)
+class Graph:
+    """One ONNX graph file and the id of what it computes (bundles whose graphs share an id share the file's bytes)."""
+
+    file: str
+    id: str
+
+    @classmethod
+    def parse(cls, d: Any, where: str) -> Graph:
+        return cls(_get(d, "file", str, where), _get(d, "id", str, where))
+
+
+@dataclass(frozen=True)
+class Tower:
+    """pixels (B, 3, S, S) → L2-normalised features (B, D), one graph per precision; the graph's `id` is the
+    tower_id: model, weights fingerprint, preprocessing and precision, nothing else."""
+
+    precisions: dict[str, Graph]
+
+    @classmethod
+    def parse(cls, d: Any, where: str) -> Tower:
+        raw = _get(d, "precisions", dict, where)
+        if not raw:
+            raise ManifestError(f"manifest field {where}.precisions is empty")
+        bad = [p for p in raw if p not in PRECISIONS]
+        if bad:
+            raise ManifestError(f"manifest field {where}.precisions has unknown precision(s) {bad}; "
+                                f"known: {', '.join(PRECISIONS)}")
+        return cls({p: Graph.parse(g, f"{where}.precisions.{p}") for p, g in raw.items()})
+
+
+@dataclass(frozen=True)
+class Heads:
+    """Image features → logits, per bundle. fvgpt: inputs (features, learned, clip, adapted) → (base_logits over the
+    adapted rows, new_logits = Prior Calibration over the learned/clip rows); zero-shot: (features, clip) → logits.
+    `features` maps each image-feature input of the graph to the tower role that produces it."""
+
+    file: str
+    features: dict[str, str]
+    outputs: list[str]
+    tau: float | None  # τ of the BRG's statistics (fvgpt)
+
+    @classmethod
+    def parse(cls, d: Any, where: str = "heads") -> Heads:
+        return cls(_get(d, "file", str, where), _get(d, "features", dict, where), _get(d, "outputs", list, where),
+                   _get(d, "tau", float, where, optional=True))
+
+
+@dataclass(frozen=True)
+class Prompts:
+    n_ctx: int
+    learned: str | None  # "X X X X {}." (fvgpt) — the placeholders take the learned context
+    template: str  # the zero-shot template
+
+    @classmethod
+    def parse(cls, d: Any, where: str = "prompts") -> Prompts:
+        return cls(_get(d, "n_ctx", int, where), _get(d, "learned", str, where, optional=True),
+                   _get(d, "template", str, where))
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    vocab: str  # the BPE merges file inside the bundle
+    context_length: int
+
+    @classmethod
+    def parse(cls, d: Any, where: str = "tokenizer") -> Tokenizer:
+        return cls(_get(d, "vocab", str, where), _get(d, "context_length", int, where))
+
+
+@dataclass
+class Manifest:
+    kind: str
+    model_id: str
+    backbone: BackboneInfo
+    preprocess: Preprocess
+    tokenizer: Tokenizer
+    classes: ClassSplit
+    prompts: Prompts
+    towers: dict[str, Tower]  # role → tower; CoOp/KgCoOp bundles have one role, "image"
+    default_precision: str
+    text: Graph  # token ids + context → text features
+    heads: Heads
+    tables: str  # safetensors: learned, clip (C, D), adapted (C_base, D), context (n_ctx, W)
+    max_batch: int
+    opset: int
+    created: str
+    fvgpt_version: str
+    parity: dict = field(default_factory=dict)  # the export's parity report
+    run: dict | None = None  # the training run the bundle came from
+    tensorrt: dict | None = None  # role → precision → {"file", "build"}
+    files: dict[str, str] = field(default_factory=dict)  # every file but the manifest → sha256
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def tower_id(self) -> str:
+        """The default tower's id (the one a server shares between bundles)."""
+        return self.towers["image"].precisions[self.default_precision].id
+
+    def to_dict(self) -> dict:
+        return _to_json(self)
+
+    @staticmethod
+    def digest_of(doc: dict) -> str:
+        canonical = json.dumps({k: v for k, v in doc.items() if k != "digest"}, sort_keys=True, ensure_ascii=True,
+                               separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def write(self, bundle_dir: Path) -> None:
+        """Hash every listed file, then write manifest.json with its own digest."""
+        self.files = {name: sha256_file(bundle_dir / name) for name in sorted(self.files)}
+        doc = self.to_dict()
+        doc["digest"] = self.digest_of(doc)
+        (bundle_dir / MANIFEST).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+
+    @classmethod
+    def parse(cls, doc: Any) -> Manifest:
+        if not isinstance(doc, dict):
+            raise ManifestError(f"{MANIFEST} must hold a JSON object, not {type(doc).__name__}")
+        version = doc.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ManifestError(f"bundle format {version or 1} is not supported by this version of fvgpt (it reads "
+                                f"format {SCHEMA_VERSION}); re-export the bundle with `fvgpt export`")
+        kind = _get(doc, "kind", str, "")
+        if kind not in KINDS:
+            raise ManifestError(f"manifest field kind is {kind!r}; expected one of {', '.join(KINDS)}")
+        try:
+            classes = ClassSplit.from_records(_get(doc, "classes", list, ""))
+        except (ClassSplitError, KeyError, TypeError) as exc:
+            raise ManifestError(f"manifest field classes is malformed ({exc})") from None
+        try:
+            preprocess = Preprocess.from_dict(_get(doc, "preprocess", dict, ""))
+        except PreprocessError as exc:
+            raise ManifestError(f"manifest field {exc}") from None
+        towers = {role: Tower.parse(t, f"towers.{role}") for role, t in _get(doc, "towers", dict, "").items()}
+        if "image" not in towers:
+            raise ManifestError("manifest field towers.image is missing")
+        m = cls(kind=kind, model_id=_get(doc, "model_id", str, ""),
+                backbone=BackboneInfo.parse(_get(doc, "backbone", dict, "")), preprocess=preprocess,
+                tokenizer=Tokenizer.parse(_get(doc, "tokenizer", dict, "")), classes=classes,
+                prompts=Prompts.parse(_get(doc, "prompts", dict, "")), towers=towers,
+                default_precision=_get(doc, "default_precision", str, ""),
+                text=Graph.parse(_get(doc, "text", dict, ""), "text"),
+                heads=Heads.parse(_get(doc, "heads", dict, "")), tables=_get(doc, "tables", str, ""),
+                max_batch=_get(doc, "max_batch", int, ""), opset=_get(doc, "opset", int, ""),
+                created=_get(doc, "created", str, ""),
+                fvgpt_version=_get(doc, "fvgpt_version", str, ""),
+                parity=_get(doc, "parity", dict, ""), run=_get(doc, "run", dict, "", optional=True),
+                tensorrt=_get(doc, "tensorrt", dict, "", optional=True),
+                files=_get(doc, "files", dict, ""))
+        m.check()
+        return m
+
+    def check(self) -> None:
+        """Cross-field rules: every referenced file is listed (and so hashed), every feature input has a tower."""
+        if self.default_precision not in self.towers["image"].precisions:
+            raise ManifestError(f"manifest field default_precision {self.default_precision!r} has no tower graph "
+                                f"(towers.image.precisions: {', '.join(self.towers['image'].precisions)})")
+        referenced = [self.text.file, self.heads.file, self.tables, self.tokenizer.vocab]
+        referenced += [g.file for t in self.towers.values() for g in t.precisions.values()]
+        if unlisted := [f for f in referenced if f not in self.files]:
+            raise ManifestError(f"manifest field files does not list {unlisted}: they would not be verified")
+        if bad := {i: r for i, r in self.heads.features.items() if r not in self.towers}:
+            raise ManifestError(f"manifest field heads.features maps {bad} to tower roles that do not exist")
+        if self.kind == "fvgpt" and (self.prompts.learned is None or self.heads.tau is None):
+            raise ManifestError("manifest fields prompts.learned and heads.tau are required for an fvgpt bundle")
+        if not 1 <= self.max_batch <= 4096:
+            raise ManifestError(f"manifest field max_batch {self.max_batch} is outside 1..4096")
+
+    @classmethod
+    def read(cls, bundle_dir: str | Path) -> Manifest:
+        path = Path(bundle_dir) / MANIFEST
+        if not path.is_file():
+            raise BundleError(f"{bundle_dir} is not a bundle: {MANIFEST} is missing")
+        try:
+            doc = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ManifestError(f"{path} is not valid JSON ({exc})") from None
+        manifest = cls.parse(doc)
+        if doc.get("digest") != cls.digest_of(doc):
+            raise ManifestError(f"{path} was changed after export (its digest does not match its content); "
+                                f"re-export the bundle")
+        return manifest
+
+    def verify_files(self, bundle_dir: str | Path) -> list[str]:
+        """Problems found comparing every listed file with its sha256 (empty: all good)."""
+        problems = []
+        for name, expected in self.files.items():
+            f = Path(bundle_dir) / name
+            if not f.is_file():
+                problems.append(f"{name}: missing")
+            elif sha256_file(f) != expected:
+                problems.append(f"{name}: sha256 mismatch (file changed since export)")
+        return problems
+
+
+def open_manifest(bundle_dir: str | Path, verify: bool = True) -> Manifest:
+    """Read, validate and (by default) verify a bundle: a BundleError names the first problem found."""
+    manifest = Manifest.read(bundle_dir)
+    if verify and (problems := manifest.verify_files(bundle_dir)):
+        raise BundleError(f"{bundle_dir}: " + "; ".join(problems))
+    return manifest
