@@ -1,7 +1,8 @@
 """`fvgpt`: train → eval → export → serve, one command line.
 
 The library's own commands live here (train, eval, masks, demo); export/validate/serve come from the `export` and
-`serving` packages through the `fvgpt.commands` entry-point group, so this package never imports them (DESIGN.md).
+`serving` packages through the `fvgpt.commands` entry-point group, so this package never imports them
+(docs/architecture.md, import rules).
 """
 from __future__ import annotations
 

@@ -234,7 +234,7 @@ def eval_geometry(pre: Preprocess) -> list:
 
 def foreground_view(images: torch.Tensor, masks: torch.Tensor, pre: Preprocess, fill: str = "mean") -> torch.Tensor:
     """x_fg = x ⊙ m with the background set to the CLIP mean colour (0 after normalisation, the default) or to
-    pixel black ("black": (0 − mean)/std), method.md §2.3."""
+    pixel black ("black": (0 − mean)/std); docs/method.md, "The foreground view"."""
     m = masks.to(images.dtype)
     if fill == "mean":
         return images * m
