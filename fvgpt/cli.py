@@ -49,7 +49,6 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = _OPTION_TYPES[f.type]
-            kwargs["metavar"] = f.name.upper() if "choices" not in f.metadata else None
             kwargs["choices"] = f.metadata.get("choices")
         if f.name == "data":
             kwargs["required"] = True
