@@ -249,7 +249,7 @@ class Manifest:
 
     def write(self, bundle_dir: Path) -> None:
         """Hash every listed file, then write manifest.json with its own digest."""
-        self.files = {name: sha256_file(bundle_dir / name) for name in sorted(self.files)}
+        self.files = {name: DIGESTS(bundle_dir / name) for name in sorted(self.files)}
         doc = self.to_dict()
         doc["digest"] = self.digest_of(doc)
         (bundle_dir / MANIFEST).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")

@@ -125,6 +125,7 @@ class TowerInfo(BaseModel):
     provider: str
     precision: str
     threads: int | None
+    images: int = Field(description="images run through this tower since the server started")
 
 
 class InfoResponse(BaseModel):
@@ -179,6 +180,8 @@ def openapi30(node: Any) -> Any:
         else:
             node["anyOf" if len(rest) > 1 else "allOf"] = rest
         node["nullable"] = True
+        if "enum" in node:  # OpenAPI 3.0: an enum lists null itself for null to be valid
+            node["enum"] = [*node["enum"], None]
     return node
 
 

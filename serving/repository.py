@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -42,7 +43,7 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 VERSION = re.compile(r"^[0-9]{1,9}$")
 SINGLE_VERSION = "1"
 ALL = "*"
-STATES = ("loading", "ready", "failed")
+REMOVAL_RECHECK_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -274,9 +275,14 @@ class Repository:
         self.snapshot = Snapshot()
 
     def plan(self, retry_failed: bool = False) -> tuple[list[Found], list[tuple[str, str]]]:
-        """(versions to load: new, changed, or failed when retrying; keys of versions gone from the folder)."""
+        """(versions to load: new, changed, or failed when retrying; keys of versions gone from the folder). A
+        version missing from a scan is looked for again REMOVAL_RECHECK_S later: replacing a folder takes two
+        renames (old one away, new one in), and a scan between them must not drop a classifier in use."""
         found = scan(self.source, self.single)
         current = self.snapshot.classifiers
+        if any(key not in {f.key for f in found} for key in current):
+            time.sleep(REMOVAL_RECHECK_S)
+            found = scan(self.source, self.single)
         to_load = [f for f in found if f.key not in current or current[f.key].signature != f.signature
                    or (retry_failed and current[f.key].state == "failed")]
         seen = {f.key for f in found}

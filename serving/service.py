@@ -108,6 +108,7 @@ class Encoder:
     def __init__(self) -> None:
         self.config = ServeConfig.from_env()
         self.towers: dict[str, TowerRunner] = {}  # replaced, never mutated: encode reads it without a lock
+        self.passes: Counter[str] = Counter()  # tower id → images run through it (what /info reports as images)
         self._lock = threading.Lock()
         logger.info("fvgpt encoder: runtime %s, ORT threads %s, batch ≤ %d images, max latency %d ms",
                     self.config.runtime, self.config.threads or "auto", MAX_BATCH_SIZE, MAX_LATENCY_MS)
@@ -137,7 +138,7 @@ class Encoder:
 
     def _info(self, tower: TowerRunner) -> dict[str, Any]:
         return {"tower_id": tower.tower_id, "runtime": tower.runtime, "provider": tower.provider,
-                "precision": tower.precision, "threads": self.config.threads}
+                "precision": tower.precision, "threads": self.config.threads, "images": self.passes[tower.tower_id]}
 
     @bentoml.api
     async def open_tower(self, bundle: str, precision: str) -> dict[str, Any]:
@@ -172,11 +173,12 @@ class Encoder:
             if (tower := towers.get(tower_id)) is not None:
                 for i, f in zip(idx, tower(np.stack([items[i].pixels for i in idx]))):
                     out[i] = f
+                self.passes[tower_id] += len(idx)
         return out
 
     @bentoml.api
     def runtime_info(self) -> dict[str, Any]:
-        """tower id → runtime, provider, precision and threads of every open tower."""
+        """tower id → runtime, provider, precision, threads and images encoded so far, of every open tower."""
         return {tower_id: self._info(t) for tower_id, t in self.towers.items()}
 
 

@@ -34,12 +34,14 @@ LIMITS = {"FVGPT_MAX_IMAGE_PIXELS": "1000000", "FVGPT_MAX_IMAGES": "4", "FVGPT_M
 
 
 class Server:
-    def __init__(self, bundle: Path, log: Path, **env: str):
+    """`bentoml serve` on one bundle (FVGPT_BUNDLE) or, with repository=True, on a folder of them."""
+
+    def __init__(self, source: Path, log: Path, repository: bool = False, **env: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("FVGPT_")}
-        full_env = inherited | {"FVGPT_BUNDLE": str(bundle), "FVGPT_MAX_BATCH_SIZE": "8",
-                                "FVGPT_MAX_LATENCY_MS": "10000"} | env
+        full_env = inherited | {"FVGPT_REPOSITORY" if repository else "FVGPT_BUNDLE": str(source),
+                                "FVGPT_MAX_BATCH_SIZE": "8", "FVGPT_MAX_LATENCY_MS": "10000"} | env
         self.log = open(log, "w+")  # noqa: SIM115 - closed by close()
         self.proc = subprocess.Popen(server_command("127.0.0.1", self.port), env=full_env, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
