@@ -1,7 +1,7 @@
-"""`fvgpt serve BUNDLE` / `fvgpt serve --repository DIR`: run `bentoml serve fvgpt_serving.service:FVGPT` with the bundle
-(or repository) and options passed as environment variables (serving/config.py), forward SIGINT/SIGTERM to it, and exit
-with its status. `--smoke-test` starts it on a free loopback port, classifies one bundled photo over HTTP with the
-first ready classifier, prints the JSON and stops it.
+"""`fvgpt serve BUNDLE` / `fvgpt serve --repository DIR`: run `bentoml serve fvgpt_serving.service:FVGPT` with the
+bundle (or repository) and options passed as environment variables (serving/config.py), forward SIGINT/SIGTERM to it,
+and exit with its status. `--smoke-test` starts it on a free loopback port, classifies one bundled photo over HTTP
+with the first ready classifier, prints the JSON and stops it.
 """
 from __future__ import annotations
 

@@ -12,7 +12,9 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -58,18 +60,25 @@ class Server:
         self.log.close()
 
 
+@contextmanager
+def running(*servers: Server) -> Iterator[None]:
+    """Wait until every server is ready; stop them all at the end, whatever happened."""
+    try:
+        for server in servers:
+            server.wait()
+        yield
+    finally:
+        for server in servers:
+            server.close()
+
+
 @pytest.fixture(scope="module")
 def servers(tiny_bundle, tiny_zero_shot_bundle, tmp_path_factory):
     logs = tmp_path_factory.mktemp("server-logs")
     fvgpt = Server(tiny_bundle, logs / "fvgpt.log", **LIMITS)
     zero_shot = Server(tiny_zero_shot_bundle, logs / "zero-shot.log", FVGPT_API_KEY=API_KEY)
-    try:
-        fvgpt.wait()
-        zero_shot.wait()
+    with running(fvgpt, zero_shot):
         yield fvgpt, zero_shot
-    finally:
-        fvgpt.close()
-        zero_shot.close()
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from openapi_spec_validator import validate as validate_document
 from fvgpt_runtime.bundle import Bundle
 from fvgpt_runtime.manifest import Manifest
 from fvgpt_serving.repository import Found, Snapshot, scan
-from test_serving import Server, assert_matches, b64, photo_bytes, post_files, post_json, returned
+from test_serving import Server, assert_matches, b64, photo_bytes, post_files, post_json, returned, running
 
 pytestmark = pytest.mark.slow
 
@@ -52,13 +52,8 @@ def servers(layout, generated_repository, tmp_path_factory):
     repo = Server(layout, logs / "repository.log", repository=True, FVGPT_API_KEY=KEY, FVGPT_POLL_S="2",
                   FVGPT_READY_TTL_S="0")
     alone = Server(generated_repository / "clf-0000" / "1", logs / "alone.log")
-    try:
-        repo.wait()
-        alone.wait()
+    with running(repo, alone):
         yield repo, alone
-    finally:
-        repo.close()
-        alone.close()
 
 
 @pytest.fixture(scope="module")
