@@ -107,10 +107,12 @@ def check_reachable(target: Target, timeout: float) -> None:
                          f"`fvgpt serve BUNDLE --host 127.0.0.1 --port {target.port}`") from None
 
 
-def multipart(photos: list[tuple[str, bytes]], start: int, count: int) -> tuple[bytes, str]:
-    """One request body with `count` photos in the `images` field, and its content type."""
+def multipart(photos: list[tuple[str, bytes]], start: int, count: int,
+              fields: list[tuple[str, str]] = ()) -> tuple[bytes, str]:
+    """One request body with `count` photos in the `images` field (and text `fields`), and its content type."""
     boundary = uuid.uuid4().hex
-    parts = []
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+             for name, value in fields]
     for i in range(count):
         name, data = photos[(start + i) % len(photos)]
         parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="{name}"\r\n'

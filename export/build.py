@@ -23,7 +23,7 @@ from fvgpt.backbone import load_backbone
 from fvgpt.classes import ClassSplit
 from fvgpt.errors import FVGPTError
 from fvgpt.labels import ZERO_SHOT_TEMPLATE, learned_template
-from fvgpt.model import FVGPTModel
+from fvgpt.model import FVGPTModel, TextTables
 from fvgpt.rundir import load_run, read_json
 from fvgpt_runtime.manifest import (MANIFEST, BackboneInfo, Graph, Heads, Manifest, Prompts, Tokenizer, Tower, sha256_file,
                               short_id)
@@ -106,22 +106,24 @@ def _commit(tmp: Path, out: Path) -> None:
 def _reference(model: FVGPTModel, pixels: np.ndarray) -> dict[str, np.ndarray]:
     """The torch model's outputs on the parity set, through the model object's own heads."""
     tables = model.tables(list(model.classes.names))
-
-    def run(x: np.ndarray) -> dict[str, np.ndarray]:
-        f = model.encode_image(torch.from_numpy(x))
-        if model.plugin is None:
-            return {"features": f.numpy(), "logits": model.heads(f, tables).z_clip.numpy()}
-        base = model.heads(f, tables.rows(model.classes.base_ids))
-        return {"features": f.numpy(), "base_logits": base.z_fdc.numpy(), "new_logits": model.heads(f, tables).z_pc.numpy()}
-
-    return run_in_batches(run, pixels)
+    return run_in_batches(lambda x: heads_reference(model, model.encode_image(torch.from_numpy(x)), tables), pixels)
 
 
-def _tables(model: FVGPTModel) -> dict[str, np.ndarray]:
+@torch.no_grad()
+def heads_reference(model: FVGPTModel, features: torch.Tensor, tables: TextTables) -> dict[str, np.ndarray]:
+    """Features and the logits every bundle output must reproduce, from the model object's own heads."""
+    if model.plugin is None:
+        return {"features": features.numpy(), "logits": model.heads(features, tables).z_clip.numpy()}
+    base = model.heads(features, tables.rows(model.classes.base_ids))
+    return {"features": features.numpy(), "base_logits": base.z_fdc.numpy(),
+            "new_logits": model.heads(features, tables).z_pc.numpy()}
+
+
+def bundle_tables(model: FVGPTModel, tables: TextTables | None = None) -> dict[str, np.ndarray]:
     """learned, clip (C, D); adapted (C_base, D) = G̃ of the base classes; context (n_ctx, W), or one zero row for
-    zero-shot bundles (the text graph ignores it where use_context = 0)."""
+    zero-shot bundles (the text graph ignores it where use_context = 0). `tables`: the model's, if already computed."""
     with torch.no_grad():
-        tables = model.tables(list(model.classes.names))
+        tables = tables or model.tables(list(model.classes.names))
         arrays = {"learned": tables.learned, "clip": tables.clip}
         if model.plugin is not None:
             arrays["adapted"] = model.plugin.adapt_text(tables.learned[model.classes.base_ids])
@@ -160,6 +162,18 @@ def _export_graphs(tmp: Path, model: FVGPTModel, opts: ExportOptions) -> list[st
     return outputs
 
 
+def model_id_of(kind: str, backbone: str, bundle_dir: Path) -> str:
+    """A bundle's model id: its kind, backbone and the content of what makes it this classifier (heads, tables)."""
+    identity = hashlib.sha256((sha256_file(bundle_dir / HEADS_GRAPH) + sha256_file(bundle_dir / TABLES)).encode())
+    return f"{kind}-{backbone}-{identity.hexdigest()[:12]}"
+
+
+def export_model(model: FVGPTModel, out: str | Path, opts: ExportOptions, pretrained: str, init_seed: int,
+                 run: dict | None = None) -> Path:
+    """Any model object (e.g. a generated one, for benchmarks) → a parity-gated bundle."""
+    return _write_bundle(Path(out), opts, model, pretrained, init_seed, run)
+
+
 def _write_bundle(out: Path, opts: ExportOptions, model: FVGPTModel, pretrained: str, init_seed: int,
                   run: dict | None) -> Path:
     bb = model.backbone
@@ -167,7 +181,7 @@ def _write_bundle(out: Path, opts: ExportOptions, model: FVGPTModel, pretrained:
     tmp = _prepare_out(out, opts.force)
     try:
         outputs = _export_graphs(tmp, model, opts)
-        save_file(_tables(model), str(tmp / TABLES))
+        save_file(bundle_tables(model), str(tmp / TABLES))
         (tmp / VOCAB).parent.mkdir()
         shutil.copyfile(bb.vocabulary_path(), tmp / VOCAB)
 
@@ -177,11 +191,10 @@ def _write_bundle(out: Path, opts: ExportOptions, model: FVGPTModel, pretrained:
             return Graph(f"tower.{precision}.onnx", short_id("tower", facts))
 
         fvgpt_kind = model.plugin is not None
-        identity = hashlib.sha256((sha256_file(tmp / HEADS_GRAPH) + sha256_file(tmp / TABLES)).encode()).hexdigest()
         n_ctx = 0 if model.context is None else int(model.context.shape[0])
         manifest = Manifest(
             kind="fvgpt" if fvgpt_kind else "zero-shot",
-            model_id=f"{'fvgpt' if fvgpt_kind else 'zero-shot'}-{bb.name}-{identity[:12]}",
+            model_id=model_id_of("fvgpt" if fvgpt_kind else "zero-shot", bb.name, tmp),
             backbone=BackboneInfo(bb.name, pretrained, init_seed, fingerprint, bb.embed_dim, bb.context_length,
                                   bb.logit_scale),
             preprocess=bb.preprocess, tokenizer=Tokenizer(VOCAB, bb.context_length), classes=model.classes,

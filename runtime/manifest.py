@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,37 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class FileDigests:
+    """sha256 of files, remembered per file identity (device, inode, size, mtime, ctime): bundles hard-linked to one
+    tower graph are read once per process, and any write to a file (which moves its ctime) makes it read again.
+    As in git's index, a file changed in the last RACY_NS is not remembered: file times are coarser than writes."""
+
+    RACY_NS = 2_000_000_000
+
+    def __init__(self, size: int = 65_536):
+        self.size = size
+        self._known: OrderedDict[tuple[int, ...], str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, path: Path) -> str:
+        st = path.stat()
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        with self._lock:
+            if (known := self._known.get(key)) is not None:
+                return known
+        digest = sha256_file(path)
+        if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < self.RACY_NS:
+            return digest
+        with self._lock:
+            self._known[key] = digest
+            while len(self._known) > self.size:
+                self._known.popitem(last=False)
+        return digest
+
+
+DIGESTS = FileDigests()
 
 
 def short_id(prefix: str, facts: dict) -> str:
@@ -215,7 +249,7 @@ class Manifest:
 
     def write(self, bundle_dir: Path) -> None:
         """Hash every listed file, then write manifest.json with its own digest."""
-        self.files = {name: sha256_file(bundle_dir / name) for name in sorted(self.files)}
+        self.files = {name: DIGESTS(bundle_dir / name) for name in sorted(self.files)}
         doc = self.to_dict()
         doc["digest"] = self.digest_of(doc)
         (bundle_dir / MANIFEST).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
@@ -289,14 +323,16 @@ class Manifest:
                                 f"re-export the bundle")
         return manifest
 
-    def verify_files(self, bundle_dir: str | Path) -> list[str]:
-        """Problems found comparing every listed file with its sha256 (empty: all good)."""
+    def verify_files(self, bundle_dir: str | Path, names: list[str] | None = None) -> list[str]:
+        """Problems found comparing every listed file (or only `names`) with its sha256 (empty: all good)."""
         problems = []
-        for name, expected in self.files.items():
+        for name in self.files if names is None else names:
             f = Path(bundle_dir) / name
-            if not f.is_file():
+            if name not in self.files:
+                problems.append(f"{name}: not listed in the manifest")
+            elif not f.is_file():
                 problems.append(f"{name}: missing")
-            elif sha256_file(f) != expected:
+            elif DIGESTS(f) != self.files[name]:
                 problems.append(f"{name}: sha256 mismatch (file changed since export)")
         return problems
 

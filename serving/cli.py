@@ -1,6 +1,7 @@
-"""`fvgpt serve BUNDLE`: run `bentoml serve fvgpt_serving.service:FVGPT` with the bundle and options passed as environment
-variables (serving/config.py), forward SIGINT/SIGTERM to it, and exit with its status. `--smoke-test` starts it on a
-free loopback port, classifies one bundled photo over HTTP, prints the JSON and stops it.
+"""`fvgpt serve BUNDLE` / `fvgpt serve --repository DIR`: run `bentoml serve fvgpt_serving.service:FVGPT` with the
+bundle (or repository) and options passed as environment variables (serving/config.py), forward SIGINT/SIGTERM to it,
+and exit with its status. `--smoke-test` starts it on a free loopback port, classifies one bundled photo over HTTP
+with the first ready classifier, prints the JSON and stops it.
 """
 from __future__ import annotations
 
@@ -21,12 +22,22 @@ REPO_ROOT = Path(__file__).resolve().parent.parent  # bentoml serve imports the 
 
 
 def register(sub) -> None:
-    p = sub.add_parser("serve", help="serve a bundle over HTTP with BentoML (POST /classify, GET /labels, GET /info)",
-                       description="Starts `bentoml serve` on the bundle: adaptive batching on the tower (ONNX "
-                                   "Runtime, CUDA where available, or the bundle's TensorRT engine), base/new/zero-"
-                                   "shot routing, new labels through the text graph. Limits and the API key come "
-                                   "from FVGPT_* environment variables (serving/README.md).")
-    p.add_argument("bundle", help="bundle dir written by fvgpt export")
+    p = sub.add_parser("serve", help="serve a bundle, or a repository of them, over HTTP with BentoML (POST "
+                                     "/classify, GET /models, /labels, /info)",
+                       description="Starts `bentoml serve` on one bundle or on a model repository (DIR/NAME/VERSION/, "
+                                   "one folder per classifier; bundles added, replaced or removed there are picked "
+                                   "up while it runs). Classifiers on one backbone share one image tower behind "
+                                   "adaptive batching (ONNX Runtime, CUDA where available, or the bundle's "
+                                   "TensorRT engine); base/new/zero-shot routing and new labels per classifier. "
+                                   "Limits and the API key come from FVGPT_* environment variables "
+                                   "(serving/README.md).")
+    p.add_argument("bundle", nargs="?", help="bundle dir written by fvgpt export (served as a repository of one)")
+    p.add_argument("--repository", metavar="DIR",
+                   help="serve every bundle under DIR: DIR/NAME/VERSION/ (or DIR/NAME/ for one version); the "
+                        "highest ready version of NAME is served unless a request names NAME@VERSION")
+    p.add_argument("--poll-interval", type=float, default=config.DEFAULT_POLL_S, metavar="S",
+                   help=f"seconds between scans for added, replaced or removed bundles (default "
+                        f"{config.DEFAULT_POLL_S:g}; 0: only on POST /admin/reload)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, default=3000, help="HTTP port (default 3000)")
@@ -49,9 +60,36 @@ def register(sub) -> None:
 
 
 def _serve(args) -> int:
+    if (args.bundle is None) == (args.repository is None):
+        raise ValueError("give either a BUNDLE or --repository DIR (see fvgpt serve --help)")
+    if args.bundle is not None:
+        _check_bundle(args)
+    elif not Path(args.repository).is_dir():
+        raise ValueError(f"--repository {args.repository}: not a folder (create it; bundles go in DIR/NAME/VERSION/)")
+    if not 2 <= args.max_batch_size <= 4096:
+        raise ValueError("--max-batch-size must be between 2 and 4096")
+    if args.max_latency_ms < 1 or (args.threads is not None and args.threads < 1):
+        raise ValueError("--max-latency-ms and --threads must be positive")
+    if not 0 <= args.poll_interval <= 86_400:
+        raise ValueError("--poll-interval must be between 0 and 86400 seconds")
+    source = {config.BUNDLE_ENV: str(Path(args.bundle).resolve())} if args.bundle is not None else \
+        {config.REPOSITORY_ENV: str(Path(args.repository).resolve())}
+    env = {k: v for k, v in os.environ.items() if k not in (config.BUNDLE_ENV, config.REPOSITORY_ENV)} | source | {
+        config.RUNTIME_ENV: args.runtime,
+        config.PRECISION_ENV: args.precision or "", config.THREADS_ENV: str(args.threads or ""),
+        config.MAX_BATCH_ENV: str(args.max_batch_size), config.MAX_LATENCY_ENV: str(args.max_latency_ms),
+        config.POLL_ENV: str(args.poll_interval),
+        "BENTOML_DO_NOT_TRACK": os.environ.get("BENTOML_DO_NOT_TRACK", "True"),
+    }
+    if args.smoke_test:
+        return _smoke_test(env, args.ready_timeout)
+    return _run_forwarding_signals(server_command(args.host, args.port), env, f"http://{args.host}:{args.port}")
+
+
+def _check_bundle(args) -> None:
+    """Fail here, with the bundle's own message, rather than serve a repository of one refused bundle."""
     from fvgpt_runtime.manifest import open_manifest
 
-    # Fail here, with the bundle's own message: a worker that fails to start is only restarted by BentoML.
     manifest = open_manifest(args.bundle)
     precision = args.precision or manifest.default_precision
     towers = manifest.towers["image"].precisions
@@ -61,19 +99,8 @@ def _serve(args) -> int:
     if args.runtime == "tensorrt" and precision not in engines:
         raise ValueError(f"--runtime tensorrt: the bundle has no {precision} TensorRT engine (has: "
                          f"{', '.join(engines) or 'none'}); export with --tensorrt on a GPU host")
-    if not 2 <= args.max_batch_size <= manifest.max_batch:
-        raise ValueError(f"--max-batch-size must be between 2 and the bundle's max batch {manifest.max_batch}")
-    if args.max_latency_ms < 1 or (args.threads is not None and args.threads < 1):
-        raise ValueError("--max-latency-ms and --threads must be positive")
-    env = os.environ | {
-        config.BUNDLE_ENV: str(Path(args.bundle).resolve()), config.RUNTIME_ENV: args.runtime,
-        config.PRECISION_ENV: args.precision or "", config.THREADS_ENV: str(args.threads or ""),
-        config.MAX_BATCH_ENV: str(args.max_batch_size), config.MAX_LATENCY_ENV: str(args.max_latency_ms),
-        "BENTOML_DO_NOT_TRACK": os.environ.get("BENTOML_DO_NOT_TRACK", "True"),
-    }
-    if args.smoke_test:
-        return _smoke_test(env, args.ready_timeout)
-    return _run_forwarding_signals(server_command(args.host, args.port), env, f"http://{args.host}:{args.port}")
+    if args.max_batch_size > manifest.max_batch:
+        raise ValueError(f"--max-batch-size must be at most the bundle's max batch {manifest.max_batch}")
 
 
 def server_command(host: str, port: int) -> list[str]:
@@ -92,7 +119,7 @@ def _run_forwarding_signals(cmd: list[str], env: dict[str, str], url: str) -> in
         proc.send_signal(signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-    print(f"fvgpt serve: {url}  (POST /classify, GET /labels, GET /info, /readyz, /metrics, /docs.json); "
+    print(f"fvgpt serve: {url}  (POST /classify, GET /models, /labels, /info, /readyz, /metrics, /docs.json); "
           f"server PID {proc.pid}", flush=True)
     try:
         rc = proc.wait()
@@ -152,14 +179,16 @@ def _smoke_test(env: dict[str, str], timeout_s: float) -> int:
         print(f"smoke test: starting {url} (server PID {proc.pid})", flush=True)
         try:
             wait_ready(proc, url, timeout_s)
+            ready = [m for m in httpx.get(f"{url}/models", headers=headers, timeout=30).json()["models"]
+                     if m["state"] == "ready" and m["default"]]
             photo = photo_paths()[1]
             with open(photo, "rb") as fh:
                 resp = httpx.post(f"{url}/classify", files=[("images", (photo.name, fh, "image/jpeg"))],
-                                  headers=headers, timeout=120)
+                                  data={"model": ready[0]["name"]}, headers=headers, timeout=120)
             print(f"POST {url}/classify ({photo.name}) → {resp.status_code}")
             print(json.dumps(resp.json(), indent=2))
             ok = resp.status_code == 200 and len(resp.json().get("results", [])) == 1
-        except (RuntimeError, httpx.HTTPError, ValueError) as exc:
+        except (RuntimeError, httpx.HTTPError, ValueError, KeyError, IndexError) as exc:
             print(f"smoke test failed: {exc}", file=sys.stderr)
             ok = False
         finally:

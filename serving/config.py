@@ -1,6 +1,7 @@
-"""How a server process finds its bundle and runtime: environment variables set by `fvgpt serve` (or by hand for
-`bentoml serve` / a container). The batching knobs are read at import time because BentoML's @api decorator takes
-them then; everything else is read when a service starts.
+"""How a server process finds its classifiers and runtime: environment variables set by `fvgpt serve` (or by hand for
+`bentoml serve` / a container). Either FVGPT_REPOSITORY (a folder of classifiers) or FVGPT_BUNDLE (one bundle, served
+as a repository of one). The batching knobs are read at import time because BentoML's @api decorator takes them
+then; everything else is read when a service starts.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pathlib import Path
 from .limits import env_int
 
 BUNDLE_ENV = "FVGPT_BUNDLE"
+REPOSITORY_ENV = "FVGPT_REPOSITORY"
+POLL_ENV = "FVGPT_POLL_S"
 RUNTIME_ENV = "FVGPT_RUNTIME"
 PRECISION_ENV = "FVGPT_PRECISION"
 THREADS_ENV = "FVGPT_THREADS"
@@ -23,6 +26,7 @@ API_KEY_ENV = "FVGPT_API_KEY"
 RUNTIMES = ("auto", "onnx", "tensorrt")
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_LATENCY_MS = 10_000
+DEFAULT_POLL_S = 2.0
 
 
 def max_batch_size() -> int:
@@ -35,24 +39,39 @@ def max_latency_ms() -> int:
 
 @dataclass(frozen=True)
 class ServeConfig:
-    bundle: Path
+    source: Path  # the repository folder, or the one bundle
+    single: bool = False  # source is one bundle (FVGPT_BUNDLE), not a folder of classifiers
     runtime: str = "auto"
     precision: str | None = None
-    threads: int | None = None  # ONNX Runtime intra-op threads of the tower (None: one per core)
+    threads: int | None = None  # ONNX Runtime intra-op threads of each tower (None: one per core)
     decode_threads: int = 2  # threads decoding and preprocessing images in the API process
     ready_ttl_s: int = 10  # a successful inference younger than this makes /readyz skip its canary
     api_key: str | None = None
+    poll_s: float = DEFAULT_POLL_S  # seconds between scans of the repository for changes; 0: only POST /admin/reload
 
     @classmethod
     def from_env(cls) -> ServeConfig:
         bundle = os.environ.get(BUNDLE_ENV, "").strip()
-        if not bundle:
-            raise ValueError(f"set {BUNDLE_ENV} to the bundle dir to serve (fvgpt serve BUNDLE sets it for you)")
+        repository = os.environ.get(REPOSITORY_ENV, "").strip()
+        if bool(bundle) == bool(repository):
+            raise ValueError(f"set exactly one of {REPOSITORY_ENV} (a folder of classifiers) and {BUNDLE_ENV} (one "
+                             f"bundle); `fvgpt serve --repository DIR` or `fvgpt serve BUNDLE` sets it for you")
         runtime = os.environ.get(RUNTIME_ENV, "auto").strip() or "auto"
         if runtime not in RUNTIMES:
             raise ValueError(f"{RUNTIME_ENV}={runtime!r} is not one of {', '.join(RUNTIMES)}")
         threads = env_int(THREADS_ENV, 0, minimum=0) or None
-        return cls(bundle=Path(bundle), runtime=runtime, precision=os.environ.get(PRECISION_ENV, "").strip() or None,
-                   threads=threads, decode_threads=env_int(DECODE_THREADS_ENV, 2),
-                   ready_ttl_s=env_int(READY_TTL_ENV, 10, minimum=0),
-                   api_key=os.environ.get(API_KEY_ENV, "").strip() or None)
+        return cls(source=Path(bundle or repository), single=bool(bundle), runtime=runtime,
+                   precision=os.environ.get(PRECISION_ENV, "").strip() or None, threads=threads,
+                   decode_threads=env_int(DECODE_THREADS_ENV, 2), ready_ttl_s=env_int(READY_TTL_ENV, 10, minimum=0),
+                   api_key=os.environ.get(API_KEY_ENV, "").strip() or None, poll_s=poll_seconds())
+
+
+def poll_seconds() -> float:
+    raw = os.environ.get(POLL_ENV, "").strip()
+    try:
+        value = float(raw) if raw else DEFAULT_POLL_S
+    except ValueError:
+        raise ValueError(f"{POLL_ENV}={raw!r} is not a number of seconds") from None
+    if not 0 <= value <= 86_400:
+        raise ValueError(f"{POLL_ENV}={value} must be between 0 (no polling) and 86400 seconds")
+    return value

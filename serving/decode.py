@@ -78,14 +78,16 @@ def decode_image(data: bytes, limits: Limits, name: str) -> Image.Image:
     return image
 
 
-def to_pixels(images: list[bytes], cfg: Preprocess, limits: Limits, names: list[str]) -> np.ndarray:
-    """(N, 3, S, S) float32 batch exactly as the bundle's manifest preprocesses; the decoded images are dropped as soon
-    as each is preprocessed, so at most one full-size image per calling thread is alive."""
-    out = np.empty((len(images), 3, cfg.size, cfg.size), np.float32)
+def to_pixels(images: list[bytes], cfgs: list[Preprocess], limits: Limits, names: list[str]) -> list[np.ndarray]:
+    """One (N, 3, S, S) float32 batch per preprocessing in `cfgs` (one per tower a request uses), exactly as the
+    bundles' manifests say. Each image is decoded once and dropped as soon as it is preprocessed, so at most one
+    full-size image per calling thread is alive."""
+    out = [np.empty((len(images), 3, cfg.size, cfg.size), np.float32) for cfg in cfgs]
     for i, (data, name) in enumerate(zip(images, names)):
         image = decode_image(data, limits, name)
-        try:
-            out[i] = preprocess(image, cfg)
-        except (ValueError, OSError) as exc:  # e.g. a LAB TIFF: PIL has no conversion to RGB
-            raise ApiError(400, f"{name} (mode {image.mode}) cannot be made RGB ({exc})") from None
+        for batch, cfg in zip(out, cfgs):
+            try:
+                batch[i] = preprocess(image, cfg)
+            except (ValueError, OSError) as exc:  # e.g. a LAB TIFF: PIL has no conversion to RGB
+                raise ApiError(400, f"{name} (mode {image.mode}) cannot be made RGB ({exc})") from None
     return out

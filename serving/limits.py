@@ -1,7 +1,7 @@
 """Request limits of the HTTP service, each overridable by an environment variable (documented in serving/README.md).
 
 Read once per server process. They bound what one request can cost: bytes read, pixels decoded, images in a batch,
-labels pushed through the text graph.
+labels pushed through the text graph, classifiers whose heads run.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ class Limits:
     max_images: int = 16
     max_labels: int = 64
     max_label_chars: int = 100  # CLIP's context is 77 tokens; longer labels would be silently truncated
+    max_models: int = 1024  # classifiers one request may name (also what "models": "*" may expand to)
     default_top_k: int = 5
 
     ENV: ClassVar[dict[str, str]] = {
@@ -40,6 +41,7 @@ class Limits:
         "max_images": "FVGPT_MAX_IMAGES",
         "max_labels": "FVGPT_MAX_LABELS",
         "max_label_chars": "FVGPT_MAX_LABEL_CHARS",
+        "max_models": "FVGPT_MAX_MODELS",
         "default_top_k": "FVGPT_DEFAULT_TOP_K",
     }
 

@@ -67,3 +67,23 @@ def tiny_zero_shot_bundle(tmp_path_factory) -> Path:
     return export_zero_shot("fvgpt-tiny", "none", ["cat", "dog", "rocket"],
                             tmp_path_factory.mktemp("bundles") / "zeroshot", ExportOptions(progress=False,
                                                                                            parity_images=32))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_seed2(tiny_run_seed2, tmp_path_factory) -> Path:
+    """fp32 FVG-PT bundle exported from tiny_run_seed2: another classifier on tiny_bundle's tower. Read-only."""
+    from fvgpt_export.build import ExportOptions, export_run
+
+    return export_run(tiny_run_seed2, tmp_path_factory.mktemp("bundles") / "fvgpt-seed2",
+                      ExportOptions(progress=False, parity_images=32))
+
+
+@pytest.fixture(scope="session")
+def generated_repository(tmp_path_factory) -> Path:
+    """benchmarks.model_repository's generator: three classifiers on another tower (fvgpt-tiny, init seed 1),
+    DIR/clf-000i/1. Read-only."""
+    from benchmarks.model_repository import generate
+
+    out = tmp_path_factory.mktemp("generated") / "repo"
+    generate(out, 3, "fvgpt-tiny", "none", init_seed=1, progress=False)
+    return out

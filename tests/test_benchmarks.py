@@ -241,3 +241,33 @@ def test_http_load_against_fvgpt_serve(tiny_zero_shot_bundle, tmp_path):
                 assert row["errors"] == 0 and row["images_per_s"] > 0 and row["ratio_to_model_only"] > 0
         finally:
             stop(server)  # by PID; its own process group holds the workers BentoML starts
+
+
+# ---- model_repository -------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_model_repository_generates_valid_bundles_and_measures_a_server(generated_repository, tmp_path):
+    from fvgpt_export.validate import validate_bundle
+    from fvgpt_runtime.manifest import Manifest
+
+    base, derived = (Manifest.read(generated_repository / f"clf-000{i}" / "1") for i in (0, 1))
+    assert derived.tower_id == base.tower_id and derived.model_id != base.model_id
+    assert derived.classes != base.classes and derived.parity["derived_from"] == base.model_id
+    assert (generated_repository / "clf-0001/1/tower.fp32.onnx").stat().st_ino == \
+        (generated_repository / "clf-0000/1/tower.fp32.onnx").stat().st_ino  # shared by a hard link
+    report = validate_bundle(generated_repository / "clf-0001" / "1")  # every parity check, tower included
+    assert report["passed"], report
+
+    res = bench("model_repository", "run", "--repository", str(generated_repository), "--sizes", "1,2",
+                "--concurrency", "2", "--requests", "6", "--duration", "10", "--pickups", "1", "--poll", "0.5",
+                "--work", str(tmp_path), "--out", str(tmp_path), timeout=300)
+    assert res.returncode == 0, res.stderr
+    report = json.loads((tmp_path / "model_repository.json").read_text())
+    assert [r["classifiers"] for r in report["results"]] == [1, 2]
+    for row in report["results"]:
+        assert row["one_errors"] == row["all_errors"] == 0 and row["one_requests"] == row["all_requests"] == 6
+        assert row["one_images_per_s"] > 0 and row["all_images_per_s"] > 0 and row["load_s"] > 0
+        assert row["rss_api_mib"] > 0 and row["rss_encoder_mib"] > 0 and row["pickups"] == 1
+        assert 0 < row["pickup_s_max"] < 30
+    assert report["results"][0]["rss_per_added_classifier_mib"] is None
+    assert report["results"][1]["rss_per_added_classifier_mib"] is not None
+    assert report["repository"]["tower_id"] == base.tower_id and "| K |" in res.stdout

@@ -12,7 +12,9 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -34,12 +36,14 @@ LIMITS = {"FVGPT_MAX_IMAGE_PIXELS": "1000000", "FVGPT_MAX_IMAGES": "4", "FVGPT_M
 
 
 class Server:
-    def __init__(self, bundle: Path, log: Path, **env: str):
+    """`bentoml serve` on one bundle (FVGPT_BUNDLE) or, with repository=True, on a folder of them."""
+
+    def __init__(self, source: Path, log: Path, repository: bool = False, **env: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("FVGPT_")}
-        full_env = inherited | {"FVGPT_BUNDLE": str(bundle), "FVGPT_MAX_BATCH_SIZE": "8",
-                                "FVGPT_MAX_LATENCY_MS": "10000"} | env
+        full_env = inherited | {"FVGPT_REPOSITORY" if repository else "FVGPT_BUNDLE": str(source),
+                                "FVGPT_MAX_BATCH_SIZE": "8", "FVGPT_MAX_LATENCY_MS": "10000"} | env
         self.log = open(log, "w+")  # noqa: SIM115 - closed by close()
         self.proc = subprocess.Popen(server_command("127.0.0.1", self.port), env=full_env, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
@@ -56,18 +60,25 @@ class Server:
         self.log.close()
 
 
+@contextmanager
+def running(*servers: Server) -> Iterator[None]:
+    """Wait until every server is ready; stop them all at the end, whatever happened."""
+    try:
+        for server in servers:
+            server.wait()
+        yield
+    finally:
+        for server in servers:
+            server.close()
+
+
 @pytest.fixture(scope="module")
 def servers(tiny_bundle, tiny_zero_shot_bundle, tmp_path_factory):
     logs = tmp_path_factory.mktemp("server-logs")
     fvgpt = Server(tiny_bundle, logs / "fvgpt.log", **LIMITS)
     zero_shot = Server(tiny_zero_shot_bundle, logs / "zero-shot.log", FVGPT_API_KEY=API_KEY)
-    try:
-        fvgpt.wait()
-        zero_shot.wait()
+    with running(fvgpt, zero_shot):
         yield fvgpt, zero_shot
-    finally:
-        fvgpt.close()
-        zero_shot.close()
 
 
 @pytest.fixture(scope="module")
