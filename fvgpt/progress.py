@@ -48,7 +48,7 @@ def track(iterable: Iterable, desc: str, enabled: bool = True, total: int | None
     if not enabled:
         return PlainProgress(iterable, desc, math.inf, total, unit)
     if on_terminal():
-        return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, file=sys.stderr, dynamic_ncols=True)
+        return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, file=sys.stderr)
     return PlainProgress(iterable, desc, float(os.environ.get("FVGPT_PROGRESS_EVERY_S", DEFAULT_EVERY_S)), total,
                          unit)
 
