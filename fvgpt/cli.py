@@ -163,9 +163,11 @@ def _evaluate(run_dir: Path, quiet: bool, device: str | None = None, out: str | 
         source = ({"data": data, "dataset": None, "root": None} if data else
                   {"data": "", "dataset": dataset or cfg.dataset, "root": root or cfg.root})
         cfg = replace(cfg, split_file=None, image_dir=None, **source)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the K-shot notes were reported at training time
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         index = index_for(cfg, draw=False)  # the data is checked before any weights load
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
     classes = read_classes(Path(run_dir))
     if index.classnames != list(classes.names):
         raise DataError(f"the classes of {index.root} differ from the run's ({len(index.classnames)} vs "

@@ -151,17 +151,17 @@ def encode_mask(fg: np.ndarray, suffix: str) -> bytes:
     return buf.getvalue()
 
 
-def dataset_images(data: str | None, dataset: str | None, root: str | None) -> tuple[Path, list[Path] | None]:
-    """(mask root, images) of `fvgpt masks`: every image under a --data folder (None: walk it), or every image a
-    --dataset lists (train and test) under its --root. The mask root is where fvgpt.data's loader will look: an
-    existing mask/ in the dataset's folder or its parent, else the --data folder or the --root (FVG-PT's)."""
+def dataset_images(data: str | None, dataset: str | None, root: str | None) -> tuple[Path, list[Path]]:
+    """(mask root, images) of `fvgpt masks`: every image under a --data folder, or every image a --dataset lists
+    (train and test) under its --root. The mask root is where fvgpt.data's loader will look: an existing mask/ in
+    the dataset's folder or its parent, else the --data folder or the --root (FVG-PT's)."""
     if data and (dataset or root):
         raise DataError("give --data FOLDER or --dataset NAME --root ROOT, not both")
     if data:
         folder = absolute(data)
         if not folder.is_dir():
             raise DataError(f"dataset folder {folder} does not exist or is not a folder")
-        return find_mask_root(folder) or folder, None
+        return find_mask_root(folder) or folder, _images(folder)
     if not (dataset and root):
         raise DataError("--dataset and --root go together: --dataset NAME --root ROOT (the folder holding its folder)")
     spec, base = find_dataset(dataset), absolute(root)

@@ -229,10 +229,15 @@ def test_generated_masks_land_where_fvgpt_looks(tmp_path):
         pytest.skip(f"U²-Net-p not found at {default_model_path()}; fetch it first with `fvgpt masks --fetch-model`")
     root = tmp_path / "DATA"
     build_layout("eurosat", root)
+    build_layout("dtd", root)
     assert main(["masks", "--dataset", "eurosat", "--root", str(root), "--quiet"]) == 0
     index = load_index(root, SHOTS, SEED, dataset="eurosat")
     assert index.mask_root == root and all(s.mask is not None for s in index.train + index.test)
-    assert len(list((root / "mask" / "eurosat" / "2750").rglob("*.jpg"))) == sum(TRAIN_PER_CLASS) + 4
+    # --data on one dataset of DATA: its masks join DATA/mask (where the loader looks), no other dataset's
+    assert main(["masks", "--data", str(root / "dtd"), "--quiet"]) == 0
+    per_dataset = sum(TRAIN_PER_CLASS) + 4
+    written = sorted(p.relative_to(root / "mask") for p in (root / "mask").rglob("*") if p.is_file())
+    assert [p.parts[:2] for p in written] == [("dtd", "images")] * per_dataset + [("eurosat", "2750")] * per_dataset
 
 
 # ---- refusals: each names the folder searched and says what to do ----------------------------------------------
