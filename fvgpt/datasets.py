@@ -22,7 +22,7 @@ COOP_DATASETS_DOC = "CoOp's DATASETS.md (github.com/KaiyangZhou/CoOp)"
 SPLIT_GLOB = "split_zhou_*.json"
 SPLIT_DIRS = ("train", "val", "test")
 MASK_DIR = "mask"
-FEWSHOT_CACHE_DIR = "split_fewshot"  # CoOp writes its few-shot pickles here; never read
+FEWSHOT_CACHE_DIR = "split_fewshot"  # CoOp writes its few-shot pickles here: never read, but it marks a dataset folder
 
 
 @dataclass
@@ -320,6 +320,10 @@ def check_data_folder(root: Path, children: list[Path]) -> None:
         first = min(found)
         raise DataError(f"{root} holds datasets, not class folders: {listed}. Train on one with "
                         f"--dataset NAME --root {root} (NAME: {', '.join(NAMES)}), or --data {root / first}")
+    if any(c.name == FEWSHOT_CACHE_DIR for c in children):
+        raise DataError(f"{root} holds {FEWSHOT_CACHE_DIR}/, CoOp's few-shot cache: it is a CoOp dataset folder, not "
+                        f"classes. Use --dataset NAME --root {root.parent} (NAME: {', '.join(NAMES)}), or --data "
+                        f"{root} once it holds its split file (split_zhou_*.json)")
     splits = sorted(c.name for c in children if c.name in SPLIT_DIRS)
     if splits:
         raise DataError(f"{root} holds split folders ({', '.join(splits)}), not class folders. --data reads "

@@ -109,7 +109,7 @@ def _run_stage(stage: str, cfg: TrainConfig, out: Path, trainable: nn.Module, ep
         _set_progress(out, stage, epoch + 1, done=False)
         if progress:
             note(f"{stage} epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f} "
-                       f"({record['images_per_s']:.1f} img/s)")
+                 f"({record['images_per_s']:.1f} img/s)")
         if hook is not None:
             hook(stage, epoch + 1)
     _set_progress(out, stage, epochs, done=True)

@@ -273,6 +273,15 @@ def test_a_dataset_with_a_reader_of_its_own_is_sent_to_dataset(name, data, tmp_p
     assert f"{folder} is CoOp's" in err and f"--dataset {name} --root {data}" in err
 
 
+def test_a_coop_folder_known_only_by_its_fewshot_cache(tmp_path, capsys):
+    folder = tmp_path / "fgvc-aircraft-2013b"  # renamed, its lists gone: only CoOp's cache says what it is
+    for sub in ("images", "split_fewshot"):
+        (folder / sub).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(folder / sub / "0.jpg")
+    err = _refused(_train(tmp_path, "--data", str(folder)), capsys)
+    assert f"{folder} holds split_fewshot/, CoOp's few-shot cache" in err and f"--root {tmp_path}" in err
+
+
 def test_a_dataset_without_its_split_file(tmp_path, capsys):
     root = tmp_path / "DATA"
     build_layout("dtd", root)
