@@ -133,7 +133,9 @@ def dataset_folder(spec: CoopDataset, root: Path) -> Path:
     folder = root / spec.folder
     if folder.is_dir() and spec.looks_like(folder):
         return folder
-    nested = next((c for c in [folder, *_subfolders(folder)] if spec.looks_like(c / spec.folder)), None)
+    # FVG-PT's per-dataset roots (DATA/sun-397/sun397, DATA/fgvc_aircraft/fgvc-aircraft-2013b/fgvc_aircraft)
+    nested = next((c for c in [folder, *_subfolders(folder), *_subfolders(root)] if spec.looks_like(c / spec.folder)),
+                  None)
     if nested is not None:
         raise DataError(f"{nested} holds {spec.folder}/ (FVG-PT's per-dataset layout, searched from {root}): "
                         f"pass --root {nested}")

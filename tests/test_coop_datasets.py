@@ -218,6 +218,9 @@ def test_fvgpt_per_dataset_root_and_its_masks(tmp_path):
     assert index.mask_root / "mask" / "caltech-101" / "101_ObjectCategories" in index.train[0].mask.parents
     with pytest.raises(DataError, match=f"pass --root {re.escape(str(fvgpt_root))}$"):
         load_index(tmp_path / "DATA", SHOTS, SEED, dataset="caltech101")
+    build_layout("sun397", tmp_path / "DATA" / "sun-397")  # FVG-PT's root for SUN397 has another name
+    with pytest.raises(DataError, match=f"pass --root {re.escape(str(tmp_path / 'DATA' / 'sun-397'))}$"):
+        load_index(tmp_path / "DATA", SHOTS, SEED, dataset="sun397")
     with pytest.raises(DataError, match=r"holds datasets, not class folders: caltech-101/ \(caltech101\)"):
         load_index(fvgpt_root, SHOTS, SEED)  # as --data: it is a dataset's root, not a dataset
 
