@@ -45,7 +45,7 @@ class TrainConfig:
     image_dir: str | None = option(None, "folder the split file's paths are relative to (default: detected)", "data")
     test_fraction: float = option(0.3, "flat ImageFolder only: per-class held-out test part", "data")
     shots: int = option(16, "training images per class (K)", "data")
-    seed: int = option(1, "selects the K-shot images and seeds training", "data")
+    seed: int = option(1, "selects the K-shot images (the same ones as CoOp's --seed) and seeds training", "data")
     base_classes: list[str] | None = option(None, "comma-separated base class names (default: the first half by "
                                                   "label, the paper's protocol)", "data")
     workers: int = option(0, "data loader worker processes", "data")
