@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from conftest import needs_torch
 from fvgpt_serving.cli import free_port, stop, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,6 +66,7 @@ def check_throughput_report(out: Path) -> dict:
     return report
 
 
+@needs_torch  # the baseline is open_clip eager
 def test_throughput_zero_shot_bundle(tiny_zero_shot_bundle, tmp_path):
     res = bench("throughput", "--bundle", str(tiny_zero_shot_bundle), "--batch-sizes", "1,2", "--iters", "2",
                 "--warmup", "1", "--threads", "1", "--out", str(tmp_path))
@@ -77,6 +79,7 @@ def test_throughput_zero_shot_bundle(tiny_zero_shot_bundle, tmp_path):
     assert "| onnx-fp32 |" in res.stdout  # the table printed for the reader
 
 
+@needs_torch
 def test_throughput_fvgpt_bundle_as_script(tiny_bundle, tmp_path):
     res = bench("throughput", "--bundle", str(tiny_bundle), "--runtimes", "onnx-fp32,onnx-int8,tensorrt-fp16",
                 "--batch-sizes", "2", "--iters", "2", "--warmup", "1", "--threads", "1", "--out", str(tmp_path),
