@@ -24,9 +24,15 @@ def register_export(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run", nargs="?", help="run dir from fvgpt train (omit with --zero-shot)")
     p.add_argument("--out", required=True, help="bundle dir to write")
-    p.add_argument("--precision", default="fp32", help="tower precision: fp32 | int8 (CPU: int8 weights per "
-                                                       "channel, dynamic activations) | fp16 (GPU); the fp32 tower "
-                                                       "is always kept as the reference")
+    p.add_argument("--precision", default="fp32", help="ONNX Runtime tower precision, the server's default: fp32 | "
+                                                       "int8 (CPU: int8 weights per channel, activations per token) | "
+                                                       "fp16 (GPU); the fp32 tower is always kept as the reference")
+    p.add_argument("--openvino", action="store_true",
+                   help="also write OpenVINO tower variants (the `openvino` extra): fp32, bf16 where this CPU has bf16 "
+                        "instructions, int8 by NNCF post-training quantisation; each must pass the parity gate or is "
+                        "left out. `fvgpt tune` then measures them against ONNX Runtime")
+    p.add_argument("--calibration-images", type=int, default=64,
+                   help="generated images that calibrate OpenVINO's static int8 scales")
     p.add_argument("--max-batch", type=int, default=64, help="largest batch the graphs/engines are built for")
     p.add_argument("--opset", type=int, default=23, help="ONNX opset (≥ 23 exports fused Attention and Gelu ops)")
     p.add_argument("--tensorrt", action="store_true", help="also build a TensorRT engine (GPU host with tensorrt)")
@@ -44,7 +50,8 @@ def _export(args) -> int:
     from .build import ExportError, ExportOptions, export_run, export_zero_shot
 
     opts = ExportOptions(precision=args.precision, max_batch=args.max_batch, opset=args.opset,
-                         tensorrt=args.tensorrt, force=args.force, parity_images=args.parity_images)
+                         tensorrt=args.tensorrt, openvino=args.openvino, force=args.force,
+                         parity_images=args.parity_images, calibration_images=args.calibration_images)
     if args.zero_shot:
         if args.run:
             raise ExportError("--zero-shot builds from plain CLIP: drop the run dir argument")

@@ -1,5 +1,6 @@
 """A loaded bundle: its verified manifest, text tables and graphs, and the label routing of docs/method.md
-("Inference"). Torch-free: ONNX Runtime (or a TensorRT engine) runs the graphs, NumPy does the rest.
+("Inference"). Torch-free: ONNX Runtime runs the graphs (the tower also on OpenVINO or a TensorRT engine), NumPy does
+the rest.
 
 Routing: a label set made only of base classes goes to the base head (FDC, E6); any other set (new labels, mixed
 labels, or the whole bundle when it holds new classes) to the new head (Prior Calibration, E9–E11) over exactly the
@@ -26,7 +27,7 @@ from .tensorrt import TensorRTRunner, TensorRTUnavailable
 from .tokenizer import ClipTokenizer, shared_tokenizer
 
 LABEL_CACHE_SIZE = 4096
-RUNTIMES = ("onnx", "tensorrt")
+RUNTIMES = ("onnx", "openvino", "tensorrt")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -53,28 +54,28 @@ class TowerRunner:
     def __init__(self, bundle: Bundle, precision: str, runtime: str, device: str, threads: int | None,
                  pool: SessionPool):
         m = bundle.manifest
-        towers = m.towers["image"].precisions
-        if precision not in towers:
-            raise BundleError(f"{bundle.path}: no {precision} tower graph (has: {', '.join(towers)})")
         if runtime not in RUNTIMES:
             raise BundleError(f"unknown runtime {runtime!r} ({', '.join(RUNTIMES)})")
-        self.precision, self.runtime, self.tower_id = precision, runtime, towers[precision].id
+        # a TensorRT engine is built from the ONNX graph of its precision and computes the same tower
+        graph = m.image_tower("onnx" if runtime == "tensorrt" else runtime, precision)
+        self.precision, self.runtime, self.tower_id = precision, runtime, graph.id
         if runtime == "tensorrt":
             engines = (m.tensorrt or {}).get("image", {})
             if precision not in engines:
                 raise TensorRTUnavailable(f"the bundle has no {precision} TensorRT engine (has: "
                                           f"{', '.join(engines) or 'none'}); export with --tensorrt on a GPU host")
-            self._trt = TensorRTRunner(bundle.path / engines[precision]["file"])
+            self._run = TensorRTRunner(bundle.path / engines[precision]["file"]).run
             self.provider = "TensorRT"
+        elif runtime == "openvino":
+            self._run = pool.openvino(bundle.path / graph.file, m.files[graph.file], precision, threads).run
+            self.provider = "OpenVINO CPU"
         else:
-            graph = towers[precision].file
-            self._session, self.provider = pool.get(bundle.path / graph, m.files[graph], device, threads)
+            session, self.provider = pool.get(bundle.path / graph.file, m.files[graph.file], device, threads)
+            self._run = lambda pixels: session.run(["features"], {"pixels": pixels})[0]
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
-        if self.runtime == "tensorrt":
-            return self._trt.run(pixels)["features"]
-        return self._session.run(["features"], {"pixels": pixels})[0]
+        out = self._run(np.ascontiguousarray(pixels, dtype=np.float32))
+        return out["features"] if isinstance(out, dict) else out
 
 
 class Bundle:

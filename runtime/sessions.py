@@ -1,11 +1,13 @@
-"""ONNX Runtime sessions, one per (graph file content, device, threads) in a process.
+"""Graph sessions, one per (graph file content, runtime, device or precision, threads) in a process.
 
 Every bundle on a backbone ships byte-identical tower and text graphs; a server holding many bundles must load each
-only once. Sessions are keyed by the file's sha256 (from the verified manifest), not by path.
+only once. Sessions are keyed by the file's sha256 (from the verified manifest), not by path. ONNX Runtime sessions
+serve the text and heads graphs and the ONNX towers; OpenVINO compiled models serve the OpenVINO tower variants.
 """
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +39,27 @@ def ort_session(path: Path, device: str = "cpu", threads: int | None = None) -> 
 
 
 class SessionPool:
-    """Shared sessions: `get` returns the one session for a graph's content, creating it on first use."""
+    """Shared sessions: each getter returns the one session for a graph's content, creating it on first use."""
 
     def __init__(self) -> None:
-        self._sessions: dict[tuple[str, str, int | None], tuple[Any, str]] = {}
+        self._sessions: dict[tuple, Any] = {}
         self._lock = threading.Lock()
 
-    def get(self, path: Path, sha256: str, device: str = "cpu", threads: int | None = None) -> tuple[Any, str]:
-        key = (sha256, device, threads)
+    def _shared(self, key: tuple, create: Callable[[], Any]) -> Any:
         with self._lock:  # creation is rare and slow; serialising it keeps one session per key
             if key not in self._sessions:
-                self._sessions[key] = ort_session(path, device, threads)
+                self._sessions[key] = create()
             return self._sessions[key]
+
+    def get(self, path: Path, sha256: str, device: str = "cpu", threads: int | None = None) -> tuple[Any, str]:
+        """An ONNX Runtime session and its provider."""
+        return self._shared((sha256, "onnx", device, threads), lambda: ort_session(path, device, threads))
+
+    def openvino(self, path: Path, sha256: str, precision: str, threads: int | None = None) -> Any:
+        """An OpenVINORunner: the graph compiled for `precision` on the CPU."""
+        from .openvino import OpenVINORunner
+
+        return self._shared((sha256, "openvino", precision, threads), lambda: OpenVINORunner(path, precision, threads))
 
     def __len__(self) -> int:
         return len(self._sessions)
