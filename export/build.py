@@ -184,8 +184,7 @@ def _write_bundle(out: Path, opts: ExportOptions, model: FVGPTModel, pretrained:
                      "preprocess": bb.preprocess.to_dict(), "precision": precision}
             if runtime != "onnx":  # ONNX Runtime's ids predate runtimes in the format and stay as they were
                 facts["runtime"] = runtime
-            file, weights = TOWER_FILES[(runtime, precision)] if (runtime, precision) in TOWER_FILES else (
-                f"tower.{precision}.onnx", None)
+            file, weights = TOWER_FILES.get((runtime, precision), (f"tower.{precision}.onnx", None))
             return TowerGraph(file, short_id("tower", facts), runtime, precision, weights)
 
         fvgpt_kind = model.plugin is not None
@@ -281,17 +280,17 @@ def _openvino_variants(variants: _Variants, tower_graph: Callable[[str, str], To
     from fvgpt_runtime.openvino import import_openvino, unsupported
 
     import_openvino()
-    for precision in ("fp32", "bf16", "int8"):
+
+    def make_int8(graph: TowerGraph) -> None:
+        calibration = calibration_pixels(pre, variants.opts.calibration_images)
+        quantize_openvino_int8(tmp / "tower.fp32.onnx", tmp / graph.file, calibration)
+
+    for precision in TOWER_RUNTIMES["openvino"]:
         if reason := unsupported(precision):
             _say(variants.opts, f"  openvino-{precision} not written: {reason}")
             continue
-        graph = tower_graph("openvino", precision)
-        if precision == "int8":
-            calibration = calibration_pixels(pre, variants.opts.calibration_images)
-            variants.add(graph, lambda g: quantize_openvino_int8(tmp / "tower.fp32.onnx", tmp / g.file, calibration),
-                         required=False)
-        else:
-            variants.add(graph, lambda g: None, required=False)
+        variants.add(tower_graph("openvino", precision), make_int8 if precision == "int8" else lambda g: None,
+                     required=False)
 
 
 def _tensorrt(tmp: Path, manifest: Manifest, opts: ExportOptions, pixels: np.ndarray,

@@ -101,9 +101,9 @@ def _strict(precision: str, runtime: str) -> bool:
 
 
 def check_tower(bundle: Bundle, precision: str, runtime: str, pixels: np.ndarray,
-                reference: dict[str, np.ndarray]) -> dict:
+                reference: dict[str, np.ndarray], device: str = "cpu") -> dict:
     """Features of one tower graph; gated strictly for fp32, reported (cosine) for reduced precision."""
-    tower = bundle.tower(precision, runtime)
+    tower = bundle.tower(precision, runtime, device)
     out = run_in_batches(lambda x: {"features": tower(x)}, pixels)
     return compare(reference, out, Limits(FEATURES_MAX_ABS if _strict(precision, runtime) else None, None))
 
@@ -114,19 +114,20 @@ def check_heads(bundle: Bundle, reference: dict[str, np.ndarray]) -> dict:
 
 
 def check_end_to_end(bundle: Bundle, precision: str, runtime: str, pixels: np.ndarray,
-                     reference: dict[str, np.ndarray]) -> dict:
+                     reference: dict[str, np.ndarray], device: str = "cpu") -> dict:
     """pixels → tower → routed heads, against the torch model's logits."""
-    tower = bundle.tower(precision, runtime)
+    tower = bundle.tower(precision, runtime, device)
     out = run_in_batches(lambda x: _routed(bundle, tower(x)), pixels)
     strict = _strict(precision, runtime)
     return compare(reference, out, Limits(FP32_MAX_ABS if strict else None,
                                           FP32_MIN_AGREEMENT if strict else REDUCED_MIN_AGREEMENT))
 
 
-def check_batch_independence(bundle: Bundle, precision: str, runtime: str, pixels: np.ndarray) -> dict:
+def check_batch_independence(bundle: Bundle, precision: str, runtime: str, pixels: np.ndarray,
+                             device: str = "cpu") -> dict:
     """Probes at spread positions of a full batch of parity images, each also run alone: through the tower and the
     routed heads, the ranking of every label must be identical and every probability within the tolerance."""
-    tower = bundle.tower(precision, runtime)
+    tower = bundle.tower(precision, runtime, device)
     full = min(FULL_BATCH, bundle.max_batch, len(pixels))
     batch = pixels[:full]
     probes = sorted(set(np.linspace(0, full - 1, min(BATCH_PROBES, full)).round().astype(int).tolist()))
@@ -177,12 +178,12 @@ def check_name(runtime: str, precision: str) -> str:
 
 
 def check_variant(bundle: Bundle, runtime: str, precision: str, pixels: np.ndarray,
-                  reference: dict[str, np.ndarray]) -> dict[str, dict]:
+                  reference: dict[str, np.ndarray], device: str = "cpu") -> dict[str, dict]:
     """The tower, end-to-end and batch-independence checks of one runtime × precision, keyed by name."""
     name = check_name(runtime, precision)
-    return {f"tower_{name}": check_tower(bundle, precision, runtime, pixels, reference),
-            f"end_to_end_{name}": check_end_to_end(bundle, precision, runtime, pixels, reference),
-            f"batch_independence_{name}": check_batch_independence(bundle, precision, runtime, pixels)}
+    return {f"tower_{name}": check_tower(bundle, precision, runtime, pixels, reference, device),
+            f"end_to_end_{name}": check_end_to_end(bundle, precision, runtime, pixels, reference, device),
+            f"batch_independence_{name}": check_batch_independence(bundle, precision, runtime, pixels, device)}
 
 
 def check_bundle(bundle_dir: Path, pixels: np.ndarray, reference: dict[str, np.ndarray],

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 __all__ = ["convert_fp16", "quantize_int8", "quantize_openvino_int8"]
 
@@ -64,7 +64,7 @@ def quantize_int8(src: Path, dst: Path) -> None:
         added += [numpy_helper.from_array(q_w, f"{p}_qw"), numpy_helper.from_array(s_w, f"{p}_sw")]
 
         def op(kind: str, inputs: list[str], output: str, **attrs) -> str:
-            nodes.append(helper.make_node(kind, inputs, [output], name=f"{p}/{output}", **attrs))
+            nodes.append(helper.make_node(kind, inputs, [output], name=f"{output}/{kind}", **attrs))
             return output
 
         hi = op("ReduceMax", [x, axes], f"{p}_max", keepdims=1)

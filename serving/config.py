@@ -20,7 +20,7 @@ DECODE_THREADS_ENV = "FVGPT_DECODE_THREADS"
 READY_TTL_ENV = "FVGPT_READY_TTL_S"
 API_KEY_ENV = "FVGPT_API_KEY"
 
-RUNTIMES = ("auto", "onnx", "tensorrt")
+RUNTIMES = ("auto", "onnx", "openvino", "tensorrt")
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_LATENCY_MS = 10_000
 

@@ -32,7 +32,7 @@ from PIL import Image
 
 from fvgpt_runtime.bundle import Bundle, Scores, TowerRunner
 from fvgpt_runtime.manifest import BundleError
-from fvgpt_runtime.tensorrt import TensorRTUnavailable
+from fvgpt_runtime.tuning import choose_tower
 
 from .app import http_app
 from .config import ServeConfig, max_batch_size, max_latency_ms
@@ -48,17 +48,11 @@ TIMEOUT_S = max(60, 3 * MAX_LATENCY_MS // 1000)
 
 
 def open_tower(bundle: Bundle, cfg: ServeConfig) -> TowerRunner:
-    """The bundle's tower on the requested runtime; "auto" takes the bundle's TensorRT engine when there is one and
-    TensorRT can run it here, else ONNX Runtime (the CUDA provider where a GPU is visible, else CPU)."""
-    precision = cfg.precision or bundle.manifest.default_precision
-    if cfg.runtime in ("auto", "tensorrt") and precision in (bundle.manifest.tensorrt or {}).get("image", {}):
-        try:
-            return bundle.tower(precision, "tensorrt")
-        except TensorRTUnavailable as exc:
-            if cfg.runtime == "tensorrt":
-                raise
-            logger.warning("not using the bundle's TensorRT engine: %s; falling back to ONNX Runtime", exc)
-    return bundle.tower(precision, "onnx", device="auto", threads=cfg.threads)
+    """The tower fvgpt_runtime.tuning chooses: the tuning profile's fastest candidate for this host (narrowed by
+    --runtime/--precision), else the safe default; the log says which and why."""
+    tower, choice = choose_tower(bundle, cfg.runtime, cfg.precision, cfg.threads)
+    logger.info("fvgpt encoder: tower %s-%s: %s", choice.runtime, choice.precision, choice.reason)
+    return tower
 
 
 def canary_png(size: int) -> bytes:

@@ -67,3 +67,15 @@ def tiny_zero_shot_bundle(tmp_path_factory) -> Path:
     return export_zero_shot("fvgpt-tiny", "none", ["cat", "dog", "rocket"],
                             tmp_path_factory.mktemp("bundles") / "zeroshot", ExportOptions(progress=False,
                                                                                            parity_images=32))
+
+
+@pytest.fixture(scope="session")
+def tiny_openvino_bundle(tiny_run, tmp_path_factory) -> Path:
+    """int8 FVG-PT bundle from tiny_run with the OpenVINO variants (fp32, bf16 where the CPU has it, NNCF int8).
+    Treat as read-only, except for its tuning profile."""
+    pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install '.[openvino]')")
+    from fvgpt_export.build import ExportOptions, export_run
+
+    return export_run(tiny_run, tmp_path_factory.mktemp("bundles") / "openvino",
+                      ExportOptions(precision="int8", openvino=True, progress=False, parity_images=16,
+                                    calibration_images=16))

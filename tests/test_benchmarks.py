@@ -87,8 +87,8 @@ def test_throughput_fvgpt_bundle_as_script(tiny_bundle, tmp_path):
     onnx = report["results"][1]
     assert onnx["heads_ms_per_image"] > 0 and onnx["parity_top1_agreement"] == 1.0
     skipped = {s["runtime"]: s["reason"] for s in report["skipped"]}
-    assert "no int8 tower graph" in skipped["onnx-int8"] and "TensorRT" in skipped["tensorrt-fp16"]
-    assert "skipping onnx-int8" in res.stderr and "skipped onnx-int8: the bundle has no int8" in res.stdout
+    assert "no onnx-int8 tower graph" in skipped["onnx-int8"] and "TensorRT" in skipped["tensorrt-fp16"]
+    assert "skipping onnx-int8" in res.stderr and "skipped onnx-int8: the bundle has no onnx-int8" in res.stdout
 
 
 def test_throughput_bad_bundle_path(tmp_path):
