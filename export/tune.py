@@ -9,8 +9,8 @@ left out is recorded with the reason.
 
 Each candidate first re-runs the parity gate on this host (tower, end to end, batch independence, against the
 reference the export stored), because kernels and precision support differ between CPUs. The timing then goes round
-robin — one call of every candidate per round — so load from other processes hits all candidates alike. The choice is
-the candidate with the most images/s in the largest batch measured (the batch a loaded server forms).
+robin (fvgpt_runtime.host.round_robin) so load from other processes hits all candidates alike. The choice is the
+candidate with the most images/s in the largest batch measured (the batch a loaded server forms).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from fvgpt_runtime.bundle import Bundle
-from fvgpt_runtime.host import host_facts, latency_summary, load_average, usable_cores
+from fvgpt_runtime.host import host_facts, latency_summary, load_average, round_robin, usable_cores
 from fvgpt_runtime.manifest import BundleError, Manifest
 from fvgpt_runtime.tuning import PROFILE_SCHEMA, write_profile
 
@@ -163,16 +163,11 @@ def tune(bundle_dir: str | Path, batch_sizes: list[int] | None = None, threads: 
         bar.close()
         raise BundleError("no candidate runs here and passes the parity gate: " +
                           "; ".join(f"{k}: {v}" for k, v in skipped.items()))
-    times: dict[Candidate, dict[int, list[float]]] = {c: {b: [] for b in batches} for c in towers}
+    times: dict[Candidate, dict[int, list[float]]] = {c: {} for c in towers}
     for b in batches:
         x = np.ascontiguousarray(np.resize(pixels, (b, *pixels.shape[1:])))
-        for i in range(warmup + iters):
-            for c, tower in towers.items():
-                t0 = time.perf_counter()
-                tower(x)
-                if i >= warmup:
-                    times[c][b].append(time.perf_counter() - t0)
-                bar.step()
+        for c, t in round_robin(towers, x, warmup, iters, bar.step).items():
+            times[c][b] = t
         bar.say(f"batch {b}: " + ", ".join(f"{c.name} {b * iters / sum(times[c][b]):.1f}" for c in towers)
                 + " images/s")
     bar.close()
@@ -196,7 +191,7 @@ def tune(bundle_dir: str | Path, batch_sizes: list[int] | None = None, threads: 
         "schema": PROFILE_SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model_id": manifest.model_id, "host": host_facts(),
         "settings": {"threads": threads, "batch_sizes": batches, "iters": iters, "warmup": warmup,
-                     "order": "round robin: one call of every candidate per round"},
+                     "order": "round robin: per round, of every candidate one untimed call, then one timed call"},
         "load_average": {"start": load_start, "end": load_average()},
         "candidates": [{"name": c.name, "runtime": c.runtime, "precision": c.precision, "device": c.device,
                         "tower_id": variants[f"{'onnx' if c.runtime == 'tensorrt' else c.runtime}-{c.precision}"].id,

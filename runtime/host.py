@@ -1,5 +1,5 @@
 """What this host is (CPU model, family and the instruction sets that decide int8/bf16 speed, cores, GPUs, runtime
-library versions) and latency percentiles: shared by `fvgpt tune`, its tuning profiles and the benchmarks.
+library versions), round-robin timing and latency percentiles: shared by `fvgpt tune`, its tuning profiles and the benchmarks.
 
 Which runtime × precision is fastest depends on exactly these facts (AMD Zen 4 and Zen 5 differ two-fold against
 torch eager), so a tuning profile records them and is used only on a host that has the same.
@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -98,3 +100,20 @@ def latency_summary(seconds: list[float]) -> dict:
     ms = np.asarray(seconds, dtype=np.float64) * 1000.0
     figures = [*np.percentile(ms, [50, 95, 99]), ms.mean()]
     return {key: float(value) for key, value in zip(LATENCY_KEYS, figures, strict=True)}
+
+
+def round_robin(calls: dict[Any, Callable[[Any], Any]], arg: Any, warmup: int, iters: int,
+                tick: Callable[[], None] = lambda: None) -> dict[Any, list[float]]:
+    """Seconds of `iters` timed calls of each callable, taken in turns — one of each per round — so load from other
+    processes hits all alike. Each timed call follows an untimed one of the same callable: the thread pools of the
+    previous runtime (ONNX Runtime and OpenVINO both spin a while after a call) have gone quiet by then."""
+    times: dict[Any, list[float]] = {key: [] for key in calls}
+    for i in range(warmup + iters):
+        for key, fn in calls.items():
+            fn(arg)
+            if i >= warmup:
+                t0 = time.perf_counter()
+                fn(arg)
+                times[key].append(time.perf_counter() - t0)
+            tick()
+    return times

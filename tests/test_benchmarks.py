@@ -91,6 +91,28 @@ def test_throughput_fvgpt_bundle_as_script(tiny_bundle, tmp_path):
     assert "skipping onnx-int8" in res.stderr and "skipped onnx-int8: the bundle has no onnx-int8" in res.stdout
 
 
+def test_throughput_openvino_rows_and_the_served_tower(tiny_openvino_bundle, tmp_path):
+    from fvgpt_runtime.bundle import Bundle
+    from fvgpt_runtime.tuning import choose
+
+    res = bench("throughput", "--bundle", str(tiny_openvino_bundle), "--runtimes", "onnx-int8,openvino-int8",
+                "--batch-sizes", "2", "--iters", "2", "--warmup", "1", "--threads", "1", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    report = check_throughput_report(tmp_path)
+    rows = {r["runtime"]: r for r in report["results"]}
+    assert rows["openvino-int8"]["engine"] == "openvino" and rows["openvino-int8"]["provider"] == "OpenVINO CPU"
+    assert rows["openvino-int8"]["parity_top1_agreement"] >= 0.99
+    assert report["machine"]["cpu_family"] is not None and "openvino" in report["versions"]
+    choice = choose(Bundle(tiny_openvino_bundle))  # what `fvgpt serve` runs here, with or without a profile
+    tuning = report["tuning"]
+    assert tuning["served"] == f"{choice.runtime}-{choice.precision}" and tuning["batch_size"] == 2
+    assert tuning["images_per_s"] == rows[tuning["served"]]["images_per_s"]
+    fastest = max(("onnx-int8", "openvino-int8"), key=lambda n: rows[n]["images_per_s"])
+    assert tuning["fastest"] == fastest
+    assert tuning["ratio_to_fastest"] == pytest.approx(tuning["images_per_s"] / rows[fastest]["images_per_s"])
+    assert f"fvgpt serve runs {tuning['served']} on this host" in res.stdout
+
+
 def test_throughput_bad_bundle_path(tmp_path):
     missing = tmp_path / "no-such-bundle"
     res = bench("throughput", "--bundle", str(missing), "--out", str(tmp_path))
