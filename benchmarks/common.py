@@ -20,7 +20,8 @@ import numpy as np
 from fvgpt_runtime.host import cpu_info, gpu_info, latency_summary, load_average, package_version, usable_cores
 
 __all__ = ["BenchError", "command_line", "decode_batch", "int_list", "latency_summary", "library_versions",
-           "load_average", "machine_info", "photo_bytes", "usable_cores", "utc_now", "write_outputs"]
+           "load_average", "machine_info", "photo_bytes", "run_reporting_errors", "usable_cores", "utc_now",
+           "write_outputs"]
 
 # The packages whose versions decide a figure; absent ones are recorded as null.
 PACKAGES = ("fvgpt-serve", "torch", "open_clip_torch", "onnxruntime", "onnxruntime-gpu", "openvino", "nncf", "tensorrt",
@@ -29,6 +30,17 @@ PACKAGES = ("fvgpt-serve", "torch", "open_clip_torch", "onnxruntime", "onnxrunti
 
 class BenchError(RuntimeError):
     """A problem the user can act on: the scripts print its message (no traceback) and exit 2."""
+
+
+def run_reporting_errors(run, args) -> dict | None:
+    """run(args); a problem the user can act on (BenchError, FVGPTError) is printed without a traceback → None."""
+    from fvgpt.errors import FVGPTError
+
+    try:
+        return run(args)
+    except (BenchError, FVGPTError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
 
 
 def command_line() -> str:

@@ -6,7 +6,8 @@ Methods, all from the bundle's fp32 tower: `ort-dynamic` (ONNX Runtime's dynamic
 per batch, what the project shipped before), `ort-per-token` (export.precision.quantize_int8, the bundle's onnx-int8),
 `ort-static-qdq` (ONNX Runtime static QDQ, MatMul inputs only, so LayerNorm/GELU/Attention stay fp32, calibrated on
 images drawn like the parity set), `openvino-nncf` (the bundle's openvino-int8, static scales by NNCF) and the fp32
-references on both runtimes. Per method: images/s at --batch (median, round robin: fvgpt_runtime.host.round_robin), features cosine to fp32 on the parity set, and batch independence (the same image
+references on both runtimes. Per method: images/s at --batch (median, round robin: fvgpt_runtime.host.round_robin),
+features cosine to fp32 on the parity set, and batch independence (the same image
 alone and inside the batch: max |Δ features|, max |Δ probability| through the bundle's heads). Writes int8_methods.json.
 """
 from __future__ import annotations
@@ -21,8 +22,8 @@ if not __package__:
 
 import numpy as np
 
-from benchmarks.common import (BenchError, command_line, library_versions, load_average, machine_info, usable_cores,
-                               utc_now, write_outputs)
+from benchmarks.common import (BenchError, command_line, library_versions, load_average, machine_info,
+                               run_reporting_errors, usable_cores, utc_now, write_outputs)
 from fvgpt_runtime.host import round_robin
 
 
@@ -98,7 +99,8 @@ def run(args) -> dict:
         f = features[name]
         cos = (f * ref).sum(-1) / np.linalg.norm(f, axis=-1) / np.linalg.norm(ref, axis=-1)
         p_batch, p_alone = bundle.scores(f[:args.batch]).probabilities, bundle.scores(alone[name]).probabilities
-        rows.append({"method": name, "batch_size": args.batch, "images_per_s": args.batch / float(np.median(times[name])),
+        rows.append({"method": name, "batch_size": args.batch,
+                     "images_per_s": args.batch / float(np.median(times[name])),
                      "min_cosine_to_fp32": float(cos.min()),
                      "batch_max_feature_diff": float(np.abs(f[:args.batch] - alone[name]).max()),
                      "batch_max_probability_diff": float(np.abs(p_batch - p_alone).max()),
@@ -114,8 +116,6 @@ def run(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fvgpt.errors import FVGPTError
-
     p = argparse.ArgumentParser(prog="python -m benchmarks.int8_methods", description=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", required=True, help="bundle dir (export with --precision int8 --openvino for all rows)")
@@ -124,10 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=8, help="timed round-robin rounds (default 8)")
     p.add_argument("--out", default="runs/benchmarks", help="folder for int8_methods.json/.csv")
     args = p.parse_args(argv)
-    try:
-        report = run(args)
-    except (BenchError, FVGPTError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    if (report := run_reporting_errors(run, args)) is None:
         return 2
     json_path, csv_path = write_outputs(Path(args.out), "int8_methods", report, report["results"])
     print(f"{report['machine']['cpu']} (family {report['machine']['cpu_family']}), load {report['load_average']}")

@@ -246,7 +246,7 @@ class _Variants:
         self.reports, self.engines = reports, engines
         self.refused: dict[str, dict] = {}  # variant key → the failing checks, for the record
 
-    def add(self, graph: TowerGraph, make: Callable[[TowerGraph], None], required: bool) -> bool:
+    def add(self, graph: TowerGraph, make: Callable[[TowerGraph], None], required: bool) -> None:
         """Write the variant's files, gate it, keep it if it passes. A required variant that fails fails the export;
         an optional one is left out (files deleted) and recorded in `refused`."""
         tower = self.manifest.towers["image"].variants
@@ -262,7 +262,7 @@ class _Variants:
             self.reports |= checks
             gate(self.reports)
             self.engines.setdefault(graph.runtime, []).append(graph.precision)
-            return True
+            return
         del tower[graph.key]
         shared = {f for g in tower.values() for f in g.files}
         for name in set(graph.files) - shared:
@@ -271,7 +271,6 @@ class _Variants:
         self.manifest.write(self.tmp)
         self.refused[graph.key] = {k: c["failures"] for k, c in checks.items() if not c["passed"]}
         _say(self.opts, f"  {graph.key} refused by the parity gate, not written: {self.refused[graph.key]}")
-        return False
 
 
 def _openvino_variants(variants: _Variants, tower_graph: Callable[[str, str], TowerGraph], pre, tmp: Path) -> None:

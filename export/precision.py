@@ -48,7 +48,8 @@ def quantize_int8(src: Path, dst: Path) -> None:
     graph = model.graph
     weights = {t.name: t for t in graph.initializer}
     shared = {"axes": np.array([-1], np.int64), "eps": np.array(1e-12, np.float32),
-              "qmax": np.array(INT8_MAX, np.float32), "zp": np.array(U8_ZERO, np.uint8), "one": np.array(1.0, np.float32)}
+              "qmax": np.array(INT8_MAX, np.float32), "zp": np.array(U8_ZERO, np.uint8),
+              "one": np.array(1.0, np.float32)}
     added = [numpy_helper.from_array(v, f"int8_{k}") for k, v in shared.items()]
     axes, eps, qmax, zp, one = (t.name for t in added)
     nodes = []

@@ -42,7 +42,8 @@ class Candidate:
 
     @property
     def name(self) -> str:
-        return f"{self.runtime}-{self.precision}" + ("-cuda" if self.runtime == "onnx" and self.device == "cuda" else "")
+        cuda = self.runtime == "onnx" and self.device == "cuda"
+        return f"{self.runtime}-{self.precision}" + ("-cuda" if cuda else "")
 
 
 def candidates(manifest: Manifest) -> tuple[list[Candidate], dict[str, str]]:

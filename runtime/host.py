@@ -1,5 +1,6 @@
 """What this host is (CPU model, family and the instruction sets that decide int8/bf16 speed, cores, GPUs, runtime
-library versions), round-robin timing and latency percentiles: shared by `fvgpt tune`, its tuning profiles and the benchmarks.
+library versions), round-robin timing and latency percentiles: shared by `fvgpt tune`, its tuning profiles and the
+benchmarks.
 
 Which runtime × precision is fastest depends on exactly these facts (AMD Zen 4 and Zen 5 differ two-fold against
 torch eager), so a tuning profile records them and is used only on a host that has the same.

@@ -167,8 +167,8 @@ def test_the_manifest_itself_is_covered(tiny_bundle, tmp_path):
     (lambda d: d["heads"].update(file=3), "heads.file must be a string"),
     (lambda d: d["towers"]["image"]["variants"].update({"onnx-bf8": {"file": "x", "id": "y", "runtime": "onnx",
                                                                     "precision": "bf8"}}), "names onnx/bf8"),
-    (lambda d: d["towers"]["image"]["variants"].update({"openvino-int8": d["towers"]["image"]["variants"]["onnx-fp32"]}),
-     "do not match their runtime"),
+    (lambda d: d["towers"]["image"]["variants"].update(
+        {"openvino-int8": d["towers"]["image"]["variants"]["onnx-fp32"]}), "do not match their runtime"),
     (lambda d: d.update(default_precision="int8"), "default_precision 'int8' has no ONNX tower graph"),
     (lambda d: d["files"].pop("text.onnx"), "does not list"),
     (lambda d: d.update(schema_version=1), "re-export"),

@@ -15,11 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-import fvgpt_export.build as build
-import fvgpt_export.parity as parity
 from fvgpt.cli import main
 from fvgpt.photos import photo_paths
 from fvgpt.rundir import load_run
+from fvgpt_export import build, parity
 from fvgpt_export.build import ExportOptions, export_run
 from fvgpt_export.parity import ParityError
 from fvgpt_export.validate import validate_bundle
@@ -32,7 +31,7 @@ from fvgpt_runtime.tuning import PROFILE, choose, read_profile
 from fvgpt_serving.cli import free_port, server_command, stop, wait_ready
 
 pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install '.[openvino]')")
-QUICK = dict(progress=False, parity_images=16, calibration_images=16)
+QUICK = {"progress": False, "parity_images": 16, "calibration_images": 16}
 BF16 = unsupported("bf16") is None
 
 
