@@ -187,7 +187,7 @@ def tune(bundle_dir: str | Path, batch_sizes: list[int] | None = None, threads: 
     g = gates[best]
     why += f"; parity gate here: top-1 agreement {g['top1_agreement']:.1%}" + (
         f", features cosine >= {g['min_cosine']:.6f}" if g["min_cosine"] is not None else "")
-    variants = manifest.towers["image"].variants
+    image = manifest.towers["image"]
     profile = {
         "schema": PROFILE_SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model_id": manifest.model_id, "host": host_facts(),
@@ -195,7 +195,7 @@ def tune(bundle_dir: str | Path, batch_sizes: list[int] | None = None, threads: 
                      "order": "round robin: per round, of every candidate one untimed call, then one timed call"},
         "load_average": {"start": load_start, "end": load_average()},
         "candidates": [{"name": c.name, "runtime": c.runtime, "precision": c.precision, "device": c.device,
-                        "tower_id": variants[f"{'onnx' if c.runtime == 'tensorrt' else c.runtime}-{c.precision}"].id,
+                        "tower_id": image.find(c.runtime, c.precision).id,
                         "provider": towers[c].provider, "gate": gates[c], "results": rows[c]} for c in ranked],
         "skipped": skipped,
         "choice": {"name": best.name, "runtime": best.runtime, "precision": best.precision, "device": best.device,

@@ -56,8 +56,7 @@ class TowerRunner:
         m = bundle.manifest
         if runtime not in RUNTIMES:
             raise BundleError(f"unknown runtime {runtime!r} ({', '.join(RUNTIMES)})")
-        # a TensorRT engine is built from the ONNX graph of its precision and computes the same tower
-        graph = m.image_tower("onnx" if runtime == "tensorrt" else runtime, precision)
+        graph = m.image_tower(runtime, precision)
         self.precision, self.runtime, self.tower_id = precision, runtime, graph.id
         if runtime == "tensorrt":
             engines = (m.tensorrt or {}).get("image", {})

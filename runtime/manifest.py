@@ -163,7 +163,9 @@ class Tower:
     variants: dict[str, TowerGraph]
 
     def find(self, runtime: str, precision: str) -> TowerGraph | None:
-        return self.variants.get(variant_key(runtime, precision))
+        """The variant runtime × precision runs; a TensorRT engine runs (is built from) the ONNX graph of its
+        precision."""
+        return self.variants.get(variant_key("onnx" if runtime == "tensorrt" else runtime, precision))
 
     def precisions(self, runtime: str) -> list[str]:
         return [g.precision for g in self.variants.values() if g.runtime == runtime]

@@ -72,9 +72,9 @@ def mismatch(profile: dict, manifest: Manifest, host: dict[str, Any] | None = No
             return f"measured on another host ({key}: {there.get(key)!r} there, {here.get(key)!r} here)"
     if profile.get("model_id") != manifest.model_id:
         return f"measured for another bundle ({profile.get('model_id')})"
-    variants = manifest.towers["image"].variants
+    tower = manifest.towers["image"]
     for c in profile.get("candidates", []):
-        graph = variants.get(f"{c['runtime'] if c['runtime'] != 'tensorrt' else 'onnx'}-{c['precision']}")
+        graph = tower.find(c["runtime"], c["precision"])
         if graph is None or graph.id != c.get("tower_id"):
             return f"measured on other tower graphs ({c['name']} changed since)"
     return None
@@ -128,9 +128,9 @@ def choose(bundle: Bundle, runtime: str = "auto", precision: str | None = None,
         why_not = f"the tuning profile measured no {wanted} candidate"
     hint = "; `fvgpt tune BUNDLE` measures every runtime × precision on this host and picks the fastest"
     chosen = precision or bundle.manifest.default_precision
-    if runtime == "openvino" and precision is None and chosen not in bundle.manifest.towers["image"].precisions(
-            "openvino"):
-        chosen = "fp32"  # the bundle's default precision has no OpenVINO variant; fp32 always has one
+    openvino = bundle.manifest.towers["image"].precisions("openvino")
+    if runtime == "openvino" and precision is None and chosen not in openvino and openvino:
+        chosen = openvino[0]  # the default precision has no OpenVINO variant: the first one there is
     engines = (bundle.manifest.tensorrt or {}).get("image", {})
     if runtime == "auto":
         runtime = "tensorrt" if chosen in engines else "onnx"
