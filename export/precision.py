@@ -7,9 +7,10 @@ only the projections (MatMul with a constant weight) are quantised.
 A served answer must never depend on the other images in its batch, so no activation scale is computed over the
 batch: ONNX Runtime's int8 quantises each token with its own scale (`quantize_int8`), OpenVINO's int8 uses static
 scales calibrated once on images drawn like the parity set (`quantize_openvino_int8`). Measured (ViT-B/16, batch 8,
-2 threads, Zen 5; docs/bundle-format.md, "Precisions"): ONNX Runtime's dynamic quantisation (one scale per batch)
-moved a batch-mate's features by up to 2.5e-3; per-token scales give identical features alone and in a batch at
-about 0.85-0.95x its speed, static QDQ in ONNX Runtime is slower still.
+2 threads, Zen 5, loaded machine; docs/bundle-format.md, "Why per-token int8"): ONNX Runtime's dynamic quantisation
+(one scale per batch) moved a batch-mate's probabilities by up to 7.6e-4; per-token scales give identical answers alone
+and in a batch at 0.85-1.00x its speed; static QDQ in ONNX Runtime is no faster and less accurate; OpenVINO's int8 is
+1.42x the dynamic int8.
 """
 from __future__ import annotations
 
