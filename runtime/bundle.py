@@ -63,7 +63,8 @@ class TowerRunner:
             if precision not in engines:
                 raise TensorRTUnavailable(f"the bundle has no {precision} TensorRT engine (has: "
                                           f"{', '.join(engines) or 'none'}); export with --tensorrt on a GPU host")
-            self._run = TensorRTRunner(bundle.path / engines[precision]["file"]).run
+            engine = TensorRTRunner(bundle.path / engines[precision]["file"])
+            self._run = lambda pixels: engine.run(pixels)["features"]
             self.provider = "TensorRT"
         elif runtime == "openvino":
             self._run = pool.openvino(bundle.path / graph.file, m.files[graph.file], precision, threads).run
@@ -73,8 +74,7 @@ class TowerRunner:
             self._run = lambda pixels: session.run(["features"], {"pixels": pixels})[0]
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        out = self._run(np.ascontiguousarray(pixels, dtype=np.float32))
-        return out["features"] if isinstance(out, dict) else out
+        return self._run(np.ascontiguousarray(pixels, dtype=np.float32))
 
 
 class Bundle:

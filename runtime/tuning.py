@@ -114,18 +114,22 @@ def choose(bundle: Bundle, runtime: str = "auto", precision: str | None = None,
     profile applies here, else the safe default. `profile` defaults to the bundle's own."""
     if runtime not in SERVE_RUNTIMES:
         raise BundleError(f"unknown runtime {runtime!r} ({', '.join(SERVE_RUNTIMES)})")
-    profile = read_profile(bundle.path) if profile is None else profile
-    why_not = "no tuning profile" if profile is None else mismatch(profile, bundle.manifest, host)
-    if why_not is None:
-        best = _fastest(profile, runtime, precision)
-        wanted = " ".join(x for x in (runtime if runtime != "auto" else None, precision) if x)
-        if best is not None:
-            batch = profile["choice"]["batch_size"]
-            which = "its choice" if best["name"] == profile["choice"]["name"] else f"its fastest {wanted} candidate"
-            return Choice(best["runtime"], best["precision"], best["device"],
-                          f"tuning profile of {profile.get('created', '?')}, {which}: {_rate(best, batch):.1f} "
-                          f"images/s in batches of {batch}")
-        why_not = f"the tuning profile measured no {wanted} candidate"
+    if profile is None:
+        try:
+            profile = read_profile(bundle.path)
+        except BundleError as exc:  # a broken profile must not stop a server: it runs the safe default instead
+            profile, why_not = None, f"tuning profile unusable: {exc}"
+        else:
+            why_not = "no tuning profile"
+    if profile is not None:
+        try:
+            why_not = mismatch(profile, bundle.manifest, host)
+            if why_not is None:
+                return _from_profile(profile, runtime, precision)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            why_not = f"tuning profile malformed ({type(exc).__name__}: {exc}); run `fvgpt tune` again"
+        except _NotMeasured as exc:
+            why_not = str(exc)
     hint = "; `fvgpt tune BUNDLE` measures every runtime × precision on this host and picks the fastest"
     chosen = precision or bundle.manifest.default_precision
     openvino = bundle.manifest.towers["image"].precisions("openvino")
@@ -136,6 +140,22 @@ def choose(bundle: Bundle, runtime: str = "auto", precision: str | None = None,
         runtime = "tensorrt" if chosen in engines else "onnx"
     return Choice(runtime, chosen, "auto" if runtime == "onnx" else "cpu" if runtime == "openvino" else "cuda",
                   f"safe default ({why_not}{hint})")
+
+
+class _NotMeasured(Exception):
+    pass
+
+
+def _from_profile(profile: dict, runtime: str, precision: str | None) -> Choice:
+    best = _fastest(profile, runtime, precision)
+    wanted = " ".join(x for x in (runtime if runtime != "auto" else None, precision) if x)
+    if best is None:
+        raise _NotMeasured(f"the tuning profile measured no {wanted} candidate")
+    batch = profile["choice"]["batch_size"]
+    which = "its choice" if best["name"] == profile["choice"]["name"] else f"its fastest {wanted} candidate"
+    return Choice(best["runtime"], best["precision"], best["device"],
+                  f"tuning profile of {profile.get('created', '?')}, {which}: {_rate(best, batch):.1f} images/s in "
+                  f"batches of {batch}")
 
 
 def _rate(candidate: dict, batch: int) -> float:

@@ -163,6 +163,17 @@ def test_the_profile_is_used_and_ignored_on_a_mismatch(tuned, tiny_openvino_bund
     assert choose(bundle, "openvino").precision == "int8"
     onnx = choose(bundle, "onnx")
     assert (onnx.runtime, onnx.precision) == ("onnx", "int8") and "measured no onnx candidate" in onnx.reason
+    # a broken profile never stops a server: the safe default runs, and the log says why
+    no_choice = {k: v for k, v in tuned.items() if k != "choice"}
+    assert "tuning profile malformed (KeyError" in choose(bundle, profile=no_choice).reason
+
+
+def test_a_broken_profile_falls_back_to_the_safe_default(tiny_openvino_bundle, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_openvino_bundle, copy)
+    (copy / PROFILE).write_text("{ not json")
+    choice = choose(Bundle(copy))
+    assert (choice.runtime, choice.precision) == ("onnx", "int8") and "tuning profile unusable" in choice.reason
 
 
 @pytest.mark.slow
