@@ -6,6 +6,7 @@ so a failed export leaves no bundle behind and an existing bundle is never half-
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import time
@@ -72,6 +73,8 @@ class ExportOptions:
                               f"got {self.precision!r}")
         if not 1 <= self.max_batch <= 4096:
             raise ExportError("--max-batch must be in 1..4096")
+        if self.openvino and not all(importlib.util.find_spec(m) for m in ("openvino", "nncf")):
+            raise ExportError("--openvino needs OpenVINO and NNCF: pip install '.[openvino]'")
 
 
 def _say(opts: ExportOptions, msg: str) -> None:
@@ -276,9 +279,7 @@ class _Variants:
 def _openvino_variants(variants: _Variants, tower_graph: Callable[[str, str], TowerGraph], pre, tmp: Path) -> None:
     """OpenVINO fp32 and bf16 (compile settings on the ONNX fp32 graph; bf16 only where this CPU can run it, else
     it could not be gated here) and NNCF int8 (an IR calibrated on images drawn like the parity set)."""
-    from fvgpt_runtime.openvino import import_openvino, unsupported
-
-    import_openvino()
+    from fvgpt_runtime.openvino import unsupported
 
     def make_int8(graph: TowerGraph) -> None:
         calibration = calibration_pixels(pre, variants.opts.calibration_images)
