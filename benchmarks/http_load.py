@@ -33,7 +33,7 @@ if not __package__:  # `python benchmarks/http_load.py`: make the repo importabl
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (BenchError, command_line, decode_batch, int_list, latency_summary, library_versions,
-                               load_average, machine_info, photo_bytes, utc_now, write_outputs)
+                               load_average, machine_info, photo_bytes, run_reporting_errors, utc_now, write_outputs)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -309,13 +309,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fvgpt.errors import FVGPTError
-
     args = build_parser().parse_args(argv)
-    try:
-        report = run(args)
-    except (BenchError, FVGPTError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    if (report := run_reporting_errors(run, args)) is None:
         return 2
     json_path, csv_path = write_outputs(Path(args.out), "http_load", report, report["results"])
     print(markdown_table(report["results"]))

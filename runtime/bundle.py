@@ -1,5 +1,6 @@
 """A loaded bundle: its verified manifest, text tables and graphs, and the label routing of docs/method.md
-("Inference"). Torch-free: ONNX Runtime (or a TensorRT engine) runs the graphs, NumPy does the rest.
+("Inference"). Torch-free: ONNX Runtime runs the graphs (the tower also on OpenVINO or a TensorRT engine), NumPy does
+the rest.
 
 Routing: a label set made only of base classes goes to the base head (FDC, E6); any other set (new labels, mixed
 labels, or the whole bundle when it holds new classes) to the new head (Prior Calibration, E9–E11) over exactly the
@@ -30,7 +31,7 @@ from .tensorrt import TensorRTRunner, TensorRTUnavailable
 from .tokenizer import ClipTokenizer, shared_tokenizer
 
 LABEL_CACHE_SIZE = 16_384  # new-label rows kept per process, all bundles together (2·D floats each: 64 MB at D = 512)
-RUNTIMES = ("onnx", "tensorrt")
+RUNTIMES = ("onnx", "openvino", "tensorrt")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -91,28 +92,27 @@ class TowerRunner:
                  threads: int | None = None, pool: SessionPool = SESSIONS):
         """The tower of the (verified) bundle at `path`; a server's encoder opens it without the bundle's heads."""
         m = manifest
-        towers = m.towers["image"].precisions
-        if precision not in towers:
-            raise BundleError(f"{path}: no {precision} tower graph (has: {', '.join(towers)})")
         if runtime not in RUNTIMES:
             raise BundleError(f"unknown runtime {runtime!r} ({', '.join(RUNTIMES)})")
-        self.precision, self.runtime, self.tower_id = precision, runtime, towers[precision].id
+        graph = m.image_tower(runtime, precision)
+        self.precision, self.runtime, self.tower_id = precision, runtime, graph.id
         if runtime == "tensorrt":
             engines = (m.tensorrt or {}).get("image", {})
             if precision not in engines:
                 raise TensorRTUnavailable(f"the bundle has no {precision} TensorRT engine (has: "
                                           f"{', '.join(engines) or 'none'}); export with --tensorrt on a GPU host")
-            self._trt = TensorRTRunner(path / engines[precision]["file"])
+            engine = TensorRTRunner(path / engines[precision]["file"])
+            self._run = lambda pixels: engine.run(pixels)["features"]
             self.provider = "TensorRT"
+        elif runtime == "openvino":
+            self._run = pool.openvino(path / graph.file, m.files[graph.file], precision, threads).run
+            self.provider = "OpenVINO CPU"
         else:
-            graph = towers[precision].file
-            self._session, self.provider = pool.get(path / graph, m.files[graph], device, threads)
+            session, self.provider = pool.get(path / graph.file, m.files[graph.file], device, threads)
+            self._run = lambda pixels: session.run(["features"], {"pixels": pixels})[0]
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
-        if self.runtime == "tensorrt":
-            return self._trt.run(pixels)["features"]
-        return self._session.run(["features"], {"pixels": pixels})[0]
+        return self._run(np.ascontiguousarray(pixels, dtype=np.float32))
 
 
 class Bundle:

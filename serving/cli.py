@@ -42,9 +42,12 @@ def register(sub) -> None:
                    help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, default=3000, help="HTTP port (default 3000)")
     p.add_argument("--runtime", choices=config.RUNTIMES, default="auto",
-                   help="tower runtime (default auto: the bundle's TensorRT engine if usable here, else ONNX "
-                        "Runtime)")
-    p.add_argument("--precision", help="tower precision (default: the bundle's default)")
+                   help="tower runtime (default auto: the choice of the bundle's tuning profile (`fvgpt tune`) when "
+                        "it was measured on a host like this one; else the bundle's TensorRT engine if usable here, "
+                        "else ONNX Runtime at the bundle's default precision)")
+    p.add_argument("--precision", help="tower precision (default: the tuning profile's choice, else the bundle's "
+                                       "default); with a profile, --runtime/--precision pick its fastest candidate "
+                                       "that fits")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads for the tower (default: one per core)")
     p.add_argument("--max-batch-size", type=int, default=config.DEFAULT_MAX_BATCH,
                    help=f"largest batch the adaptive batcher forms, in images across requests (default "
@@ -89,16 +92,10 @@ def _serve(args) -> int:
 def _check_bundle(args) -> None:
     """Fail here, with the bundle's own message, rather than serve a repository of one refused bundle."""
     from fvgpt_runtime.manifest import open_manifest
+    from fvgpt_runtime.tuning import check_request
 
     manifest = open_manifest(args.bundle)
-    precision = args.precision or manifest.default_precision
-    towers = manifest.towers["image"].precisions
-    if precision not in towers:
-        raise ValueError(f"the bundle has no {precision} tower graph (has: {', '.join(towers)})")
-    engines = (manifest.tensorrt or {}).get("image", {})
-    if args.runtime == "tensorrt" and precision not in engines:
-        raise ValueError(f"--runtime tensorrt: the bundle has no {precision} TensorRT engine (has: "
-                         f"{', '.join(engines) or 'none'}); export with --tensorrt on a GPU host")
+    check_request(manifest, args.runtime, args.precision)
     if args.max_batch_size > manifest.max_batch:
         raise ValueError(f"--max-batch-size must be at most the bundle's max batch {manifest.max_batch}")
 

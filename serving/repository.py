@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from fvgpt_runtime.bundle import Bundle
-from fvgpt_runtime.manifest import MANIFEST
+from fvgpt_runtime.manifest import MANIFEST, BundleError
+from fvgpt_runtime.tuning import check_request, choose
 
 from .errors import ApiError
 
@@ -72,8 +73,10 @@ class Classifier:
     state: str
     reason: str | None = None
     bundle: Bundle | None = field(default=None, repr=False, compare=False)
-    tower_id: str | None = None
+    tower_id: str | None = None  # the tower variant it runs (fvgpt_runtime.tuning.choose: runtime × precision)
+    runtime: str | None = None
     precision: str | None = None
+    device: str | None = None
 
     @property
     def ref(self) -> str:
@@ -90,7 +93,7 @@ class Classifier:
         b = self.bundle
         return {"name": self.name, "version": self.version, "default": default, "state": self.state,
                 "reason": self.reason, "kind": b.kind if b else None, "model_id": b.model_id if b else None,
-                "tower_id": self.tower_id, "precision": self.precision,
+                "tower_id": self.tower_id, "runtime": self.runtime, "precision": self.precision,
                 "classes": len(b.classes.names) if b else None}
 
 
@@ -148,18 +151,23 @@ def version_order(version: str) -> tuple[int, str]:
 
 # ---- loading ----------------------------------------------------------------------------------------------------
 
-def load(found: Found, precision: str | None, max_batch: int) -> Classifier:
-    """A ready Classifier, or a failed one with the reason; never raises for anything inside the bundle."""
+def load(found: Found, runtime: str, precision: str | None, max_batch: int) -> Classifier:
+    """A ready Classifier, or a failed one with the reason; never raises for anything inside the bundle. Its tower
+    variant is the one fvgpt_runtime.tuning chooses for this host (the bundle's tuning profile, narrowed by
+    --runtime/--precision, or the safe default)."""
     base = Classifier(found.name, found.version, found.path, found.signature, "loading")
     if found.problem:
         return base.failed(found.problem)
     try:
         bundle = Bundle(found.path, threads=1)
-        chosen = precision or bundle.manifest.default_precision
-        towers = bundle.manifest.towers["image"].precisions
-        if chosen not in towers:
-            return base.failed(f"the bundle has no {chosen} tower graph (has: {', '.join(towers)}); the server "
-                               f"runs --precision {chosen}")
+        try:
+            check_request(bundle.manifest, runtime, precision)
+        except BundleError as exc:
+            return base.failed(f"{exc}; the server runs --runtime {runtime} --precision {precision or 'default'}")
+        choice = choose(found.path, bundle.manifest, runtime, precision)
+        tower = bundle.manifest.image_tower(choice.runtime, choice.precision)
+        logger.info("fvgpt repository: %s@%s runs tower %s-%s: %s", found.name, found.version, choice.runtime,
+                    choice.precision, choice.reason)
         if bundle.max_batch < max_batch:
             return base.failed(f"the bundle's graphs take batches of at most {bundle.max_batch}, and the server "
                                f"forms batches of up to {max_batch} (--max-batch-size)")
@@ -170,7 +178,8 @@ def load(found: Found, precision: str | None, max_batch: int) -> Classifier:
             return base.failed(f"the heads return {logits.shape}, not (1, {len(bundle.classes.names)})")
     except Exception as exc:  # noqa: BLE001 - an untrusted bundle may fail in any library; it must not stop others
         return base.failed(f"{type(exc).__name__}: {exc}")
-    return replace(base, state="ready", bundle=bundle, tower_id=towers[chosen].id, precision=chosen)
+    return replace(base, state="ready", bundle=bundle, tower_id=tower.id, runtime=choice.runtime,
+                   precision=choice.precision, device=choice.device)
 
 
 # ---- state and resolution ---------------------------------------------------------------------------------------
@@ -269,9 +278,9 @@ def _servable(c: Classifier) -> Classifier:
 class Repository:
     """The source folder and its current Snapshot. Changed only through `apply` (one sync at a time)."""
 
-    def __init__(self, source: Path, single: bool, precision: str | None, max_batch: int):
+    def __init__(self, source: Path, single: bool, runtime: str, precision: str | None, max_batch: int):
         self.source, self.single = source, single
-        self.precision, self.max_batch = precision, max_batch
+        self.runtime, self.precision, self.max_batch = runtime, precision, max_batch
         self.snapshot = Snapshot()
 
     def plan(self, retry_failed: bool = False) -> tuple[list[Found], list[tuple[str, str]]]:
@@ -289,7 +298,7 @@ class Repository:
         return to_load, [key for key in current if key not in seen]
 
     def load(self, found: Found) -> Classifier:
-        return load(found, self.precision, self.max_batch)
+        return load(found, self.runtime, self.precision, self.max_batch)
 
     def apply(self, loaded: Iterable[Classifier] = (), removed: Iterable[tuple[str, str]] = (),
               scanned: bool | None = None) -> None:

@@ -46,8 +46,7 @@ from PIL import Image
 
 from fvgpt.preprocess import Preprocess
 from fvgpt_runtime.bundle import Scores, TowerRunner
-from fvgpt_runtime.manifest import BundleError, Manifest, open_manifest
-from fvgpt_runtime.tensorrt import TensorRTUnavailable
+from fvgpt_runtime.manifest import BundleError, open_manifest
 
 from .app import http_app
 from .config import ServeConfig, max_batch_size, max_latency_ms
@@ -64,18 +63,6 @@ TIMEOUT_S = max(60, 3 * MAX_LATENCY_MS // 1000)
 NOT_OPEN = np.zeros(0, np.float32)  # encode's answer for an item whose tower is not open in the encoder
 
 
-def open_tower(path: Path, manifest: Manifest, precision: str, cfg: ServeConfig) -> TowerRunner:
-    """The bundle's tower on the requested runtime; "auto" takes the bundle's TensorRT engine when there is one and
-    TensorRT can run it here, else ONNX Runtime (the CUDA provider where a GPU is visible, else CPU)."""
-    engines = (manifest.tensorrt or {}).get("image", {})
-    if cfg.runtime in ("auto", "tensorrt") and precision in engines:
-        try:
-            return TowerRunner(path, manifest, precision, "tensorrt")
-        except TensorRTUnavailable as exc:
-            if cfg.runtime == "tensorrt":
-                raise
-            logger.warning("not using the bundle's TensorRT engine: %s; falling back to ONNX Runtime", exc)
-    return TowerRunner(path, manifest, precision, "onnx", device="auto", threads=cfg.threads)
 
 
 def canary_png(size: int) -> bytes:
@@ -113,27 +100,25 @@ class Encoder:
         logger.info("fvgpt encoder: runtime %s, ORT threads %s, batch ≤ %d images, max latency %d ms",
                     self.config.runtime, self.config.threads or "auto", MAX_BATCH_SIZE, MAX_LATENCY_MS)
 
-    def _open(self, bundle: str, precision: str) -> dict[str, Any]:
+    def _open(self, bundle: str, runtime: str, precision: str, device: str) -> dict[str, Any]:
         path = Path(bundle)
         manifest = open_manifest(path, verify=False)
-        graph = manifest.towers["image"].precisions.get(precision)
-        if graph is None:
-            raise BundleError(f"{path}: no {precision} tower graph")
+        graph = manifest.image_tower(runtime, precision)
         with self._lock:  # one opening at a time: two classifiers on a new tower open it once
             if graph.id in self.towers:
                 return self._info(self.towers[graph.id])
             engine = (manifest.tensorrt or {}).get("image", {}).get(precision)
-            needed = [graph.file] + ([engine["file"]] if engine and self.config.runtime != "onnx" else [])
+            needed = [graph.file] + ([engine["file"]] if runtime == "tensorrt" else [])
             if problems := manifest.verify_files(path, needed):
                 raise BundleError(f"{path}: " + "; ".join(problems))
-            tower = open_tower(path, manifest, precision, self.config)
+            tower = TowerRunner(path, manifest, precision, runtime, device, self.config.threads)
             size, dim = manifest.preprocess.size, manifest.backbone.embed_dim
             out = tower(np.zeros((1, 3, size, size), np.float32))  # warm-up, and a shape check
             if out.shape != (1, dim):
                 raise BundleError(f"the tower returns {out.shape}, not (1, {dim}) as the manifest says")
             self.towers = self.towers | {graph.id: tower}
-        logger.info("fvgpt encoder: opened tower %s (%s) from %s on %s via %s", graph.id, precision, path,
-                    tower.provider, tower.runtime)
+        logger.info("fvgpt encoder: opened tower %s (%s-%s) from %s on %s", graph.id, runtime, precision, path,
+                    tower.provider)
         return self._info(tower)
 
     def _info(self, tower: TowerRunner) -> dict[str, Any]:
@@ -141,13 +126,13 @@ class Encoder:
                 "precision": tower.precision, "threads": self.config.threads, "images": self.passes[tower.tower_id]}
 
     @bentoml.api
-    async def open_tower(self, bundle: str, precision: str) -> dict[str, Any]:
-        """Open the tower of a (verified) bundle unless its tower id is open: its runtime info, or {"error": why}
+    async def open_tower(self, bundle: str, runtime: str, precision: str, device: str) -> dict[str, Any]:
+        """Open a (verified) bundle's tower variant unless its tower id is open: its runtime info, or {"error": why}
         (the API process refuses the classifiers on it with that reason)."""
         try:
-            return await anyio.to_thread.run_sync(self._open, bundle, precision)
+            return await anyio.to_thread.run_sync(self._open, bundle, runtime, precision, device)
         except Exception as exc:  # noqa: BLE001 - any failure refuses the classifier; the encoder keeps serving
-            logger.warning("fvgpt encoder: cannot open the %s tower of %s: %s: %s", precision, bundle,
+            logger.warning("fvgpt encoder: cannot open the %s-%s tower of %s: %s: %s", runtime, precision, bundle,
                            type(exc).__name__, exc)
             return {"error": f"{type(exc).__name__}: {exc}"}
 
@@ -195,7 +180,8 @@ class FVGPT:
         self.config = ServeConfig.from_env()
         self.limits = Limits.from_env()
         configure_pil(self.limits)
-        self.repo = Repository(self.config.source, self.config.single, self.config.precision, MAX_BATCH_SIZE)
+        self.repo = Repository(self.config.source, self.config.single, self.config.runtime, self.config.precision,
+                               MAX_BATCH_SIZE)
         self.open_towers: dict[str, dict[str, Any]] = {}  # tower id → runtime info, as the encoder reported it
         self.in_flight: Counter[str] = Counter()  # tower id → requests using it (a tower in use is never closed)
         self._decode_limiter: anyio.CapacityLimiter | None = None
@@ -254,7 +240,8 @@ class FVGPT:
         the error, or None."""
         for attempt in range(attempts):
             try:
-                info = await self.encoder.to_async.open_tower(bundle=str(c.path), precision=c.precision)
+                info = await self.encoder.to_async.open_tower(bundle=str(c.path), runtime=c.runtime,
+                                                              precision=c.precision, device=c.device)
                 break
             except Exception as exc:  # noqa: BLE001 - the encoder may still be starting: retry
                 if attempt == attempts - 1:

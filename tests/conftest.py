@@ -120,3 +120,15 @@ def generated_repository(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("generated") / "repo"
     generate(out, 3, "fvgpt-tiny", "none", init_seed=1, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_openvino_bundle(tiny_run, tmp_path_factory) -> Path:
+    """int8 FVG-PT bundle from tiny_run with the OpenVINO variants (fp32, bf16 where the CPU has it, NNCF int8).
+    Treat as read-only, except for its tuning profile."""
+    pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install '.[openvino]')")
+    from fvgpt_export.build import ExportOptions, export_run
+
+    return export_run(tiny_run, tmp_path_factory.mktemp("bundles") / "openvino",
+                      ExportOptions(precision="int8", openvino=True, progress=False, parity_images=16,
+                                    calibration_images=16))

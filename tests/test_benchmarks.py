@@ -90,8 +90,31 @@ def test_throughput_fvgpt_bundle_as_script(tiny_bundle, tmp_path):
     onnx = report["results"][1]
     assert onnx["heads_ms_per_image"] > 0 and onnx["parity_top1_agreement"] == 1.0
     skipped = {s["runtime"]: s["reason"] for s in report["skipped"]}
-    assert "no int8 tower graph" in skipped["onnx-int8"] and "TensorRT" in skipped["tensorrt-fp16"]
-    assert "skipping onnx-int8" in res.stderr and "skipped onnx-int8: the bundle has no int8" in res.stdout
+    assert "no onnx-int8 tower graph" in skipped["onnx-int8"] and "TensorRT" in skipped["tensorrt-fp16"]
+    assert "skipping onnx-int8" in res.stderr and "skipped onnx-int8: the bundle has no onnx-int8" in res.stdout
+
+
+def test_throughput_openvino_rows_and_the_served_tower(tiny_openvino_bundle, tmp_path):
+    from fvgpt_runtime.manifest import Manifest
+    from fvgpt_runtime.tuning import choose
+
+    res = bench("throughput", "--bundle", str(tiny_openvino_bundle), "--runtimes", "onnx-int8,openvino-int8",
+                "--batch-sizes", "2", "--iters", "2", "--warmup", "1", "--threads", "1", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    report = check_throughput_report(tmp_path)
+    rows = {r["runtime"]: r for r in report["results"]}
+    assert rows["openvino-int8"]["engine"] == "openvino" and rows["openvino-int8"]["provider"] == "OpenVINO CPU"
+    assert rows["openvino-int8"]["parity_top1_agreement"] >= 0.99
+    assert report["machine"]["cpu_family"] is not None and "openvino" in report["versions"]
+    # what `fvgpt serve` runs here, with or without a profile
+    choice = choose(tiny_openvino_bundle, Manifest.read(tiny_openvino_bundle))
+    tuning = report["tuning"]
+    assert tuning["served"] == f"{choice.runtime}-{choice.precision}" and tuning["batch_size"] == 2
+    assert tuning["images_per_s"] == rows[tuning["served"]]["images_per_s"]
+    fastest = max(("onnx-int8", "openvino-int8"), key=lambda n: rows[n]["images_per_s"])
+    assert tuning["fastest"] == fastest
+    assert tuning["ratio_to_fastest"] == pytest.approx(tuning["images_per_s"] / rows[fastest]["images_per_s"])
+    assert f"fvgpt serve runs {tuning['served']} on this host" in res.stdout
 
 
 def test_throughput_bad_bundle_path(tmp_path):

@@ -20,7 +20,7 @@ TINY = ["--model", "fvgpt-tiny", "--pretrained", "none", "--shots", "3", "--epoc
 
 def test_help_explains_every_command():
     out = subprocess.run([sys.executable, "-m", "fvgpt.cli", "--help"], capture_output=True, text=True, check=True)
-    for command in ("train", "eval", "masks", "demo", "export", "validate", "serve"):
+    for command in ("train", "eval", "masks", "demo", "export", "validate", "serve", "tune"):
         assert command in out.stdout
     train_help = subprocess.run([sys.executable, "-m", "fvgpt.cli", "train", "--help"], capture_output=True,
                                 text=True, check=True).stdout
