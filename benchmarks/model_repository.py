@@ -131,7 +131,8 @@ def generate(out: Path, count: int, model_name: str, pretrained: str, init_seed:
     if not 1 <= count <= 100_000 or not 2 <= n_classes <= len(WORDS):
         raise BenchError(f"--count must be in 1..100000 and --classes in 2..{len(WORDS)}")
     backbone = load_backbone(model_name, pretrained, "cpu", init_seed)
-    cfg = TrainConfig(model=model_name, pretrained=pretrained, init_seed=init_seed)
+    # generated, not trained: the config only sizes the plugin; its data source is the repository being written
+    cfg = TrainConfig(data=str(out), model=model_name, pretrained=pretrained, init_seed=init_seed)
     base = classifier_dir(out, 0)
     t0 = time.perf_counter()
     if not (base / "manifest.json").is_file():
