@@ -191,8 +191,7 @@ def variant_key(runtime: str, precision: str) -> str:
 @dataclass(frozen=True)
 class Tower:
     """pixels (B, 3, S, S) → L2-normalised features (B, D), one graph per runtime × precision, keyed "onnx-int8",
-    "openvino-bf16", ... Bundles written before variants had runtimes list ONNX graphs under `precisions`; they are
-    read as onnx-* variants."""
+    "openvino-bf16", ..."""
 
     variants: dict[str, TowerGraph]
 
@@ -206,11 +205,6 @@ class Tower:
 
     @classmethod
     def parse(cls, d: Any, where: str) -> Tower:
-        if isinstance(d, dict) and "variants" not in d and "precisions" in d:
-            legacy = _get(d, "precisions", dict, where)
-            d = {"variants": {variant_key("onnx", p): (g if not isinstance(g, dict) else
-                                                       {"runtime": "onnx", "precision": p} | g)
-                              for p, g in legacy.items()}}
         raw = _get(d, "variants", dict, where)
         if not raw:
             raise ManifestError(f"manifest field {where}.variants is empty")
