@@ -6,7 +6,8 @@ Starts the server on a free loopback port (on BUNDLE, or on a tiny zero-shot bun
 --concurrency client threads of mixed traffic for --minutes: valid requests (one to four of the package's photos,
 multipart or JSON, every class or a few new labels) and, one request in four, hostile ones (malformed JSON and
 multipart, bad base64 and data URIs, broken and oversized images, hostile labels and numbers, unknown paths, wrong
-methods, protocol garbage, half-sent headers and bodies). Faults are injected at fixed fractions of the run:
+methods, protocol garbage, a lying Content-Length); beside them one slowloris thread keeps a connection with
+half-sent headers or a half-sent body open at all times. Faults are injected at fixed fractions of the run:
 
   25%  the encoder process is killed (SIGKILL); BentoML starts a new one
   50%  big inputs: four requests of sixteen grey 7000² PNGs, and sixteen 26 MiB bodies at once
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import itertools
 import json
 import os
 import random
@@ -97,9 +99,9 @@ class Server:
         wait_ready(self.proc, self.url, timeout_s)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        from fvgpt_serving.cli import stop
+
+        stop(self.proc)
         self.log.close()
 
 
@@ -181,13 +183,15 @@ def hostile_requests(photos: list[bytes]) -> list[tuple[str, str, str, dict]]:
         ("unknown path", "GET", "/classify/../admin", {}), ("wrong method", "GET", "/classify", {})]
 
 
-RAW_HOSTILE = {  # sent on a raw socket: (bytes, seconds to wait for the server to answer or close)
+RAW_HOSTILE = {  # sent on a raw socket, answered at once
     "protocol garbage": b"\x16\x03\x01\x02\x00\x01\r\n\r\n",
+    "lying Content-Length": b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: 99999999999\r\n\r\n{}",
+}
+SLOWLORIS = {  # sent on a raw socket, answered (408) only when the server's header or body timeout ends them
     "half-sent headers": b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Ty",
     "half-sent body": b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                       b"Content-Length: 1000\r\n\r\n{\"images\": [",
-    "lying Content-Length": b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                            b"Content-Length: 99999999999\r\n\r\n{}",
 }
 
 
@@ -224,6 +228,7 @@ def client(soak: Soak, seed: int, photos: list[bytes], answers: dict, hostile: l
                                          .status_code)
             except (httpx.HTTPError, OSError) as exc:
                 outcome = type(exc).__name__
+                time.sleep(0.2)  # the server is gone (a fault): do not spin
             soak.add(Record("hostile", outcome, t0, time.time()))
             continue
         kwargs, expected = valid_request(rng, photos)
@@ -232,6 +237,7 @@ def client(soak: Soak, seed: int, photos: list[bytes], answers: dict, hostile: l
             outcome = outcome_of(r.status_code)
         except (httpx.HTTPError, OSError) as exc:
             soak.add(Record("valid", type(exc).__name__, t0, time.time()))
+            time.sleep(0.2)
             continue
         end = time.time()
         soak.add(Record("valid", outcome, t0, end, end - t0))
@@ -246,6 +252,21 @@ def client(soak: Soak, seed: int, photos: list[bytes], answers: dict, hostile: l
                         soak.violations.append({"image": key[0], "label_set": key[1], "position": k,
                                                 "max_abs_diff": diff,
                                                 "ranking_changed": ranked != labels[:len(ranked)]})
+
+
+def slowloris(soak: Soak, timeout_s: float) -> None:
+    """One half-sent request at a time, for the whole run."""
+    for name in itertools.cycle(SLOWLORIS):
+        if soak.stop.is_set():
+            return
+        t0 = time.time()
+        try:
+            outcome = raw_outcome(soak.url, SLOWLORIS[name], timeout_s)
+            outcome = f"4xx:{outcome}" if outcome.startswith("4") else outcome
+        except OSError as exc:
+            outcome = type(exc).__name__
+            time.sleep(0.2)
+        soak.add(Record("slowloris", outcome, t0, time.time()))
 
 
 def sample_rss(soak: Soak, server_pid_of, t_start: float) -> None:
@@ -340,7 +361,8 @@ def sigterm(soak: Soak, server: Server, bundle: Path, log: Path, env: dict) -> S
     in_flight = [r for r in soak.records if r.start < t0 < r.end]
     soak.faults.append({"fault": "SIGTERM", "exit_code": rc, "drain_s": round(stopped - t0, 1),
                         "in_flight_at_signal": len(in_flight),
-                        "in_flight_outcomes": dict(Counter(r.outcome for r in in_flight)),
+                        "in_flight_outcomes": {kind: dict(Counter(r.outcome for r in in_flight if r.kind == kind))
+                                               for kind in ("valid", "hostile", "slowloris")},
                         "new_server_ready_after_s": round(time.time() - t0, 1)})
     server.log.close()
     return new
@@ -353,10 +375,11 @@ def summarize(soak: Soak) -> dict:
         return any(start - 1 <= r.end and r.start <= end for _, start, end in soak.windows)
 
     outcomes = {kind: dict(Counter(r.outcome for r in soak.records if r.kind == kind))
-                for kind in ("valid", "hostile", "big")}
+                for kind in ("valid", "hostile", "slowloris", "big")}
     outside = [r for r in soak.records if not in_window(r)]
     fivexx = Counter(f"{r.kind} {r.outcome}" for r in outside if r.outcome.isdigit() and r.outcome >= "500")
-    hostile_not_4xx = Counter(r.outcome for r in outside if r.kind == "hostile" and not r.outcome.startswith("4xx"))
+    hostile_not_4xx = Counter(r.outcome for r in outside
+                              if r.kind in ("hostile", "slowloris") and not r.outcome.startswith("4xx"))
     valid_ok = [r.latency for r in outside if r.kind == "valid" and r.outcome == "200"]
     api = [row["api_mib"] for row in soak.rss if row["api_mib"]]
     encoder = [row["encoder_mib"] for row in soak.rss if row["encoder_mib"]]
@@ -396,6 +419,7 @@ def run(args) -> dict:
         t_start = time.time()
         threads = [threading.Thread(target=client, args=(soak, seed, photos, answers, hostile, args.timeout),
                                     daemon=True) for seed in range(args.concurrency)]
+        threads.append(threading.Thread(target=slowloris, args=(soak, args.timeout), daemon=True))
         threads.append(threading.Thread(target=sample_rss, args=(soak, lambda: servers[-1].proc.pid, t_start),
                                         daemon=True))
         for t in threads:

@@ -155,16 +155,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stop(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
-    """SIGTERM the `bentoml serve` process (it stops its workers), then SIGKILL its process group if it hangs."""
+def stop(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
+    """SIGTERM the server (it drains and stops its workers), then SIGKILL every process of its tree if it hangs."""
     if proc.poll() is not None:
         return
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(grace_s)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_tree(proc)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a server process and all its descendants, by process id: BentoML's workers run in sessions of their
+    own, so signalling the server's process group would leave them running."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
 
 
 def wait_ready(proc: subprocess.Popen, url: str, timeout_s: float) -> None:

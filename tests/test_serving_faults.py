@@ -29,7 +29,7 @@ from PIL import Image
 from benchmarks.common import server_processes
 from fvgpt_runtime.bundle import Bundle
 from fvgpt_runtime.manifest import MANIFEST, Manifest, sha256_file
-from fvgpt_serving.cli import free_port
+from fvgpt_serving.cli import free_port, stop, wait_ready
 from test_serving import Server, assert_matches, encode, photo_bytes, post_files, running
 
 pytestmark = pytest.mark.slow
@@ -208,21 +208,21 @@ def idle_latency(url: str, n: int = 12) -> float:
 
 def test_idle_latency_returns_after_a_burst(url):
     """The adaptive batcher learned to hold a lone request back for batch mates after bursts (9 ms → 40–56 ms in the
-    issue; 31 → 85 ms on this test before the fix)."""
-    before = idle_latency(url)
+    issue; 31 → 85 ms on this test before the fix). Each figure is the better of two rounds: the machine is shared."""
+    before = min(idle_latency(url), idle_latency(url))
     photos = [photo_bytes(i) for i in range(4)]
 
     def client(k: int) -> list[int]:
         with httpx.Client(timeout=60) as c:
             return [c.post(f"{url}/classify", files=[("images", ("a.jpg", photos[(k + i) % 4]))]).status_code
-                    for i in range(40)]
+                    for i in range(50)]
 
     with ThreadPoolExecutor(16) as pool:
         statuses = [s for part in pool.map(client, range(16)) for s in part]
     assert set(statuses) == {200}
     time.sleep(1.0)
-    after = min(idle_latency(url), idle_latency(url))  # the better of two rounds: the machine is shared
-    assert after <= max(2.5 * before, before + 0.025), f"idle latency {before * 1e3:.1f} ms → {after * 1e3:.1f} ms"
+    after = min(idle_latency(url), idle_latency(url))
+    assert after <= 1.5 * before + 0.015, f"idle latency {before * 1e3:.1f} ms → {after * 1e3:.1f} ms"
 
 
 # ---- encoder crash (finding 3) ----------------------------------------------------------------------------------
@@ -287,8 +287,6 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_bundle, tmp_path):
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        from fvgpt_serving.cli import wait_ready
-
         wait_ready(proc, url, 120)
         heavy = big_gray_png(3000)
         with ThreadPoolExecutor(8) as pool:
@@ -305,8 +303,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_bundle, tmp_path):
         rc = proc.wait(90)
         assert rc == 0 and time.perf_counter() - t0 < 60, rc
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop(proc)
         log.seek(0)
         text = log.read()
         log.close()
