@@ -178,6 +178,19 @@ def write_outputs(out: Path, stem: str, report: dict, rows: list[dict]) -> tuple
     return json_path, csv_path
 
 
+def run_and_write(run, args, stem: str, rows_key: str) -> tuple[dict, Path, Path] | None:
+    """`run(args)` → its report, written to args.out as `stem`.json and `stem`.csv (the rows under `rows_key`); None
+    after printing the message of a BenchError or FVGPTError (the caller exits 2)."""
+    from fvgpt.errors import FVGPTError
+
+    try:
+        report = run(args)
+    except (BenchError, FVGPTError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    return report, *write_outputs(Path(args.out), stem, report, report[rows_key])
+
+
 def int_list(text: str) -> list[int]:
     """argparse type for "1,8,32": positive integers, duplicates dropped, order kept."""
     try:

@@ -36,7 +36,7 @@ if not __package__:  # `python benchmarks/heavy_requests.py`: make the repo impo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (BenchError, command_line, library_versions, load_average, machine_info, photo_bytes,
-                               server_processes, utc_now, write_outputs)
+                               run_and_write, server_processes, utc_now)
 from benchmarks.soak import Server, encode_png, tiny_bundle
 
 MODULES = {"fvgpt": "fvgpt", "fvgpt_runtime": "runtime", "fvgpt_export": "export", "fvgpt_serving": "serving"}
@@ -177,8 +177,6 @@ def run(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fvgpt.errors import FVGPTError
-
     p = argparse.ArgumentParser(prog="python -m benchmarks.heavy_requests", description=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baseline", help="another checkout of this repository to measure first (e.g. a git worktree)")
@@ -186,12 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/benchmarks", help="folder for heavy_requests.json/.csv and server logs")
     args = p.parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    try:
-        report = run(args)
-    except (BenchError, FVGPTError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    if (written := run_and_write(run, args, "heavy_requests", "results")) is None:
         return 2
-    json_path, csv_path = write_outputs(Path(args.out), "heavy_requests", report, report["results"])
+    report, json_path, csv_path = written
     for row in report["results"]:
         print(row)
     print(f"wrote {json_path}, {csv_path}")

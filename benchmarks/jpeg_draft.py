@@ -22,7 +22,8 @@ if not __package__:  # `python benchmarks/jpeg_draft.py`: make the repo importab
 
 import numpy as np
 
-from benchmarks.common import command_line, int_list, library_versions, load_average, machine_info, utc_now, write_outputs
+from benchmarks.common import (command_line, int_list, library_versions, load_average, machine_info, utc_now,
+                               write_outputs)
 
 TILES = ("astronaut.png", "coffee.png", "motorcycle_left.png", "grass.png", "gravel.png", "brick.png",
          "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "chelsea.png", "rocket.jpg", "camera.png")

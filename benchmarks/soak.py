@@ -11,8 +11,9 @@ half-sent headers or a half-sent body open at all times. Faults are injected at 
 
   25%  the encoder process is killed (SIGKILL); BentoML starts a new one
   50%  big inputs: four requests of sixteen grey 7000² PNGs, and sixteen 26 MiB bodies at once
-  75%  SIGTERM to the server while requests are in flight: they must all be answered, the server must exit 0; a
-       new server is started on another port and the clients move to it
+  75%  SIGTERM to the server while eight requests of eight grey 3000² PNGs each (seconds of decoding) are in
+       flight, besides the clients' traffic: they must all be answered, the server must exit 0; a new server is
+       started on another port and the clients move to it
 
 Reported: requests by kind and outcome; 5xx answers outside the faults' own windows (a fault's window runs from its
 injection until /readyz is 200 again; target 0) and 500s anywhere (target 0); p50/p99 latency of valid requests; the
@@ -44,7 +45,7 @@ if not __package__:  # `python benchmarks/soak.py`: make the repo importable lik
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (BenchError, command_line, latency_summary, library_versions, load_average,
-                               machine_info, photo_bytes, server_processes, utc_now, write_outputs)
+                               machine_info, photo_bytes, run_and_write, server_processes, utc_now)
 
 MAX_MINUTES = 60.0
 LABEL_SETS = (None, ["a cat", "a rocket", "a cup of coffee"], ["an astronaut", "a dog"])
@@ -345,8 +346,27 @@ def big_inputs(soak: Soak, url: str, timeout_s: float) -> None:
                         "grey_png_bytes": len(grey), "noise_png_bytes": len(noise)})
 
 
-def sigterm(soak: Soak, server: Server, bundle: Path, log: Path, env: dict) -> Server:
-    """SIGTERM the server under load; the clients move to a new one once it is ready."""
+def sigterm(soak: Soak, server: Server, bundle: Path, log: Path, env: dict, timeout_s: float) -> Server:
+    """SIGTERM the server while heavy requests are in flight; the clients move to a new one once it is ready."""
+    import httpx
+    import numpy as np
+    from PIL import Image
+
+    grey = encode_png(Image.fromarray(np.tile(np.arange(3000, dtype=np.uint8), (3000, 1)), "L"))
+    drained: list[str] = []
+
+    def heavy() -> None:
+        try:
+            r = httpx.post(f"{server.url}/classify", files=[("images", (f"g{i}.png", grey)) for i in range(8)],
+                           timeout=timeout_s)
+            drained.append(outcome_of(r.status_code))
+        except (httpx.HTTPError, OSError) as exc:
+            drained.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=heavy) for _ in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
     t0 = time.time()
     server.proc.send_signal(signal.SIGTERM)
     try:
@@ -354,6 +374,8 @@ def sigterm(soak: Soak, server: Server, bundle: Path, log: Path, env: dict) -> S
     except subprocess.TimeoutExpired:
         rc = None
     stopped = time.time()
+    for t in threads:
+        t.join()
     new = Server(bundle, log, env)
     new.wait()
     soak.url = new.url
@@ -363,6 +385,7 @@ def sigterm(soak: Soak, server: Server, bundle: Path, log: Path, env: dict) -> S
                         "in_flight_at_signal": len(in_flight),
                         "in_flight_outcomes": {kind: dict(Counter(r.outcome for r in in_flight if r.kind == kind))
                                                for kind in ("valid", "hostile", "slowloris")},
+                        "heavy_requests_in_flight": dict(Counter(drained)),
                         "new_server_ready_after_s": round(time.time() - t0, 1)})
     server.log.close()
     return new
@@ -427,7 +450,7 @@ def run(args) -> dict:
         duration = args.minutes * 60
         schedule = [(0.25, lambda: kill_encoder(soak, servers[-1])),
                     (0.50, lambda: big_inputs(soak, servers[-1].url, args.timeout)),
-                    (0.75, lambda: servers.append(sigterm(soak, servers[-1], bundle, log, env)))]
+                    (0.75, lambda: servers.append(sigterm(soak, servers[-1], bundle, log, env, args.timeout)))]
         for at, fault in schedule:
             time.sleep(max(0.0, t_start + at * duration - time.time()))
             print(f"{time.time() - t_start:6.0f} s  injecting a fault", file=sys.stderr, flush=True)
@@ -463,15 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fvgpt.errors import FVGPTError
-
-    args = build_parser().parse_args(argv)
-    try:
-        report = run(args)
-    except (BenchError, FVGPTError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    if (written := run_and_write(run, build_parser().parse_args(argv), "soak", "rss_series")) is None:
         return 2
-    json_path, csv_path = write_outputs(Path(args.out), "soak", report, report["rss_series"])
+    report, json_path, csv_path = written
     s = report["summary"]
     lat = s["valid_latency"]
     print(json.dumps({k: s[k] for k in ("requests", "outcomes", "5xx_outside_fault_windows", "500_anywhere",

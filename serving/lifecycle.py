@@ -24,6 +24,7 @@ What this module changes:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import signal
@@ -113,7 +114,7 @@ def api_workers_alive(api_service: str) -> bool:
         try:
             cmd = proc.cmdline()
             if proc.pid != os.getpid() and proc.status() != psutil.STATUS_ZOMBIE and WORKER_MODULE in cmd and \
-                    any(a == "--service-name" and b == api_service for a, b in zip(cmd, cmd[1:])):
+                    ("--service-name", api_service) in itertools.pairwise(cmd):
                 return True
         except psutil.Error:
             continue

@@ -342,9 +342,9 @@ class FVGPT:
     async def _reopen_all(self) -> None:
         """A new encoder (after a crash) has no towers: open every tower a ready classifier uses."""
         self.open_towers.clear()
-        await self._reopen(sorted(self.repo.snapshot.towers()), probe=True)
+        await self._reopen(sorted(self.repo.snapshot.towers()))
 
-    async def _reopen(self, lost: list[str], probe: bool = False) -> None:
+    async def _reopen(self, lost: list[str]) -> None:
         logger.warning("fvgpt: the encoder has no tower %s (restarted?): opening it again", ", ".join(lost))
         sources = self.repo.snapshot.towers()
         for tower_id in lost:
@@ -352,8 +352,6 @@ class FVGPT:
             error = await self._open_tower(sources[tower_id], attempts=1) if tower_id in sources else \
                 "no classifier uses it any more"
             if error:
-                if probe:
-                    raise RuntimeError(error)
                 raise ApiError(503, f"tower {tower_id} is not available: {error}", {"Retry-After": "1"})
 
     def scores(self, plans: list[tuple[Classifier, list[str] | None]],

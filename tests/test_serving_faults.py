@@ -375,8 +375,8 @@ def test_bentoml_serve_on_a_bad_bundle_exits_instead_of_crash_looping(tiny_bundl
     env = {k: v for k, v in os.environ.items() if not k.startswith("FVGPT_")} | {"FVGPT_BUNDLE": str(bad)}
     for extra in ({}, {"FVGPT_MAX_IMAGES": "many"}):
         t0 = time.perf_counter()
-        proc = subprocess.run(server_command("127.0.0.1", free_port()), env=env | extra, capture_output=True, check=False,
-                              text=True, timeout=120, start_new_session=True)
+        proc = subprocess.run(server_command("127.0.0.1", free_port()), env=env | extra, capture_output=True,
+                              check=False, text=True, timeout=120, start_new_session=True)
         assert proc.returncode != 0 and time.perf_counter() - t0 < 90
         out = proc.stdout + proc.stderr
         assert ("classes is missing" if not extra else "FVGPT_MAX_IMAGES='many' is not an integer") in out, out[-2000:]
