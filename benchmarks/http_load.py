@@ -33,7 +33,7 @@ if not __package__:  # `python benchmarks/http_load.py`: make the repo importabl
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (BenchError, command_line, decode_batch, int_list, latency_summary, library_versions,
-                               load_average, machine_info, photo_bytes, run_reporting_errors, utc_now, write_outputs)
+                               load_average, machine_info, photo_bytes, run_and_write, utc_now)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -309,10 +309,9 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if (report := run_reporting_errors(run, args)) is None:
+    if (written := run_and_write(run, build_parser().parse_args(argv), "http_load", "results")) is None:
         return 2
-    json_path, csv_path = write_outputs(Path(args.out), "http_load", report, report["results"])
+    report, json_path, csv_path = written
     print(markdown_table(report["results"]))
     if (ref := report["model_only"]) is not None:
         print(f"model-only ({ref['provider']}, {ref['precision']}, batch {ref['batch']}): "

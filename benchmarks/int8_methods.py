@@ -23,7 +23,7 @@ if not __package__:
 import numpy as np
 
 from benchmarks.common import (BenchError, command_line, library_versions, load_average, machine_info,
-                               run_reporting_errors, usable_cores, utc_now, write_outputs)
+                               run_and_write, usable_cores, utc_now)
 from fvgpt_runtime.host import round_robin
 
 
@@ -124,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=8, help="timed round-robin rounds (default 8)")
     p.add_argument("--out", default="runs/benchmarks", help="folder for int8_methods.json/.csv")
     args = p.parse_args(argv)
-    if (report := run_reporting_errors(run, args)) is None:
+    if (written := run_and_write(run, args, "int8_methods", "results")) is None:
         return 2
-    json_path, csv_path = write_outputs(Path(args.out), "int8_methods", report, report["results"])
+    report, json_path, csv_path = written
     print(f"{report['machine']['cpu']} (family {report['machine']['cpu_family']}), load {report['load_average']}")
     print("| method | images/s | x ort-dynamic | min cosine to fp32 | batch max |Δ features| | batch max |Δp| |")
     print("|---|---|---|---|---|---|")

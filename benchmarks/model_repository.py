@@ -36,7 +36,7 @@ if not __package__:  # `python benchmarks/model_repository.py`: make the repo im
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (BenchError, command_line, int_list, library_versions, load_average, machine_info,
-                               photo_bytes, utc_now, write_outputs)
+                               photo_bytes, rss_mib, utc_now, write_outputs)
 from benchmarks.http_load import check_service, multipart, parse_target, run_level
 
 PREFIX = "clf"
@@ -168,25 +168,6 @@ def view(repository: Path, k: int, into: Path) -> list[str]:
     for name in names:
         link_tree(repository / name, into / name)
     return names
-
-
-def rss_mib(server_pid: int) -> dict[str, float]:
-    """RSS of the API worker, the encoder worker and all the server's processes together."""
-    import psutil
-
-    out = {"api": 0.0, "encoder": 0.0, "total": 0.0}
-    root = psutil.Process(server_pid)
-    for proc in [root, *root.children(recursive=True)]:
-        try:
-            rss, cmd = proc.memory_info().rss / 2**20, " ".join(proc.cmdline())
-        except psutil.NoSuchProcess:
-            continue
-        out["total"] += rss
-        if "fvgpt-encoder" in cmd:
-            out["encoder"] += rss
-        elif "--service-name" in cmd or "_bentoml_impl.worker" in cmd:
-            out["api"] += rss
-    return out
 
 
 class Server:

@@ -128,7 +128,11 @@ class Bundle:
         self.classes = self.manifest.classes
         self.pool = pool
         self.threads = threads
-        self.tables: dict[str, np.ndarray] = load_file(str(self.path / self.manifest.tables))
+        try:
+            self.tables: dict[str, np.ndarray] = load_file(str(self.path / self.manifest.tables))
+        except Exception as exc:  # noqa: BLE001 - safetensors' own errors do not say which file
+            raise BundleError(f"{self.path / self.manifest.tables} cannot be read ({type(exc).__name__}: {exc})") \
+                from None
         heads = self.manifest.heads.file
         self._heads, _ = pool.get(self.path / heads, self.manifest.files[heads], "cpu", threads)
         self._labels = labels

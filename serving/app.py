@@ -22,10 +22,11 @@ from starlette.routing import Route
 
 from fvgpt_runtime.bundle import Scores
 
+from .admission import Reservation
 from .errors import ApiError, error_response
 from .openapi import openapi_document
 from .repository import Classifier
-from .request import parse_classify, resolve_model
+from .request import ClassifyRequest, parse_classify, resolve_model
 
 if TYPE_CHECKING:
     from .service import FVGPT
@@ -75,7 +76,12 @@ def ranked(c: Classifier, scores: Scores, top_k: int) -> list[dict]:
 
 @endpoint
 async def classify(request: Request, svc: FVGPT) -> Response:
-    req = await parse_classify(request, svc.limits)
+    req, reservation = await parse_classify(request, svc.limits, svc.budget)
+    with reservation:  # the request's bytes count against FVGPT_MAX_INFLIGHT_BYTES until it is answered
+        return await classify_parsed(req, svc, reservation)
+
+
+async def classify_parsed(req: ClassifyRequest, svc: FVGPT, reservation: Reservation) -> Response:
     chosen = svc.repo.snapshot.resolve(req.model, req.models, svc.limits.max_models)
     plans, top_ks = [], []
     for c in chosen:
@@ -87,7 +93,7 @@ async def classify(request: Request, svc: FVGPT) -> Response:
             raise
         plans.append((c, labels))
         top_ks.append(top_k)
-    scores = await svc.classify(req.images, req.names, plans)
+    scores = await svc.classify(req.images, req.names, plans, reservation)
     per_classifier = [ranked(c, s, k) for (c, _), s, k in zip(plans, scores, top_ks)]
     if req.models is None:  # one classifier: one result per image, as a single-bundle server always answered
         return JSONResponse({"results": per_classifier[0]})
@@ -122,6 +128,9 @@ async def info(request: Request, svc: FVGPT) -> Response:
                       "poll_s": svc.config.poll_s},
            "classifiers": {"versions": len(snap.classifiers), "ready": len(snap.ready)},
            "towers": list(towers.values()), "batching": svc.batching, "limits": svc.limits.as_dict(),
+           "inflight_bytes": svc.budget.held,
+           "timeouts": {"header_s": svc.config.header_timeout_s, "body_s": svc.config.body_timeout_s,
+                        "drain_s": svc.config.drain_s},
            "api_key_required": svc.config.api_key is not None}
     if "model" in request.query_params or len(snap.names) == 1:
         c = selected(request, svc)

@@ -1,7 +1,9 @@
-"""`fvgpt serve BUNDLE` / `fvgpt serve --repository DIR`: run `bentoml serve fvgpt_serving.service:FVGPT` with the
-bundle (or repository) and options passed as environment variables (serving/config.py), forward SIGINT/SIGTERM to it,
-and exit with its status. `--smoke-test` starts it on a free loopback port, classifies one bundled photo over HTTP
-with the first ready classifier, prints the JSON and stops it.
+"""`fvgpt serve BUNDLE` / `fvgpt serve --repository DIR`: check the settings (and the bundle: everything the server
+would load, its tower included), then run `bentoml serve fvgpt_serving.service:FVGPT` with the bundle (or repository)
+and options passed as environment variables (serving/config.py), forward SIGINT/SIGTERM to it (the server drains,
+serving/lifecycle.py), and exit with its status: 0 when stopped by a signal. A bad bundle or setting exits 2 with a
+one-line error before any server starts. `--smoke-test` starts it on a free loopback port, classifies one bundled
+photo over HTTP with the first ready classifier, prints the JSON and stops it.
 """
 from __future__ import annotations
 
@@ -29,8 +31,11 @@ def register(sub) -> None:
                                    "up while it runs). Classifiers on one backbone share one image tower behind "
                                    "adaptive batching (ONNX Runtime, CUDA where available, or the bundle's "
                                    "TensorRT engine); base/new/zero-shot routing and new labels per classifier. "
-                                   "Limits and the API key come from FVGPT_* environment variables "
-                                   "(serving/README.md).")
+                                   "Limits, timeouts and the API key come from FVGPT_* environment variables "
+                                   "(serving/README.md). On SIGTERM or Ctrl-C it stops accepting connections, "
+                                   "finishes the requests in flight (at most --drain-timeout seconds), stops and "
+                                   "exits 0. A bundle or setting that cannot be served exits 2 at once with a "
+                                   "one-line error.")
     p.add_argument("bundle", nargs="?", help="bundle dir written by fvgpt export (served as a repository of one)")
     p.add_argument("--repository", metavar="DIR",
                    help="serve every bundle under DIR: DIR/NAME/VERSION/ (or DIR/NAME/ for one version); the "
@@ -55,6 +60,9 @@ def register(sub) -> None:
     p.add_argument("--max-latency-ms", type=int, default=config.DEFAULT_MAX_LATENCY_MS,
                    help=f"queue wait + inference budget; requests that cannot meet it get 503 (default "
                         f"{config.DEFAULT_MAX_LATENCY_MS})")
+    p.add_argument("--drain-timeout", type=float, default=config.DEFAULT_DRAIN_S, metavar="S",
+                   help=f"on SIGTERM/SIGINT: seconds the requests in flight may take to finish before they are "
+                        f"cancelled; new connections are refused at once (default {config.DEFAULT_DRAIN_S:g})")
     p.add_argument("--smoke-test", action="store_true",
                    help="start on a free loopback port, classify one bundled photo, print the JSON, stop")
     p.add_argument("--ready-timeout", type=float, default=300.0,
@@ -65,9 +73,7 @@ def register(sub) -> None:
 def _serve(args) -> int:
     if (args.bundle is None) == (args.repository is None):
         raise ValueError("give either a BUNDLE or --repository DIR (see fvgpt serve --help)")
-    if args.bundle is not None:
-        _check_bundle(args)
-    elif not Path(args.repository).is_dir():
+    if args.repository is not None and not Path(args.repository).is_dir():
         raise ValueError(f"--repository {args.repository}: not a folder (create it; bundles go in DIR/NAME/VERSION/)")
     if not 2 <= args.max_batch_size <= 4096:
         raise ValueError("--max-batch-size must be between 2 and 4096")
@@ -81,23 +87,37 @@ def _serve(args) -> int:
         config.RUNTIME_ENV: args.runtime,
         config.PRECISION_ENV: args.precision or "", config.THREADS_ENV: str(args.threads or ""),
         config.MAX_BATCH_ENV: str(args.max_batch_size), config.MAX_LATENCY_ENV: str(args.max_latency_ms),
-        config.POLL_ENV: str(args.poll_interval),
+        config.POLL_ENV: str(args.poll_interval), config.DRAIN_ENV: str(args.drain_timeout),
         "BENTOML_DO_NOT_TRACK": os.environ.get("BENTOML_DO_NOT_TRACK", "True"),
     }
+    cfg, _ = config.check_config(env)  # the FVGPT_* settings inherited from the environment too
+    if args.bundle is not None:
+        check_bundle(cfg, config.max_batch_size(env))
     if args.smoke_test:
         return _smoke_test(env, args.ready_timeout)
     return _run_forwarding_signals(server_command(args.host, args.port), env, f"http://{args.host}:{args.port}")
 
 
-def _check_bundle(args) -> None:
-    """Fail here, with the bundle's own message, rather than serve a repository of one refused bundle."""
-    from fvgpt_runtime.manifest import open_manifest
-    from fvgpt_runtime.tuning import check_request
+def check_bundle(cfg: config.ServeConfig, max_batch: int) -> None:
+    """Everything the server would do with the one bundle, here and now: verify and load it as the repository does
+    (manifest, hashes, tables, heads, text graph, a heads run) and open its tower as the encoder does (a run on a
+    blank image). A BundleError with a one-line reason if any of it fails: better than a server whose only
+    classifier is refused."""
+    from fvgpt_runtime.manifest import BundleError
 
-    manifest = open_manifest(args.bundle)
-    check_request(manifest, args.runtime, args.precision)
-    if args.max_batch_size > manifest.max_batch:
-        raise ValueError(f"--max-batch-size must be at most the bundle's max batch {manifest.max_batch}")
+    from .repository import load, scan
+    from .towers import load_tower
+
+    classifier = load(scan(cfg.source, single=True)[0], cfg.runtime, cfg.precision, max_batch)
+    try:
+        if not classifier.ready:
+            raise BundleError(classifier.reason)
+        load_tower(cfg.source, classifier.runtime, classifier.precision, classifier.device, cfg.threads)
+    except BundleError as exc:
+        raise BundleError(f"{cfg.source} cannot be served: {' '.join(str(exc).split())}") from None
+    except Exception as exc:  # noqa: BLE001 - whatever ONNX Runtime or TensorRT make of the tower: one line
+        raise BundleError(f"{cfg.source} cannot be served: its tower does not load ({type(exc).__name__}: "
+                          f"{' '.join(str(exc).split())})") from None
 
 
 def server_command(host: str, port: int) -> list[str]:
@@ -134,16 +154,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stop(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
-    """SIGTERM the `bentoml serve` process (it stops its workers), then SIGKILL its process group if it hangs."""
+def stop(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
+    """SIGTERM the server (it drains and stops its workers), then SIGKILL every process of its tree if it hangs."""
     if proc.poll() is not None:
         return
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(grace_s)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_tree(proc)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a server process and all its descendants, by process id: BentoML's workers run in sessions of their
+    own, so signalling the server's process group would leave them running."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
 
 
 def wait_ready(proc: subprocess.Popen, url: str, timeout_s: float) -> None:

@@ -143,6 +143,8 @@ class InfoResponse(BaseModel):
     towers: list[TowerInfo]
     batching: dict[str, int]
     limits: dict[str, int]
+    inflight_bytes: int = Field(description="bytes the requests in flight hold now (FVGPT_MAX_INFLIGHT_BYTES caps it)")
+    timeouts: dict[str, float] = Field(description="header_s, body_s (per request) and drain_s (on SIGTERM)")
     api_key_required: bool
 
 

@@ -16,6 +16,7 @@ class list.
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from starlette.requests import ClientDisconnect, Request
 
 from fvgpt.classes import ClassSplit
 
+from .admission import PARSE_COPIES, InflightBudget, Reservation
 from .decode import decode_base64
 from .errors import ApiError
 from .limits import Limits
@@ -36,6 +38,7 @@ ALL_MODELS = "*"
 MAX_MODEL_REF_CHARS = 200
 USAGE = ("send images as multipart/form-data (repeated file field 'images') or as JSON "
          "{\"images\": [\"<base64>\", ...]}")
+NOT_TEXT = ("Cc", "Cs", "Cn")  # control characters, lone surrogates, unassigned code points
 
 
 @dataclass(frozen=True)
@@ -54,9 +57,12 @@ class ClassifyRequest:
         return labels, resolve_top_k(self.top_k, len(labels or classes.names), limits)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refusing more than limit bytes whatever Content-Length claims."""
+async def read_body(request: Request, limit: int, budget: InflightBudget) -> tuple[bytes, Reservation]:
+    """The whole body, refusing more than limit bytes whatever Content-Length claims, and its reservation in the
+    admission budget: taken from Content-Length before anything is read, or grown as the chunks of a body without
+    one arrive (503 when it does not fit)."""
     declared = request.headers.get("content-length")
+    size = 0
     if declared is not None:
         try:
             size = int(declared)
@@ -64,37 +70,52 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise ApiError(400, f"Content-Length {declared!r} is not a number") from None
         if size > limit:
             raise ApiError(413, f"request body is {size} bytes; the limit is {limit} (FVGPT_MAX_REQUEST_BYTES)")
+    reservation = budget.admit(PARSE_COPIES * max(size, 0))
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
                 raise ApiError(413, f"request body is over the limit of {limit} bytes (FVGPT_MAX_REQUEST_BYTES)")
+            if PARSE_COPIES * size > reservation.size:
+                reservation.grow(PARSE_COPIES * size)
             chunks.append(chunk)
     except ClientDisconnect:
+        reservation.release()
         raise ApiError(400, "the client disconnected before sending the whole body") from None
-    return b"".join(chunks)
+    except BaseException:
+        reservation.release()
+        raise
+    return b"".join(chunks), reservation
 
 
-async def parse_classify(request: Request, limits: Limits) -> ClassifyRequest:
+async def parse_classify(request: Request, limits: Limits, budget: InflightBudget
+                         ) -> tuple[ClassifyRequest, Reservation]:
+    """The validated request and its reservation in the admission budget (the caller releases it when done)."""
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media and media != "multipart/form-data" and media != "application/json" and not media.endswith("+json"):
         raise ApiError(415, f"unsupported Content-Type {media!r}: {USAGE}")
-    body = await read_body(request, limits.max_request_bytes)
-    if not body:
-        raise ApiError(400, f"empty request body: {USAGE}")
-    if not media:
-        raise ApiError(415, f"missing Content-Type: {USAGE}")
-    if media == "multipart/form-data":
-        fields = await _multipart_fields(request, body, limits)
-    else:  # json.loads and base64 of a large body would hold the event loop for a while
-        fields = await anyio.to_thread.run_sync(_json_fields, body, limits)
-    if "model" in fields and "models" in fields:
-        raise ApiError(400, "send either 'model' (one classifier) or 'models' (several, or \"*\"), not both")
-    model = resolve_model(fields["model"]) if "model" in fields else None
-    models = resolve_models(fields["models"], limits) if "models" in fields else None
+    body, reservation = await read_body(request, limits.max_request_bytes, budget)
+    try:
+        if not body:
+            raise ApiError(400, f"empty request body: {USAGE}")
+        if not media:
+            raise ApiError(415, f"missing Content-Type: {USAGE}")
+        if media == "multipart/form-data":
+            fields = await _multipart_fields(request, body, limits)
+        else:  # json.loads and base64 of a large body would hold the event loop for a while
+            fields = await anyio.to_thread.run_sync(_json_fields, body, limits)
+        del body
+        reservation.resize(sum(map(len, fields["images"])))  # the parse copies are gone; the images stay
+        if "model" in fields and "models" in fields:
+            raise ApiError(400, "send either 'model' (one classifier) or 'models' (several, or \"*\"), not both")
+        model = resolve_model(fields["model"]) if "model" in fields else None
+        models = resolve_models(fields["models"], limits) if "models" in fields else None
+    except BaseException:
+        reservation.release()
+        raise
     return ClassifyRequest(fields["images"], fields["names"], fields.get("labels"), fields.get("mode", "open"),
-                           fields.get("top_k"), model, models)
+                           fields.get("top_k"), model, models), reservation
 
 
 async def _single_chunk(body: bytes) -> AsyncIterator[bytes]:
@@ -114,6 +135,8 @@ async def _multipart_fields(request: Request, body: bytes, limits: Limits) -> di
             raise ApiError(400, f"too many form fields: at most {limits.max_labels} labels (FVGPT_MAX_LABELS) and "
                                 f"{limits.max_models} models (FVGPT_MAX_MODELS) plus top_k, mode and model") from None
         raise ApiError(400, f"malformed multipart body: {exc.message}") from None
+    except Exception as exc:  # noqa: BLE001 - whatever the parser trips over in untrusted bytes is a bad request
+        raise ApiError(400, f"malformed multipart body ({type(exc).__name__}: {exc})") from None
     fields: dict = {"images": [], "names": []}
     labels: list[str] = []
     models: list[str] = []
@@ -156,6 +179,8 @@ async def _multipart_fields(request: Request, body: bytes, limits: Limits) -> di
 def _json_fields(body: bytes, limits: Limits) -> dict:
     try:
         doc = json.loads(body)
+    except RecursionError:
+        raise ApiError(400, "the JSON body is nested too deeply: /classify takes an object of flat fields") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"body is not valid JSON ({exc})") from None
     if not isinstance(doc, dict):
@@ -234,8 +259,9 @@ def resolve_labels(raw: object, mode: object, classes: ClassSplit, limits: Limit
         if len(label) > limits.max_label_chars:
             raise ApiError(400, f"labels[{i}] is {len(label)} characters long; the limit is "
                                 f"{limits.max_label_chars} (FVGPT_MAX_LABEL_CHARS)")
-        if not label.isprintable():
-            raise ApiError(400, f"labels[{i}] contains control characters")
+        if not is_text(label):
+            raise ApiError(400, f"labels[{i}] contains control characters (or lone surrogates, or unassigned code "
+                                f"points)")
         found = classes.find(label)
         if found is None and mode == "subset":
             raise ApiError(400, f"labels[{i}] {label!r} is not a bundled class (mode 'subset'); the bundled "
@@ -246,6 +272,13 @@ def resolve_labels(raw: object, mode: object, classes: ClassSplit, limits: Limit
         seen[label] = i
         labels.append(label)
     return labels
+
+
+def is_text(label: str) -> bool:
+    """Text a label may hold: anything but control characters, lone surrogates and unassigned code points. Format
+    characters (Unicode category Cf: the zero-width joiners of emoji sequences, soft hyphens, the zero-width
+    non-joiner of Persian, bidi marks, emoji tag sequences) are part of normal text and are kept."""
+    return not any(unicodedata.category(ch) in NOT_TEXT for ch in label)
 
 
 def resolve_top_k(raw: int | None, n_labels: int, limits: Limits) -> int:

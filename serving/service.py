@@ -19,9 +19,12 @@ the dispatcher's `max_batch_size` counts images over all towers.
 The API process owns the repository (serving/repository.py): `sync` scans the folder (every FVGPT_POLL_S seconds,
 and on POST /admin/reload), loads what is new or changed, drops what is gone, and opens/closes towers in the encoder.
 
-Seams for fault handling: every call into the encoder goes through `FVGPT._encoder_call` (a 503 from BentoML's
-overload fallback becomes our 503); an encoder that lost its towers (restarted) answers empty features for them, and
-`features` opens them again and retries once; `__is_ready__` is the one readiness decision.
+Faults: every call into the encoder goes through the EncoderLink (serving/encoder_link.py): an overloaded, dead or
+restarting encoder gives a 503 with Retry-After, never a 500, and readiness is false at once while it is down; a new
+encoder gets the towers opened again (and an encoder that lost its towers answers empty features for them, which
+`features` opens again and retries once). A request holds its bytes in the admission budget (serving/admission.py)
+and decodes through the fair DecodeScheduler (serving/decode.py). SIGTERM drains (serving/lifecycle.py).
+`__is_ready__` is the one readiness decision.
 """
 from __future__ import annotations
 
@@ -29,31 +32,34 @@ import asyncio
 import io
 import logging
 import math
+import os
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 import anyio
 import bentoml
 import numpy as np
-from bentoml.exceptions import BentoMLException
 from PIL import Image
 
 from fvgpt.preprocess import Preprocess
 from fvgpt_runtime.bundle import Scores, TowerRunner
 from fvgpt_runtime.manifest import BundleError, open_manifest
 
+from .admission import InflightBudget, Reservation, tune_malloc
 from .app import http_app
-from .config import ServeConfig, max_batch_size, max_latency_ms
-from .decode import configure_pil, to_pixels
-from .errors import ApiError
-from .limits import Limits
+from .batching import run_batches_when_free
+from .config import ServeConfig, check_config, max_batch_size, max_latency_ms
+from .decode import DecodeScheduler, configure_pil, decode_peak, decode_slice, open_images
+from .encoder_link import EncoderLink, encoder_status
+from .errors import ApiError, JSONErrors
+from .lifecycle import Drain, drain_api_first, outlive_api
 from .repository import Classifier, Repository
+from .towers import load_tower
 
 logger = logging.getLogger("bentoml.fvgpt")
 
@@ -63,6 +69,7 @@ TIMEOUT_S = max(60, 3 * MAX_LATENCY_MS // 1000)
 NOT_OPEN = np.zeros(0, np.float32)  # encode's answer for an item whose tower is not open in the encoder
 
 
+API_SERVICE = "fvgpt"
 
 
 def canary_png(size: int) -> bytes:
@@ -97,25 +104,21 @@ class Encoder:
         self.towers: dict[str, TowerRunner] = {}  # replaced, never mutated: encode reads it without a lock
         self.passes: Counter[str] = Counter()  # tower id → images run through it (what /info reports as images)
         self._lock = threading.Lock()
+        run_batches_when_free()
         logger.info("fvgpt encoder: runtime %s, ORT threads %s, batch ≤ %d images, max latency %d ms",
                     self.config.runtime, self.config.threads or "auto", MAX_BATCH_SIZE, MAX_LATENCY_MS)
 
+    @bentoml.on_startup
+    async def _outlive_api(self) -> None:
+        outlive_api(API_SERVICE, self.config.drain_s)
+
     def _open(self, bundle: str, runtime: str, precision: str, device: str) -> dict[str, Any]:
         path = Path(bundle)
-        manifest = open_manifest(path, verify=False)
-        graph = manifest.image_tower(runtime, precision)
+        graph = open_manifest(path, verify=False).image_tower(runtime, precision)
         with self._lock:  # one opening at a time: two classifiers on a new tower open it once
             if graph.id in self.towers:
                 return self._info(self.towers[graph.id])
-            engine = (manifest.tensorrt or {}).get("image", {}).get(precision)
-            needed = [graph.file] + ([engine["file"]] if runtime == "tensorrt" else [])
-            if problems := manifest.verify_files(path, needed):
-                raise BundleError(f"{path}: " + "; ".join(problems))
-            tower = TowerRunner(path, manifest, precision, runtime, device, self.config.threads)
-            size, dim = manifest.preprocess.size, manifest.backbone.embed_dim
-            out = tower(np.zeros((1, 3, size, size), np.float32))  # warm-up, and a shape check
-            if out.shape != (1, dim):
-                raise BundleError(f"the tower returns {out.shape}, not (1, {dim}) as the manifest says")
+            tower = load_tower(path, runtime, precision, device, self.config.threads)
             self.towers = self.towers | {graph.id: tower}
         logger.info("fvgpt encoder: opened tower %s (%s-%s) from %s on %s", graph.id, runtime, precision, path,
                     tower.provider)
@@ -166,9 +169,14 @@ class Encoder:
         """tower id → runtime, provider, precision, threads and images encoded so far, of every open tower."""
         return {tower_id: self._info(t) for tower_id, t in self.towers.items()}
 
+    @bentoml.api
+    async def status(self) -> dict[str, Any]:
+        """This process (pid, start time: the API process watches it) and the towers it has open."""
+        return encoder_status(os.getpid()) | {"towers": sorted(self.towers)}
+
 
 @bentoml.asgi_app(http_app, path="/")
-@bentoml.service(name="fvgpt", workers=1, traffic={"timeout": TIMEOUT_S})
+@bentoml.service(name=API_SERVICE, workers=1, traffic={"timeout": TIMEOUT_S})
 class FVGPT:
     """POST /classify, GET /models, /labels, /info, POST /admin/reload and the merged /docs.json (serving/app.py), on
     top of BentoML's /livez, /readyz and /metrics. Holds the repository: every classifier's heads and text graph
@@ -176,15 +184,28 @@ class FVGPT:
 
     encoder = bentoml.depends(Encoder)
 
+    @bentoml.on_deployment
+    def _check_before_workers_start() -> None:
+        """Runs in the `bentoml serve` process before any worker starts: a bad setting or a bad single bundle stops
+        the server with its message, instead of workers that crash and restart for ever; and the stop order that
+        drains the API worker before the encoder (serving/lifecycle.py)."""
+        cfg, _ = check_config()
+        if cfg.single:
+            open_manifest(cfg.source)
+        drain_api_first(cfg.drain_s)
+
     def __init__(self) -> None:
-        self.config = ServeConfig.from_env()
-        self.limits = Limits.from_env()
+        self.config, self.limits = check_config()
         configure_pil(self.limits)
+        tune_malloc()  # before the decode threads exist: memory returns to the OS after bursts
         self.repo = Repository(self.config.source, self.config.single, self.config.runtime, self.config.precision,
                                MAX_BATCH_SIZE)
         self.open_towers: dict[str, dict[str, Any]] = {}  # tower id → runtime info, as the encoder reported it
         self.in_flight: Counter[str] = Counter()  # tower id → requests using it (a tower in use is never closed)
-        self._decode_limiter: anyio.CapacityLimiter | None = None
+        self.budget = InflightBudget(self.limits.max_inflight_bytes)
+        self.decoder = DecodeScheduler(self.config.decode_threads)
+        self.link = EncoderLink(self.encoder, self._reopen_all)
+        self.drain = Drain()
         self._sync_lock: asyncio.Lock | None = None
         self._reload = asyncio.Event()
         self._last_ok = -math.inf
@@ -195,12 +216,18 @@ class FVGPT:
                     "required" if self.config.api_key else "not set", self.config.poll_s or "never")
 
     @bentoml.on_startup
-    async def _start_watching(self) -> None:
+    async def _start(self) -> None:
+        self.drain.serve_api(self.config.drain_s, self.config.header_timeout_s, self.config.body_timeout_s)
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    @bentoml.on_shutdown
+    def _stop_decoding(self) -> None:
+        self.decoder.shutdown()
 
     # ---- the repository ---------------------------------------------------------------------------------------
     async def _watch(self) -> None:
         """The first sync at start, then one every FVGPT_POLL_S seconds (or when POST /admin/reload asks)."""
+        await self._find_encoder()
         while True:
             try:
                 await self.sync()
@@ -235,13 +262,24 @@ class FVGPT:
             await self._close_unused_towers()
             return changes
 
+    async def _find_encoder(self, attempts: int = 60) -> None:
+        """Learn which process the encoder is (so the link can watch it), waiting up to `attempts` seconds for it to
+        come up; without it, only transport errors tell that the encoder is gone."""
+        for _ in range(attempts):
+            try:
+                self.link.watch(await self.link.call("status", probe=True))
+                return
+            except Exception:  # noqa: BLE001 - the encoder may still be starting: retry
+                await asyncio.sleep(1.0)
+        logger.warning("fvgpt: the encoder did not answer its status for %d s", attempts)
+
     async def _open_tower(self, c: Classifier, attempts: int = 60) -> str | None:
         """Open c's tower in the encoder (at start, waiting up to `attempts` seconds for the encoder to come up);
         the error, or None."""
         for attempt in range(attempts):
             try:
-                info = await self.encoder.to_async.open_tower(bundle=str(c.path), runtime=c.runtime,
-                                                              precision=c.precision, device=c.device)
+                info = await self.link.call("open_tower", probe=True, bundle=str(c.path), runtime=c.runtime,
+                                            precision=c.precision, device=c.device)
                 break
             except Exception as exc:  # noqa: BLE001 - the encoder may still be starting: retry
                 if attempt == attempts - 1:
@@ -256,7 +294,7 @@ class FVGPT:
         used = self.repo.snapshot.towers()
         for tower_id in [t for t in self.open_towers if t not in used and not self.in_flight[t]]:
             del self.open_towers[tower_id]
-            await self.encoder.to_async.close_tower(tower_id=tower_id)
+            await self.link.call("close_tower", tower_id=tower_id)
 
     def request_reload(self) -> None:
         self._reload.set()
@@ -272,42 +310,39 @@ class FVGPT:
             self.in_flight.subtract(towers)
 
     # ---- inference ----------------------------------------------------------------------------------------------
-    async def pixels(self, images: list[bytes], names: list[str],
-                     towers: dict[str, Preprocess]) -> dict[str, np.ndarray]:
-        """tower id → (N, 3, S, S) pixels: each image decoded once, preprocessed once per distinct preprocessing,
-        in worker threads, never on the event loop."""
-        if self._decode_limiter is None:
-            self._decode_limiter = anyio.CapacityLimiter(self.config.decode_threads)
+    async def pixels(self, images: list[bytes], names: list[str], towers: dict[str, Preprocess],
+                     reservation: Reservation) -> dict[str, np.ndarray]:
+        """tower id → (N, 3, S, S) pixels: each image opened and checked (the request's pixel budget too), what
+        decoding will hold added to the request's reservation (a 503 if a client request's does not fit), then each
+        image decoded once and preprocessed once per distinct preprocessing, one fair decode slice per image, in
+        worker threads, never on the event loop."""
         cfgs = list(dict.fromkeys(towers.values()))
-        batches = await anyio.to_thread.run_sync(to_pixels, images, cfgs, self.limits, names,
-                                                 limiter=self._decode_limiter)
-        by_cfg = dict(zip(cfgs, batches))
+        opened = await anyio.to_thread.run_sync(open_images, images, names, cfgs, self.limits, self.config.jpeg_draft)
+        reservation.grow(reservation.size + decode_peak(opened, self.config.decode_threads))
+        slices = await self.decoder.run([lambda o=o: decode_slice(o, cfgs) for o in opened])
+        by_cfg = {cfg: np.stack([s[k] for s in slices]) for k, cfg in enumerate(cfgs)}
         return {tower_id: by_cfg[cfg] for tower_id, cfg in towers.items()}
-
-    async def _encoder_call(self, call: Awaitable[Any]) -> Any:
-        try:
-            return await call
-        except BentoMLException as exc:
-            if exc.error_code == HTTPStatus.SERVICE_UNAVAILABLE:
-                raise ApiError(503, "the model is overloaded (queue wait over FVGPT_MAX_LATENCY_MS); retry later",
-                               {"Retry-After": "1"}) from None
-            raise
 
     async def features(self, pixels: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """tower id → (N, D) image features: one encoder call whose items (one per image and tower) join the
         batches of concurrent requests. Towers the encoder lost (a restart) are opened again and retried once."""
         items = [TowerInput(tower_id=t, pixels=p) for t, batch in pixels.items() for p in batch]
-        out = await self._encoder_call(self.encoder.to_async.encode(items))
+        out = await self.link.call("encode", items=items)
         if lost := sorted({it.tower_id for it, f in zip(items, out) if f.size == 0}):
             await self._reopen(lost)
             retry = [i for i, f in enumerate(out) if f.size == 0]
-            for i, f in zip(retry, await self._encoder_call(self.encoder.to_async.encode([items[i] for i in retry]))):
+            for i, f in zip(retry, await self.link.call("encode", items=[items[i] for i in retry])):
                 out[i] = f
         features, start = {}, 0
         for tower_id, batch in pixels.items():
             features[tower_id] = np.stack(out[start:start + len(batch)]).astype(np.float32, copy=False)
             start += len(batch)
         return features
+
+    async def _reopen_all(self) -> None:
+        """A new encoder (after a crash) has no towers: open every tower a ready classifier uses."""
+        self.open_towers.clear()
+        await self._reopen(sorted(self.repo.snapshot.towers()))
 
     async def _reopen(self, lost: list[str]) -> None:
         logger.warning("fvgpt: the encoder has no tower %s (restarted?): opening it again", ", ".join(lost))
@@ -324,25 +359,27 @@ class FVGPT:
         """Every classifier's heads on its tower's features (run in one worker thread per request)."""
         return [c.bundle.scores(features[c.tower_id], labels) for c, labels in plans]
 
-    async def classify(self, images: list[bytes], names: list[str],
-                       plans: list[tuple[Classifier, list[str] | None]]) -> list[Scores]:
+    async def classify(self, images: list[bytes], names: list[str], plans: list[tuple[Classifier, list[str] | None]],
+                       reservation: Reservation) -> list[Scores]:
         classifiers = [c for c, _ in plans]
         with self.using(classifiers):
-            pixels = await self.pixels(images, names, {c.tower_id: c.bundle.preprocess for c in classifiers})
+            pixels = await self.pixels(images, names, {c.tower_id: c.bundle.preprocess for c in classifiers},
+                                       reservation)
             features = await self.features(pixels)
             scores = await anyio.to_thread.run_sync(self.scores, plans, features)
         self._last_ok = time.monotonic()
         return scores
 
     async def runtime_info(self) -> dict[str, Any]:
-        return await self._encoder_call(self.encoder.to_async.runtime_info())
+        return await self.link.call("runtime_info")
 
     async def __is_ready__(self) -> bool:
         """Ready when the first scan is loaded, at least one classifier is ready, and an inference through the
         whole path (decode → preprocess → tower → heads) succeeded in the last FVGPT_READY_TTL_S seconds — a client
-        request or, when idle, a canary image run now through every tower, each with one of its classifiers."""
+        request or, when idle, a canary image run now through every tower, each with one of its classifiers. False at
+        once while the server drains or the encoder is down."""
         snap = self.repo.snapshot
-        if not snap.scanned or not snap.ready:
+        if self.drain.draining or not self.link.up or not snap.scanned or not snap.ready:
             return False
         if time.monotonic() - self._last_ok < self.config.ready_ttl_s:
             return True
@@ -350,10 +387,14 @@ class FVGPT:
             for c in snap.towers().values():
                 size = c.bundle.preprocess.size
                 canary = self._canaries.setdefault(size, canary_png(size))
-                probs = (await self.classify([canary], ["canary"], [(c, None)]))[0].probabilities
+                with self.budget.hold(len(canary)) as reservation:  # counted, never refused
+                    probs = (await self.classify([canary], ["canary"], [(c, None)], reservation))[0].probabilities
                 if not (np.isfinite(probs).all() and abs(float(probs.sum()) - 1.0) < 1e-3):
                     return False
             return True
         except Exception as exc:  # noqa: BLE001 - any failure means not ready (e.g. the encoder is still starting)
             logger.warning("readiness canary inference failed: %s: %s", type(exc).__name__, exc)
             return False
+
+
+FVGPT.add_asgi_middleware(JSONErrors)
