@@ -3,8 +3,9 @@
 The graph modules here are thin wrappers: every computation is a method of the model object (fvgpt.model), so the
 exported graphs compute exactly what training and evaluation computed.
 
-Graphs are traced at batch 2, never 1, so no reshape inside attention is specialised to a single image
-(anchors.md §C pitfall 2); tests run every graph at batches 1, 3 and 8 against torch.
+Graphs are traced at batch 2, never 1: a trace at batch 1 can specialise a reshape inside attention to a single
+image, and the graph then fails or silently mixes images at other batch sizes; tests run the graphs at batches 1, 3
+and 8 against torch.
 
 Attention: nn.MultiheadAttention exports as a chain of Transposes, Slices and MatMuls around a softmax. At opset ≥ 23
 ONNX has one `Attention` op, which takes (batch, tokens, width) tensors and the head count directly, and ONNX Runtime

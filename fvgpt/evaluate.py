@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 from torchvision.transforms import v2
-from tqdm.auto import tqdm
 
-from .data import DatasetIndex, FewShotDataset, collate, eval_geometry, foreground_view
+from .data import DataError, DatasetIndex, FewShotDataset, collate, eval_geometry, foreground_view
 from .losses import trust_target
 from .metrics import accuracy, foreground_shift, harmonic_mean
 from .model import FVGPTModel
+from .progress import track
 
 D_FG_TAUS = (1, 2)
 
@@ -34,7 +34,7 @@ def _features(model: FVGPTModel, index: DatasetIndex, batch_size: int, progress:
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate,
                                          num_workers=model.cfg.workers)
     feats, fg_feats, labels, has_mask, areas, dropped = [], [], [], [], [], 0
-    for batch in tqdm(loader, desc="eval", disable=not progress, leave=False):
+    for batch in track(loader, "eval", progress, unit="batch"):
         dropped += batch.pop("dropped")
         if not batch:
             continue
@@ -46,7 +46,7 @@ def _features(model: FVGPTModel, index: DatasetIndex, batch_size: int, progress:
         has_mask.append(batch["has_mask"].to(bb.device))
         areas.append(batch["mask"].to(bb.device).mean(dim=(1, 2, 3)))
     if not feats:
-        raise RuntimeError("no test image could be read")
+        raise DataError(f"{index.root}: none of the {len(index.test)} test images could be read")
     return (torch.cat(feats), torch.cat(fg_feats), torch.cat(labels), torch.cat(has_mask).bool(), torch.cat(areas),
             dropped)
 
