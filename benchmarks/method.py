@@ -45,7 +45,7 @@ METHODS: dict[str, tuple[str, dict | None, str]] = {
 # the plugin runs: (stage-1 learner, variant name, settings); zero-shot and the stage-1 rows come from the full ones
 VARIANTS = {name: (learner, settings) for name, (learner, settings, row) in METHODS.items() if row == "fvgpt"}
 # TrainConfig fields that are per task or seed, or say nothing about the method
-UNRECORDED = ("data", "seed", "shots", "base_classes", "pretrained", "split_file", "image_dir", "test_fraction",
+UNRECORDED = ("data", "dataset", "root", "seed", "shots", "base_classes", "pretrained", "split_file", "image_dir", "test_fraction",
               "workers", "init_seed", "device", "method", "ctx_init", "prompt_augment")
 QUICK = {"classes": 4, "shots": 2, "test_images": 8, "epochs": 1, "seeds": [1, 2], "sensitivity": [0.0]}
 
@@ -296,7 +296,7 @@ def run(args) -> dict:
         "per_seed": rows,
         "settings": {**{k: v for k, v in vars(main_spec).items() if k != "draw"}, "seeds": args.seeds,
                      "rates": rates, "model": WORLD_MODEL, "pretrained": str(ckpt), "quick": args.quick,
-                     "train": {k: v for k, v in TrainConfig(**world_train_settings(), data="").to_dict().items()
+                     "train": {k: v for k, v in TrainConfig(**world_train_settings(), data="task").to_dict().items()
                                if k not in UNRECORDED}
                      | ({"prompt_epochs": args.epochs, "plugin_epochs": args.epochs} if args.epochs else {}),
                      "threads": args.threads, "std": "sample standard deviation over seeds (ddof = 1)",

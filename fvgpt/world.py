@@ -392,6 +392,8 @@ def make_task(root: str | Path, spec: TaskSpec, progress: bool = False) -> Path:
     favoured scene, every image's scene). Returns ROOT."""
     from tqdm.auto import tqdm
 
+    from .progress import on_terminal
+
     root = Path(root)
     if (root / "task.json").is_file():
         if json.loads((root / "task.json").read_text())["spec"] == asdict(spec):
@@ -400,7 +402,8 @@ def make_task(root: str | Path, spec: TaskSpec, progress: bool = False) -> Path:
     classes = task_classes(spec.world_seed, spec.classes)
     n_base = sum(c.base for c in classes)
     records = []
-    bar = tqdm(total=spec.shots * len(classes) + 2 * spec.test_images, desc="world task", disable=not progress)
+    bar = tqdm(total=spec.shots * len(classes) + 2 * spec.test_images, desc="world task",
+               disable=not (progress and on_terminal()))  # a second or two: no lines in a log
     for split, label in ((1, "train"), (2, "test")):
         for ci, cls in enumerate(classes):
             if split == 1:  # training images move with the draw, test images never do

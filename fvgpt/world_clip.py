@@ -102,6 +102,8 @@ def _pretrain(out: Path, cfg: PretrainConfig, progress: bool) -> dict:
     from open_clip.loss import ClipLoss
     from tqdm.auto import tqdm
 
+    from .progress import on_terminal
+
     backbone = load_backbone(cfg.model, "none", init_seed=cfg.seed)
     model = backbone.model.train().requires_grad_(True)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
@@ -120,7 +122,8 @@ def _pretrain(out: Path, cfg: PretrainConfig, progress: bool) -> dict:
     losses: list[float] = []
     probes: dict[int, dict] = {}
     t0, cpu0, load = time.perf_counter(), time.process_time(), os.getloadavg()
-    bar = tqdm(range(cfg.steps), desc=f"pretrain {cfg.model}", disable=not progress)
+    bar_shown = progress and on_terminal()  # a log gets a plain line every 50 steps instead
+    bar = tqdm(range(cfg.steps), desc=f"pretrain {cfg.model}", disable=not bar_shown)
     for step in bar:
         images, texts = _batch(backbone, cfg, step)
         for group in opt.param_groups:
@@ -134,7 +137,7 @@ def _pretrain(out: Path, cfg: PretrainConfig, progress: bool) -> dict:
             model.logit_scale.clamp_(0, math.log(100))  # as CLIP: the scale never exceeds 100
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        if not progress and (step + 1) % 50 == 0:
+        if not bar_shown and (step + 1) % 50 == 0:
             print(f"pretrain step {step + 1}/{cfg.steps}: loss {np.mean(losses[-50:]):.3f}", flush=True)
         if cfg.probe_every and (step + 1) % cfg.probe_every == 0 and step + 1 < cfg.steps:
             probes[step + 1] = probe(backbone, images=200)
