@@ -288,7 +288,7 @@ def test_foreground_shift_index():
 # 16 ─ smoke training: L_total goes down; r moves toward r*
 def test_loss_decreases_and_trust_learns_the_reliable_view():
     torch.manual_seed(0)
-    n, c = 128, 5
+    n, c = 48, 5
     y = torch.randint(0, c, (n,))
     informative = F.one_hot(y, c).float() * 6 + torch.randn(n, c)
     fg_reliable = torch.rand(n) < 0.5
@@ -297,13 +297,13 @@ def test_loss_decreases_and_trust_learns_the_reliable_view():
     z_full = torch.where(fg_reliable[:, None], torch.randn(n, c), informative)
     f, text = unit(n, D), unit(c, D)
     plugin = make_plugin(logit_scale=20.0)
-    opt = torch.optim.Adam(plugin.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(plugin.parameters(), lr=3e-2)
     area = torch.full((n,), 0.3)
     args = (plugin, f, text, z_full, z_fg, z_full, area, torch.ones(n), y)
     r_star = (ref.ce(z_fg, y) < ref.ce(z_full, y)).float()
     first = objective(*args)
     gap0 = (torch.sigmoid(plugin.trust_logit(z_full, z_fg, area)) - r_star).abs().mean()
-    for _ in range(100):
+    for _ in range(30):
         loss = objective(*args)["loss"]
         opt.zero_grad()
         loss.backward()
@@ -328,7 +328,7 @@ def test_unusable_masks_get_zero_trust():
 # 17 ─ HM and the average row
 def test_harmonic_mean_and_average_row():
     assert round(harmonic_mean(82.40, 73.62), 2) == 77.76
-    assert harmonic_mean(0.0, 0.0) == 0.0 and harmonic_mean(50.0, 0.0) == 0.0
+    assert harmonic_mean(0.0, 0.0) == 0.0 and harmonic_mean(50.0, 0.0) == 0.0 and harmonic_mean(40.0, 40.0) == 40.0
     base, new, hm = average_row([(90.0, 60.0), (74.8, 87.24)])
     assert (base, new) == pytest.approx((82.40, 73.62)) and round(hm, 2) == 77.76
     assert hm != pytest.approx((harmonic_mean(90, 60) + harmonic_mean(74.8, 87.24)) / 2)

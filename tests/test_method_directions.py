@@ -152,3 +152,44 @@ def test_a_batch_without_usable_masks_keeps_the_gate_in_the_graph():
     assert out["frg"] == 0 and out["r"] == 0
     out["loss"].backward()
     assert all(p.grad is not None and not p.grad.any() for p in plugin.frg.parameters())
+
+
+def test_statistics_reduce_over_the_class_axis_only():
+    """Extra leading axes (views, heads) are batch axes: every statistic is taken over the last axis alone."""
+    z, w = logits(19, n=6).view(2, 3, C), logits(20, n=6).view(2, 3, C)
+    for tau in (1.0, 2.0):
+        p, h = softmax_stats(z, tau)
+        assert p.shape == z.shape and torch.allclose(p.double(), ref.probs(z, tau), atol=1e-6)
+        assert h.shape == (2, 3) and torch.allclose(h.double(), ref.entropy(z, tau), atol=1e-5)
+        assert torch.allclose(kl_div(z, w, tau).double(), ref.kl(z, w, tau), atol=1e-5)
+        assert torch.allclose(foreground_shift(z, w, tau).double(), ref.kl(z, w, tau), atol=1e-5)
+        q = softmax_stats(w, tau)[0]
+        assert torch.allclose(prob_cosine(p, q).double(), ref.prob_cos(z, w, tau), atol=1e-6)
+
+
+def test_the_plugin_works_on_the_last_axis_in_fp32():
+    """The gates, the adapters and the blend treat leading axes as batch axes, and run in fp32 whatever the input
+    precision (docs/method.md: statistics and gates never in reduced precision)."""
+    torch.manual_seed(1)
+    plugin = FVGPTPlugin(16, 8, 32, 0.1, 10.0, 2.0)
+    weights = plugin.state_dict()
+    z_full, z_fg, z_clip = logits(21, n=6).view(2, 3, C), logits(22, n=6).view(2, 3, C), logits(23, n=6).view(2, 3, C)
+    area = torch.rand(2, 3, dtype=torch.float64)
+    u = plugin.frg_inputs(z_full.half(), z_fg.half(), area)
+    assert u.dtype == torch.float32 and torch.allclose(u.double(), ref.frg_inputs(z_full.half(), z_fg.half(), area),
+                                                       atol=1e-5)
+    s = plugin.brg_inputs(z_full, z_clip)
+    assert s.shape == (2, 3, 3) and torch.allclose(s.double(), ref.brg_inputs(z_full, z_clip), atol=1e-5)
+    gate = plugin.trust_logit(z_full, z_fg, area)
+    want_gate = ref.gate_logit(ref.frg_inputs(z_full, z_fg, area), weights, "frg")
+    assert gate.shape == (2, 3) and torch.allclose(gate.double(), want_gate, atol=1e-5)
+    assert plugin.brg(s.half()).dtype == torch.float32
+    z_pc, b = plugin.calibrate(z_full.half(), z_clip.half())
+    want_b = torch.sigmoid(ref.gate_logit(ref.brg_inputs(z_full.half(), z_clip.half()), weights, "brg"))
+    assert z_pc.dtype == b.dtype == torch.float32 and torch.allclose(b.double(), want_b, atol=1e-5)
+    want_pc = (1 - want_b)[..., None] * z_full.half().double() + want_b[..., None] * z_clip.half().double()
+    assert torch.allclose(z_pc.double(), want_pc, atol=1e-4)
+    f = torch.randn(2, 3, 16)
+    assert torch.allclose(plugin.adapt_text(f).double(), ref.l2(f + ref.mlp(f, weights, "text_adapter")), atol=1e-6)
+    assert torch.allclose(plugin.image_adapter(f).double(), ref.l2(f + ref.mlp(f, weights, "image_adapter")),
+                          atol=1e-6)

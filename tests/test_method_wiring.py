@@ -214,8 +214,11 @@ def stage2(backbone, index, tmp_path_factory):
     mp.setattr(fvgpt.train, "collate", collate)
     mp.setattr(fvgpt.train, "train_transform", transform)
     try:
-        with pytest.raises(Interrupted):
+        quiet = io.StringIO()
+        with pytest.raises(Interrupted), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
             train_plugin(model_for_run(), run_dir, idx, S_FDC, hook=interrupt, progress=False)
+        record["quiet"] = quiet.getvalue()
+        record["interrupted"] = json.loads((run_dir / "progress.json").read_text())
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
             train_plugin(model_for_run(), run_dir, idx, S_FDC, progress=True)
@@ -287,8 +290,10 @@ def test_stage2_replays_with_plain_sgd(stage2, backbone):
         assert r["images_per_s"] == pytest.approx(6 / r["seconds"], rel=0.05)
     lines = re.findall(r"plugin epoch (\d)/3: loss ([\d.]+) \(([\d.]+) img/s\)", stage2["printed"])
     assert [(int(e), float(v)) for e, v, _ in lines] == [(2, round(log[1]["loss"], 4)), (3, round(log[2]["loss"], 4))]
+    assert stage2["interrupted"] == {"plugin": {"epochs_done": 1, "done": False}}
     assert json.loads((stage2["run_dir"] / "progress.json").read_text()) == {"plugin": {"epochs_done": 3,
                                                                                         "done": True}}
+    assert stage2["quiet"] == ""  # progress=False prints nothing
 
 
 def test_stage2_freezes_the_prompt_and_the_backbone(stage2):
@@ -341,7 +346,7 @@ def expected_rows(backbone, model: FVGPTModel, samples: list[Sample], ctx: torch
     return metrics, logits
 
 
-def test_evaluation_reports_every_row_from_the_right_head(backbone, index, tmp_path, monkeypatch):
+def test_evaluation_reports_every_row_from_the_right_head(backbone, index, tmp_path, monkeypatch, capsys):
     classes = base_split(index.classnames)
     ctx = context(5)
     model = FVGPTModel(backbone, classes, TrainConfig(data="unused"), PromptLearner(ctx).requires_grad_(False))
@@ -354,6 +359,7 @@ def test_evaluation_reports_every_row_from_the_right_head(backbone, index, tmp_p
     real_accuracy = fvgpt.evaluate.accuracy
     monkeypatch.setattr(fvgpt.evaluate, "accuracy", lambda z, y: seen.append(z.detach().clone()) or real_accuracy(z, y))
     result = evaluate(model, idx, batch_size=5, progress=False)
+    assert capsys.readouterr() == ("", "")  # progress=False: no bar
 
     want, logits = expected_rows(backbone, model, test, ctx)
     assert result["test_images"] == {"base": 9, "new": 9, "base_with_mask": 7, "unreadable": 1}
@@ -438,12 +444,51 @@ def test_prompt_step(backbone, index, method):
 
 def test_text_tables_beyond_one_text_tower_call(backbone):
     """Label sets longer than one text-tower call (256 labels) are encoded in chunks that keep every row."""
-    labels = [f"shape {i}" for i in range(300)]
+    labels = [f"shape {i}" for i in range(258)]
     ctx = context(9)
     model = FVGPTModel(backbone, ClassSplit.paper(labels), TrainConfig(data="unused"), PromptLearner(ctx))
-    got = model.tables(labels)
-    text, clip_text = tables(backbone, labels, ctx)
-    assert got.labels == labels and got.learned.shape == (300, 64)
-    assert torch.allclose(got.learned, text, atol=1e-5) and torch.allclose(got.clip, clip_text, atol=1e-5)
+    with torch.no_grad():
+        got = model.encode_text(labels, learned=True)
+    rows = [0, 255, 256, 257]  # both sides of the chunk boundary
+    text = ref.text_features(backbone.model, backbone.tokenizer, ref.learned_texts([labels[i] for i in rows], 4), ctx)
+    assert got.shape == (258, 64) and torch.allclose(got[rows], text, atol=1e-5)
     zero_shot = FVGPTModel(backbone, ClassSplit.paper(labels)).tables(labels[:3])
-    assert torch.equal(zero_shot.learned, zero_shot.clip)  # no learned prompt: both rows are zero-shot CLIP
+    assert zero_shot.labels == labels[:3] and torch.equal(zero_shot.learned, zero_shot.clip)  # no learned prompt
+    assert torch.allclose(zero_shot.clip, tables(backbone, labels[:3], ctx)[1], atol=1e-5)
+
+
+def test_text_table_rows_and_the_new_head_alone(backbone):
+    """TextTables.rows keeps labels and both tables aligned; FVGPTModel.new_head (the export's new head) is E9–E11
+    over exactly the rows it is given."""
+    labels = ["a", "b", "c", "d"]
+    g = torch.Generator().manual_seed(10)
+    learned, clip = ref.l2(torch.randn(4, 64, generator=g)).float(), ref.l2(torch.randn(4, 64, generator=g)).float()
+    rows = FVGPTModel(backbone, ClassSplit.paper(labels)).tables(labels)
+    rows.learned, rows.clip = learned, clip
+    picked = rows.rows([2, 0])
+    assert picked.labels == ["c", "a"] and torch.equal(picked.learned, learned[[2, 0]])
+    assert torch.equal(picked.clip, clip[[2, 0]])
+    model = FVGPTModel(backbone, ClassSplit.paper(labels), TrainConfig(data="unused"), PromptLearner(context(11)))
+    perturb(model.new_plugin(S_FDC), 12)
+    f = ref.l2(torch.randn(5, 64, generator=g)).float()
+    z_pc, b = model.new_head(f, learned[[2, 0]], clip[[2, 0]])
+    want = ref.heads(model.plugin.state_dict(), f, learned[[2, 0]], clip[[2, 0]], backbone.logit_scale, S_FDC)
+    assert torch.allclose(z_pc.double(), want["z_pc"], atol=1e-4) and torch.allclose(b.double(), want["b"], atol=1e-5)
+    assert torch.allclose(model.base_head(f, model.plugin.adapt_text(learned)).double(),
+                          ref.heads(model.plugin.state_dict(), f, learned, clip, backbone.logit_scale, S_FDC)["z_fdc"],
+                          atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["coop", "kgcoop"])
+def test_new_prompt_starts_as_the_method_says(backbone, method):
+    """Stage 1's start: CoOp draws N(0, 0.02²) context vectors; KgCoOp starts from the words "a photo of a"."""
+    cfg = TrainConfig(data="unused", method=method, n_ctx=4)
+    torch.manual_seed(0)
+    model = FVGPTModel.new_prompt(backbone, ClassSplit.paper(["a", "b"]), cfg)
+    ctx = model.context
+    assert ctx.shape == (4, 64) and ctx.requires_grad and model.cfg is cfg and model.plugin is None
+    if method == "coop":
+        assert 0.015 < ctx.std() < 0.025
+    else:
+        ids = backbone.tokenizer(["a photo of a"])[0, 1:5]
+        assert torch.equal(ctx, backbone.model.token_embedding.weight[ids])
