@@ -165,9 +165,11 @@ def zero_shot_texts(labels: list[str]) -> list[str]:
     return [f"a photo of a {words(c)}." for c in labels]
 
 
-def foreground(pixels: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """x_fg with the default fill: the background becomes 0 in normalised space (CLIP's mean colour)."""
-    return torch.where(masks.bool().expand_as(pixels), pixels, torch.zeros_like(pixels))
+def foreground(pixels: torch.Tensor, masks: torch.Tensor, mean=None, std=None) -> torch.Tensor:
+    """x_fg: the foreground kept, the background CLIP's mean colour (0 in normalised space), or pixel black (the
+    normalised value of 0) when the normalisation's mean and std are given."""
+    background = torch.zeros(3) if mean is None else -torch.tensor(mean) / torch.tensor(std)
+    return torch.where(masks.bool().expand_as(pixels), pixels, background.view(1, 3, 1, 1).expand_as(pixels))
 
 
 # ---- optimiser and schedule ---------------------------------------------------------------------------------------

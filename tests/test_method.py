@@ -22,7 +22,7 @@ from fvgpt.classes import ClassSplit
 from fvgpt.config import TrainConfig
 from fvgpt.data import foreground_view, load_mask, mask_path_for, train_transform
 from fvgpt.losses import distillation_loss, plugin_objective, trust_target
-from fvgpt.metrics import average_row, foreground_shift, harmonic_mean
+from fvgpt.metrics import accuracy, average_row, foreground_shift, harmonic_mean
 from fvgpt.model import FVGPTModel, Heads
 from fvgpt.plugin import FVGPTPlugin, trainable_parameter_count
 from fvgpt.prompts import PromptLearner
@@ -103,7 +103,7 @@ def test_foreground_view(backbone, fill):
     want = black if fill == "black" else torch.zeros(3)
     bg = x_fg.permute(0, 2, 3, 1)[~m[:, 0].bool()]
     assert torch.allclose(bg, want.expand_as(bg))
-    with pytest.raises(ValueError, match="unknown foreground fill 'grey'"):
+    with pytest.raises(ValueError, match=r"^unknown foreground fill 'grey' \(mean\|black\)$"):
         foreground_view(x, m, pre, "grey")
 
 
@@ -328,6 +328,8 @@ def test_unusable_masks_get_zero_trust():
 # 17 ─ HM and the average row
 def test_harmonic_mean_and_average_row():
     assert round(harmonic_mean(82.40, 73.62), 2) == 77.76
+    assert accuracy(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)) is None  # nothing to score: None, not NaN
+    assert accuracy(torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0]]), torch.tensor([1, 2])) == 50.0
     assert harmonic_mean(0.0, 0.0) == 0.0 and harmonic_mean(50.0, 0.0) == 0.0 and harmonic_mean(40.0, 40.0) == 40.0
     base, new, hm = average_row([(90.0, 60.0), (74.8, 87.24)])
     assert (base, new) == pytest.approx((82.40, 73.62)) and round(hm, 2) == 77.76

@@ -109,6 +109,8 @@ def test_kgcoop_regulariser():
     of_means = 1 - F.cosine_similarity(learned.mean(0), zero_shot.mean(0), dim=0)
     assert not torch.allclose(want, of_means.double(), rtol=1e-2)
     assert torch.allclose(kgcoop_regulariser(learned, zero_shot).double(), want, atol=1e-6)
+    stacked = kgcoop_regulariser(learned.view(1, 5, 8).expand(2, 5, 8), zero_shot.view(1, 5, 8).expand(2, 5, 8))
+    assert torch.allclose(stacked.double(), want, atol=1e-6)  # the cosine is over the feature axis, the last
 
 
 def _objective_inputs(seed: int):

@@ -14,6 +14,7 @@ import dataclasses
 import io
 import json
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -99,12 +100,13 @@ def corrupt(tmp_path: Path, sample: Sample) -> Sample:
 
 
 # ---- one stage-2 step: FVGPTModel.plugin_loss ----------------------------------------------------------------------
-def test_plugin_step_wiring(backbone, index):
+@pytest.mark.parametrize("fill", ["mean", "black"])
+def test_plugin_step_wiring(backbone, index, fill):
     names = index.classnames
     classes = base_split(names)
     ctx = context(3)
     prompt = PromptLearner(ctx)  # trainable: stage 2 must not reach it anyway
-    model = FVGPTModel(backbone, classes, TrainConfig(data="unused"), prompt)
+    model = FVGPTModel(backbone, classes, TrainConfig(data="unused", fg_fill=fill), prompt)
     plugin = model.new_plugin(S_FDC)
     perturb(plugin, 2)
     samples = [s for s in index.train if classes.base[s.label]]
@@ -125,7 +127,9 @@ def test_plugin_step_wiring(backbone, index):
 
     # the same step, from open_clip's forward and the equations
     f = ref.image_features(backbone.model, pixels)
-    f_fg = ref.image_features(backbone.model, ref.foreground(pixels, masks))
+    pre = backbone.preprocess
+    f_fg = ref.image_features(backbone.model, ref.foreground(pixels, masks, *((pre.mean, pre.std) if fill == "black"
+                                                                              else ())))
     assert (f - f_fg)[:3].norm(dim=-1).min() > 0.05, "the two views must differ for this test to mean anything"
     text, clip_text = tables(backbone, classes.base_names, ctx)
     area = masks.sum(dim=(1, 2, 3)) / (64 * 64)
@@ -162,23 +166,19 @@ class Interrupted(Exception):
     pass
 
 
-@pytest.fixture(scope="module")
-def stage2(backbone, index, tmp_path_factory):
+def run_stage2(backbone, index, out: Path) -> dict:
     """train_plugin for 3 epochs, interrupted after epoch 1 and resumed in a fresh model, with spies on the loader's
     batches, the transform it builds and every step's inputs and starting weights."""
-    out = tmp_path_factory.mktemp("stage2")
-    names = index.classnames
-    classes = base_split(names)
-    train = list(index.train) + [corrupt(out.parent, index.train[2])]  # one unreadable base image per epoch
+    classes = base_split(index.classnames)
+    train = list(index.train) + [corrupt(out, index.train[2])]  # one unreadable base image per epoch
     idx = dataclasses.replace(index, train=train)
     cfg = TrainConfig(data="unused", model="fvgpt-tiny", pretrained="none", seed=3, plugin_epochs=3, plugin_lr=0.02,
                       plugin_batch=4)
     run_dir = out / "run"
     run_dir.mkdir()
     (run_dir / "progress.json").write_text("{}")
-    fingerprint = backbone.fingerprint()
-    record = {"labels": [], "transforms": [], "steps": [], "models": [], "printed": ""}
-    mp = pytest.MonkeyPatch()
+    record = {"labels": [], "transforms": [], "steps": [], "models": [], "run_dir": run_dir, "classes": classes,
+              "cfg": cfg, "index": idx}
     real_collate, real_transform = fvgpt.train.collate, fvgpt.train.train_transform
 
     def collate(batch):
@@ -192,7 +192,7 @@ def stage2(backbone, index, tmp_path_factory):
         return real_transform(*args)
 
     def model_for_run() -> FVGPTModel:
-        model = FVGPTModel(backbone, classes, cfg, PromptLearner(context(4)))
+        model = FVGPTModel(backbone, classes, cfg, PromptLearner(context(4)))  # a trainable context
         real_loss = model.plugin_loss
 
         def plugin_loss(pixels, masks, has_mask, targets, text_tables):
@@ -207,53 +207,55 @@ def stage2(backbone, index, tmp_path_factory):
         record["models"].append(model)
         return model
 
-    def interrupt(stage, epoch):
+    record["hooks"] = []
+
+    def hook(stage, epoch):
+        record["hooks"].append((stage, epoch))
         if epoch == 1:
             raise Interrupted
 
-    mp.setattr(fvgpt.train, "collate", collate)
-    mp.setattr(fvgpt.train, "train_transform", transform)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fvgpt.train, "collate", collate)
+        mp.setattr(fvgpt.train, "train_transform", transform)
         quiet = io.StringIO()
         with pytest.raises(Interrupted), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-            train_plugin(model_for_run(), run_dir, idx, S_FDC, hook=interrupt, progress=False)
+            train_plugin(model_for_run(), run_dir, idx, S_FDC, hook=hook, progress=False)
         record["quiet"] = quiet.getvalue()
         record["interrupted"] = json.loads((run_dir / "progress.json").read_text())
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf):
-            train_plugin(model_for_run(), run_dir, idx, S_FDC, progress=True)
-        record["printed"] = buf.getvalue()
-    finally:
-        mp.undo()
-    assert backbone.fingerprint() == fingerprint, "stage 2 changed the frozen backbone"
-    return record | {"run_dir": run_dir, "classes": classes, "cfg": cfg, "index": idx}
+        out_text, err_text = io.StringIO(), io.StringIO()
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(out_text), contextlib.redirect_stderr(err_text):
+            train_plugin(model_for_run(), run_dir, idx, S_FDC, hook=hook, progress=True)
+        record["wall"] = time.perf_counter() - t0
+        record["printed"], record["bar"] = out_text.getvalue(), err_text.getvalue()
+    return record
 
 
-def test_stage2_batches_targets_and_augmentation(stage2, backbone):
-    classes, steps = stage2["classes"], stage2["steps"]
+def check_batches(record: dict, backbone) -> None:
+    """Base images only, each once per epoch, shuffled, augmented; targets are positions among the base classes."""
+    classes, steps = record["classes"], record["steps"]
     base_position = {label: i for i, label in enumerate(classes.base_ids)}
-    assert stage2["transforms"] == [(True, 0.08)] * 2  # each run builds the paired transform with augmentation
-    assert len(steps) == len(stage2["labels"]) == 6  # 6 readable base images, batches of 4: 2 steps × 3 epochs
-    per_epoch = [torch.cat(stage2["labels"][i:i + 2]) for i in range(0, 6, 2)]
-    wanted = sorted(s.label for s in stage2["index"].train if classes.base[s.label] and s.mask is not None)
-    assert all(sorted(e.tolist()) == wanted for e in per_epoch)  # every base image once per epoch, new ones never
+    assert record["transforms"] == [(True, 0.08)] * 2  # each run builds the paired transform with augmentation
+    assert len(steps) == len(record["labels"]) == 6  # 6 readable base images, batches of 4: 2 steps × 3 epochs
+    per_epoch = [torch.cat(record["labels"][i:i + 2]) for i in range(0, 6, 2)]
+    readable = [s for s in record["index"].train if classes.base[s.label] and s.mask is not None]
+    assert all(sorted(e.tolist()) == sorted(s.label for s in readable) for e in per_epoch)
     assert len({tuple(e.tolist()) for e in per_epoch}) > 1  # shuffled
-    for step, labels in zip(steps, stage2["labels"]):
+    for step, labels in zip(steps, record["labels"]):
         assert step["targets"].tolist() == [base_position[lab] for lab in labels.tolist()]
         assert step["has_mask"].bool().all()
         assert step["tables"].labels == classes.base_names
-    plain = torch.stack([read_image(backbone, s)[0] for s in stage2["index"].train
-                         if classes.base[s.label] and s.mask is not None])
+    plain = torch.stack([read_image(backbone, s)[0] for s in readable])
     pixels = torch.cat([s["pixels"] for s in steps])
     distance = (pixels[:, None] - plain[None]).flatten(2).abs().amax(-1)  # every seen image vs every plain one
     assert (distance.amin(1) > 1e-2).all(), "stage 2 saw an un-augmented image"
 
 
-def test_stage2_replays_with_plain_sgd(stage2, backbone):
+def check_replay(record: dict, backbone) -> list[tuple[float, int]]:
     """Replaying the recorded batches with the reference loss and a plain SGD (momentum 0.9, weight decay 5e-4,
-    warm-up then cosine) from the first step's weights gives the weights after every step and at the end — across
-    the interruption, so the optimiser's state is restored too."""
-    cfg, classes, steps = stage2["cfg"], stage2["classes"], stage2["steps"]
+    warm-up then cosine) from the first step's weights gives the weights before every step and at the end, across
+    the interruption (so the optimiser's state is restored too). Returns each step's (loss, batch size)."""
+    cfg, classes, steps = record["cfg"], record["classes"], record["steps"]
     s = backbone.logit_scale
     text, clip_text = tables(backbone, classes.base_names, context(4))
     assert torch.allclose(steps[0]["tables"].learned, text, atol=1e-5)
@@ -274,12 +276,18 @@ def test_stage2_replays_with_plain_sgd(stage2, backbone):
         grads = dict(zip(leaves, torch.autograd.grad(want["loss"], list(leaves.values()))))
         with torch.no_grad():
             ref.sgd_step(params, grads, buffers, ref.lr_at(i // 2, 3, cfg.plugin_lr))
-    final = stage2["models"][-1].plugin.state_dict()
-    saved = read_tensors(stage2["run_dir"] / "plugin.safetensors")
+    final = record["models"][-1].plugin.state_dict()
+    saved = read_tensors(record["run_dir"] / "plugin.safetensors")
     for k, v in params.items():
         assert torch.allclose(final[k].double(), v, atol=2e-6), k
         assert torch.equal(saved[k], final[k]), k
-    log = [json.loads(line) for line in (stage2["run_dir"] / "train_log.jsonl").read_text().splitlines()]
+    return losses
+
+
+def check_log(record: dict, losses: list[tuple[float, int]]) -> None:
+    """train_log.jsonl, progress.json, state/plugin.pt and what is printed, as docs/run-dir.md describes them."""
+    run_dir = record["run_dir"]
+    log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2, 3] and {r["stage"] for r in log} == {"plugin"}
     assert [r["lr"] for r in log] == pytest.approx([1e-5, 0.015, 0.005])
     assert [(r["images"], r["dropped"]) for r in log] == [(6, 1)] * 3
@@ -287,39 +295,62 @@ def test_stage2_replays_with_plain_sgd(stage2, backbone):
         pairs = losses[2 * e:2 * e + 2]
         assert r["loss"] == pytest.approx(sum(v * n for v, n in pairs) / 6, rel=1e-4)
         assert set(r) >= {"base", "frg", "dist", "pc", "r", "r_star", "b", "seconds", "images_per_s"}
-        assert r["images_per_s"] == pytest.approx(6 / r["seconds"], rel=0.05)
-    lines = re.findall(r"plugin epoch (\d)/3: loss ([\d.]+) \(([\d.]+) img/s\)", stage2["printed"])
+        assert 0 < r["seconds"] <= record["wall"] and r["images_per_s"] == pytest.approx(6 / r["seconds"], rel=0.05)
+    state = torch.load(run_dir / "state" / "plugin.pt", weights_only=True)
+    assert state["epoch"] == 3 and all(torch.equal(state["weights"][k], v)
+                                       for k, v in record["models"][-1].plugin.state_dict().items())
+    assert record["interrupted"] == {"plugin": {"epochs_done": 1, "done": False}}
+    assert json.loads((run_dir / "progress.json").read_text()) == {"plugin": {"epochs_done": 3, "done": True}}
+    assert record["quiet"] == ""  # progress=False prints nothing
+    lines = re.findall(r"plugin epoch (\d)/3: loss ([\d.]+) \(([\d.]+) img/s\)", record["printed"])
     assert [(int(e), float(v)) for e, v, _ in lines] == [(2, round(log[1]["loss"], 4)), (3, round(log[2]["loss"], 4))]
-    assert stage2["interrupted"] == {"plugin": {"epochs_done": 1, "done": False}}
-    assert json.loads((stage2["run_dir"] / "progress.json").read_text()) == {"plugin": {"epochs_done": 3,
-                                                                                        "done": True}}
-    assert stage2["quiet"] == ""  # progress=False prints nothing
+    assert record["hooks"] == [("plugin", 1), ("plugin", 2), ("plugin", 3)]
+    assert "plugin 2/3" in record["bar"] and "plugin 3/3" in record["bar"]
+    shown = {float(v) for v in re.findall(r"loss=([\d.]+)", record["bar"])}  # the running mean after each batch
+    assert {round(log[1]["loss"], 4), round(log[2]["loss"], 4)} <= shown
+    assert record["bar"].endswith("\r")  # the bar is cleared, not left behind
 
 
-def test_stage2_freezes_the_prompt_and_the_backbone(stage2):
-    """train_plugin is handed a trainable context; it must freeze it (and the backbone) itself."""
-    for model in stage2["models"]:
+def test_stage2_wiring(backbone, index, tmp_path):
+    """fvgpt.train.train_plugin end to end on 6 images: batches, targets, augmentation, the optimiser and schedule
+    (by replay), resumption, what it writes and prints, and what stays frozen. One test, so that a mutation tool that
+    runs only the tests touching a function runs all of these checks."""
+    fingerprint = backbone.fingerprint()
+    record = run_stage2(backbone, index, tmp_path)
+    check_batches(record, backbone)
+    check_log(record, check_replay(record, backbone))
+    for model in record["models"]:  # train_plugin was handed a trainable context: it freezes it itself
         assert not model.prompt.ctx.requires_grad and torch.equal(model.prompt.ctx, context(4))
         assert not any(p.requires_grad for p in model.backbone.model.parameters())
-    assert all(p.requires_grad for p in stage2["models"][-1].plugin.parameters())
+    assert all(p.requires_grad for p in record["models"][-1].plugin.parameters())
+    assert backbone.fingerprint() == fingerprint, "stage 2 changed the frozen backbone"
 
 
-def test_stage2_without_readable_images_stops(backbone, index, tmp_path):
+def test_stage2_skips_unreadable_images(backbone, index, tmp_path, capsys):
+    """Unreadable images are counted and skipped (a batch of only unreadable ones too); none readable stops."""
     classes = base_split(index.classnames)
-    idx = dataclasses.replace(index, train=[corrupt(tmp_path, s) for s in index.train if classes.base[s.label]][:2])
-    model = FVGPTModel(backbone, classes, TrainConfig(data="unused", plugin_epochs=1), PromptLearner(context(4)))
+    base = [s for s in index.train if classes.base[s.label]]
+    cfg = TrainConfig(data="unused", plugin_epochs=1, plugin_batch=1, seed=5)
+    model = FVGPTModel(backbone, classes, cfg, PromptLearner(context(4)))
     (tmp_path / "progress.json").write_text("{}")
-    with pytest.raises(RunDirError, match="plugin: no training image could be read"):
-        train_plugin(model, tmp_path, idx, S_FDC, progress=False)
+    broken = [corrupt(tmp_path, s) for s in base[:2]]
+    with pytest.raises(RunDirError, match="^plugin: no training image could be read$"):
+        train_plugin(model, tmp_path, dataclasses.replace(index, train=broken), S_FDC, progress=False)
+    capsys.readouterr()
+    train_plugin(model, tmp_path, dataclasses.replace(index, train=broken + base[:2]), S_FDC)
+    log = json.loads((tmp_path / "train_log.jsonl").read_text().splitlines()[-1])
+    assert (log["images"], log["dropped"]) == (2, 2)
+    assert "plugin epoch 1/1: loss" in capsys.readouterr().out  # progress is on by default
 
 
 # ---- evaluation: fvgpt.evaluate.evaluate ---------------------------------------------------------------------------
 def expected_rows(backbone, model: FVGPTModel, samples: list[Sample], ctx: torch.Tensor) -> tuple[dict, dict]:
     """What evaluate must report, from open_clip's forward and the equations; and each row's logits per split."""
-    classes, s = model.classes, backbone.logit_scale
+    classes, s, pre = model.classes, backbone.logit_scale, backbone.preprocess
     pixels, masks = map(torch.stack, zip(*(read_image(backbone, x) for x in samples)))
     f = ref.image_features(backbone.model, pixels)
-    f_fg = ref.image_features(backbone.model, ref.foreground(pixels, masks))
+    black = model.cfg.fg_fill == "black"
+    f_fg = ref.image_features(backbone.model, ref.foreground(pixels, masks, *((pre.mean, pre.std) if black else ())))
     labels = torch.tensor([x.label for x in samples])
     is_base = torch.tensor([classes.base[x.label] for x in samples])
     with_mask = torch.tensor([x.mask is not None for x in samples])
@@ -346,23 +377,27 @@ def expected_rows(backbone, model: FVGPTModel, samples: list[Sample], ctx: torch
     return metrics, logits
 
 
-def test_evaluation_reports_every_row_from_the_right_head(backbone, index, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("fill", ["mean", "black"])
+def test_evaluation_reports_every_row_from_the_right_head(backbone, index, tmp_path, monkeypatch, capsys, fill):
     classes = base_split(index.classnames)
     ctx = context(5)
-    model = FVGPTModel(backbone, classes, TrainConfig(data="unused"), PromptLearner(ctx).requires_grad_(False))
+    model = FVGPTModel(backbone, classes, TrainConfig(data="unused", fg_fill=fill),
+                       PromptLearner(ctx).requires_grad_(False))
     perturb(model.new_plugin(S_FDC), 6)
-    test = list(index.test)
-    for i in [i for i, x in enumerate(test) if classes.base[x.label]][:2]:
-        test[i] = Sample(test[i].path, test[i].label, None)  # two base images without a mask: not in D_fg
-    idx = dataclasses.replace(index, test=test + [corrupt(tmp_path, test[0])])
+    base = [x for x in index.test if classes.base[x.label]]
+    base[:2] = [Sample(x.path, x.label, None) for x in base[:2]]  # two base images without a mask: not in D_fg
+    new = [x for x in index.test if not classes.base[x.label]][::-1]  # new targets in another order than base ones
+    test = base + new
+    # a whole batch of unreadable images in the middle: counted, skipped, and later batches still read
+    idx = dataclasses.replace(index, test=test[:4] + [corrupt(tmp_path, x) for x in test[:4]] + test[4:])
     seen = []
     real_accuracy = fvgpt.evaluate.accuracy
     monkeypatch.setattr(fvgpt.evaluate, "accuracy", lambda z, y: seen.append(z.detach().clone()) or real_accuracy(z, y))
-    result = evaluate(model, idx, batch_size=5, progress=False)
+    result = evaluate(model, idx, batch_size=4, progress=False)
     assert capsys.readouterr() == ("", "")  # progress=False: no bar
 
     want, logits = expected_rows(backbone, model, test, ctx)
-    assert result["test_images"] == {"base": 9, "new": 9, "base_with_mask": 7, "unreadable": 1}
+    assert result["test_images"] == {"base": 9, "new": 9, "base_with_mask": 7, "unreadable": 4}
     assert set(result["models"]) == set(want)
     for row, expected in want.items():
         got = result["models"][row]
@@ -392,16 +427,26 @@ def test_evaluation_edge_cases(backbone, index, tmp_path):
     all_base = ClassSplit.paper(names, names)
     model = FVGPTModel(backbone, all_base, cfg, PromptLearner(context(7)).requires_grad_(False))
     assert model_rows(model) == {"zero-shot": ("z_clip", "z_clip"), "kgcoop": ("z_full", "z_full")}
-    model.new_plugin(S_FDC)
-    assert model_rows(model)["fvgpt"] == ("z_fdc", "z_pc")
     test = [Sample(x.path, x.label, None) for x in index.test[:4]]
+    without_plugin = evaluate(model, dataclasses.replace(index, test=test), progress=False)["models"]
+    assert set(without_plugin) == {"zero-shot", "kgcoop"} and without_plugin["kgcoop"]["base"] is not None
+    plugin = model.new_plugin(S_FDC)
+    assert model_rows(model)["fvgpt"] == ("z_fdc", "z_pc")
+    assert FVGPTModel(backbone, all_base, cfg, model.prompt, plugin).plugin is plugin
     result = evaluate(model, dataclasses.replace(index, test=test), batch_size=3, progress=False)
     assert result["test_images"] == {"base": 4, "new": 0, "base_with_mask": 0, "unreadable": 0}
     for row in result["models"].values():
         assert row["new"] is None and row["hm"] is None and "d_fg" not in row and row["base"] is not None
     broken = [corrupt(tmp_path, index.test[0])]
-    with pytest.raises(RuntimeError, match="no test image could be read"):
+    with pytest.raises(RuntimeError, match="^no test image could be read$"):
         evaluate(model, dataclasses.replace(index, test=broken), progress=False)
+
+
+def test_evaluation_shows_a_progress_bar_by_default(backbone, index, capsys):
+    model = FVGPTModel(backbone, ClassSplit.paper(index.classnames), TrainConfig(data="unused"))
+    evaluate(model, dataclasses.replace(index, test=index.test[:2]))
+    err = capsys.readouterr().err
+    assert re.search(r"(^|\r)eval: ", err) and err.endswith("\r")  # shown, then cleared
 
 
 def test_format_table():
@@ -452,6 +497,10 @@ def test_text_tables_beyond_one_text_tower_call(backbone):
     rows = [0, 255, 256, 257]  # both sides of the chunk boundary
     text = ref.text_features(backbone.model, backbone.tokenizer, ref.learned_texts([labels[i] for i in rows], 4), ctx)
     assert got.shape == (258, 64) and torch.allclose(got[rows], text, atol=1e-5)
+    two = torch.randn(2, 64, generator=torch.Generator().manual_seed(13))  # a context of another length than 4
+    short = FVGPTModel(backbone, ClassSplit.paper(labels), TrainConfig(data="unused"), PromptLearner(two))
+    want = ref.text_features(backbone.model, backbone.tokenizer, ref.learned_texts(labels[:3], 2), two)
+    assert torch.allclose(short.tables(labels[:3]).learned, want, atol=1e-5)
     zero_shot = FVGPTModel(backbone, ClassSplit.paper(labels)).tables(labels[:3])
     assert zero_shot.labels == labels[:3] and torch.equal(zero_shot.learned, zero_shot.clip)  # no learned prompt
     assert torch.allclose(zero_shot.clip, tables(backbone, labels[:3], ctx)[1], atol=1e-5)
@@ -484,9 +533,11 @@ def test_new_prompt_starts_as_the_method_says(backbone, method):
     """Stage 1's start: CoOp draws N(0, 0.02²) context vectors; KgCoOp starts from the words "a photo of a"."""
     cfg = TrainConfig(data="unused", method=method, n_ctx=4)
     torch.manual_seed(0)
-    model = FVGPTModel.new_prompt(backbone, ClassSplit.paper(["a", "b"]), cfg)
+    classes = ClassSplit.paper(["a", "b"])
+    model = FVGPTModel.new_prompt(backbone, classes, cfg)
     ctx = model.context
-    assert ctx.shape == (4, 64) and ctx.requires_grad and model.cfg is cfg and model.plugin is None
+    assert ctx.shape == (4, 64) and ctx.requires_grad and model.plugin is None
+    assert model.cfg is cfg and model.classes is classes and model.backbone is backbone
     if method == "coop":
         assert 0.015 < ctx.std() < 0.025
     else:
