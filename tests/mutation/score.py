@@ -77,6 +77,8 @@ EQUIVALENT: dict[tuple[str, str], str] = {
         "default 1e-8), so eps never acts",
     ("fvgpt.train.x__base_loader", "position = torch.tensor(classes.position, device=model.backbone.device) → "
      "position = torch.tensor(classes.position, )"): CPU,
+    ("fvgpt.train.x__base_loader", "position = torch.tensor(classes.position, device=model.backbone.device) → "
+     "position = torch.tensor(classes.position, device=None)"): CPU,
     ("fvgpt.train.x__base_loader", "return loader_for, lambda labels: position[labels.to(model.backbone.device)] → "
      "return loader_for, lambda labels: position[labels.to(None)]"): CPU,
     ("fvgpt.train.x__base_loader", "collate_fn=collate, num_workers=cfg.workers, drop_last=False) → "
@@ -88,6 +90,9 @@ EQUIVALENT: dict[tuple[str, str], str] = {
     ("fvgpt.train.x__run_stage", "state = torch.load(state_path, map_location=cfg.device, weights_only=True) → "
      "state = torch.load(state_path, map_location=cfg.device, weights_only=None)"):
         "torch ≥ 2.6 loads with weights_only=True by default (the project needs torch ≥ 2.13)",
+    ("fvgpt.train.x__run_stage", "state = torch.load(state_path, map_location=cfg.device, weights_only=True) → "
+     "state = torch.load(state_path, map_location=cfg.device, weights_only=False)"):
+        "the file is the stage's own checkpoint of tensors and ints, which both loaders read the same",
     ("fvgpt.train.x__run_stage", "state = torch.load(state_path, map_location=cfg.device, weights_only=True) → "
      "state = torch.load(state_path, map_location=cfg.device, )"):
         "torch ≥ 2.6 loads with weights_only=True by default (the project needs torch ≥ 2.13)",
