@@ -218,15 +218,15 @@ def run_stage2(backbone, index, out: Path) -> dict:
         mp.setattr(fvgpt.train, "collate", collate)
         mp.setattr(fvgpt.train, "train_transform", transform)
         quiet = io.StringIO()
+        t0 = time.perf_counter()
         with pytest.raises(Interrupted), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
             train_plugin(model_for_run(), run_dir, idx, S_FDC, hook=hook, progress=False)
         record["quiet"] = quiet.getvalue()
         record["interrupted"] = json.loads((run_dir / "progress.json").read_text())
         out_text, err_text = io.StringIO(), io.StringIO()
-        t0 = time.perf_counter()
         with contextlib.redirect_stdout(out_text), contextlib.redirect_stderr(err_text):
             train_plugin(model_for_run(), run_dir, idx, S_FDC, hook=hook, progress=True)
-        record["wall"] = time.perf_counter() - t0
+        record["wall"] = time.perf_counter() - t0  # both runs: no epoch can have taken longer
         record["printed"], record["bar"] = out_text.getvalue(), err_text.getvalue()
     return record
 
@@ -307,8 +307,8 @@ def check_log(record: dict, losses: list[tuple[float, int]]) -> None:
     assert [(int(e), float(v)) for e, v, _ in lines] == [(2, round(log[1]["loss"], 4)), (3, round(log[2]["loss"], 4))]
     assert record["hooks"] == [("plugin", 1), ("plugin", 2), ("plugin", 3)]
     assert "plugin 2/3" in record["bar"] and "plugin 3/3" in record["bar"]
-    shown = {float(v) for v in re.findall(r"loss=([\d.]+)", record["bar"])}  # the running mean after each batch
-    assert {round(log[1]["loss"], 4), round(log[2]["loss"], 4)} <= shown
+    shown = [float(v) for v in re.findall(r"loss=([\d.]+)", record["bar"])]  # the running mean after each batch
+    assert all(any(abs(v - log[e]["loss"]) < 1.1e-4 for v in shown) for e in (1, 2))  # ends at the epoch's mean
     assert record["bar"].endswith("\r")  # the bar is cleared, not left behind
 
 
