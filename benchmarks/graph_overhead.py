@@ -48,7 +48,7 @@ def overhead(bundle_dir: Path, precision: str, batch: int, threads: int, iters: 
                                                            "adapted": bundle.tables["adapted"]}
     output = "logits" if bundle.kind != "fvgpt" else bundle.scores(tower(pixels[:1])).head + "_logits"
     with tempfile.TemporaryDirectory() as tmp:
-        graph = fused_graph(bundle_dir / m.towers["image"].precisions[precision].file, bundle_dir / m.heads.file,
+        graph = fused_graph(bundle_dir / m.image_tower("onnx", precision).file, bundle_dir / m.heads.file,
                             Path(tmp) / "fused.onnx")
         fused, _ = ort_session(graph, "cpu", threads)
         paths = {"split": lambda: bundle.scores(tower(pixels)).logits,
@@ -72,7 +72,7 @@ def overhead(bundle_dir: Path, precision: str, batch: int, threads: int, iters: 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", required=True, type=Path, help="bundle dir")
-    p.add_argument("--precision", help="tower precision to measure (default: every one in the bundle)")
+    p.add_argument("--precision", help="ONNX Runtime tower precision to measure (default: every one in the bundle)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     p.add_argument("--iters", type=int, default=20, help="timed runs of each path (median reported)")
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     from fvgpt_runtime.manifest import BundleError, Manifest
 
     try:
-        precisions = [args.precision] if args.precision else list(Manifest.read(args.bundle).towers["image"].precisions)
+        precisions = [args.precision] if args.precision else Manifest.read(args.bundle).towers["image"].precisions("onnx")
         for precision in precisions:
             print(json.dumps(overhead(args.bundle, precision, args.batch, args.threads, args.iters)), flush=True)
     except BundleError as exc:

@@ -33,7 +33,7 @@ if not __package__:  # `python benchmarks/http_load.py`: make the repo importabl
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (BenchError, command_line, decode_batch, int_list, latency_summary, library_versions,
-                               load_average, machine_info, photo_bytes, utc_now, write_outputs)
+                               load_average, machine_info, photo_bytes, run_and_write, utc_now)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -107,10 +107,12 @@ def check_reachable(target: Target, timeout: float) -> None:
                          f"`fvgpt serve BUNDLE --host 127.0.0.1 --port {target.port}`") from None
 
 
-def multipart(photos: list[tuple[str, bytes]], start: int, count: int) -> tuple[bytes, str]:
-    """One request body with `count` photos in the `images` field, and its content type."""
+def multipart(photos: list[tuple[str, bytes]], start: int, count: int,
+              fields: list[tuple[str, str]] = ()) -> tuple[bytes, str]:
+    """One request body with `count` photos in the `images` field (and text `fields`), and its content type."""
     boundary = uuid.uuid4().hex
-    parts = []
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+             for name, value in fields]
     for i in range(count):
         name, data = photos[(start + i) % len(photos)]
         parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="{name}"\r\n'
@@ -307,15 +309,9 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fvgpt.errors import FVGPTError
-
-    args = build_parser().parse_args(argv)
-    try:
-        report = run(args)
-    except (BenchError, FVGPTError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    if (written := run_and_write(run, build_parser().parse_args(argv), "http_load", "results")) is None:
         return 2
-    json_path, csv_path = write_outputs(Path(args.out), "http_load", report, report["results"])
+    report, json_path, csv_path = written
     print(markdown_table(report["results"]))
     if (ref := report["model_only"]) is not None:
         print(f"model-only ({ref['provider']}, {ref['precision']}, batch {ref['batch']}): "

@@ -5,7 +5,9 @@
 Runtimes: `eager-{fp32,fp16,bf16}` (open_clip `encode_image` + L2 norm + the head as a torch matmul against the
 bundle's zero-shot text table, under inference_mode; weights rebuilt from the manifest and checked against its
 fingerprint), `compile-{fp32,fp16,bf16}` (the same under torch.compile), `onnx-<precision>` (the bundle's tower graph through
-the runtime) and `tensorrt-<precision>` (its engines). eager-fp32 is the baseline of every ratio.
+the runtime), `openvino-{fp32,bf16,int8}` (its OpenVINO variants) and `tensorrt-<precision>` (its engines). eager-fp32 is
+the baseline of every ratio. The report also names the tower `fvgpt serve` runs on this host (the bundle's tuning
+profile, when it applies here) and its images/s against the fastest bundle runtime of the same run.
 
 Every model figure is host to host: NumPy pixels in, NumPy outputs back (so H2D/D2H copies count on a GPU), as a
 service sees it. Three stages are timed separately on the package's real JPEG photos: decode + preprocess (PIL +
@@ -36,8 +38,12 @@ from benchmarks.common import (BenchError, command_line, decode_batch, int_list,
 BASELINE = "eager-fp32"
 TORCH_DTYPES = ("fp32", "fp16", "bf16")
 BUNDLE_PRECISIONS = ("fp32", "fp16", "int8")
+OPENVINO_PRECISIONS = ("fp32", "bf16", "int8")
 RUNTIMES = ([f"eager-{p}" for p in TORCH_DTYPES] + [f"compile-{p}" for p in TORCH_DTYPES]
-            + [f"onnx-{p}" for p in BUNDLE_PRECISIONS] + [f"tensorrt-{p}" for p in BUNDLE_PRECISIONS])
+            + [f"onnx-{p}" for p in BUNDLE_PRECISIONS] + [f"openvino-{p}" for p in OPENVINO_PRECISIONS]
+            + [f"tensorrt-{p}" for p in BUNDLE_PRECISIONS])
+ENGINES = {"eager": "torch-eager", "compile": "torch-compile", "onnx": "onnxruntime", "openvino": "openvino",
+           "tensorrt": "tensorrt"}
 
 if TYPE_CHECKING:
     from fvgpt_runtime.bundle import Bundle
@@ -89,10 +95,17 @@ def skip_reason(name: str, device: str, manifest: Manifest, requested: bool) -> 
         if kind == "compile" and not requested:
             return "torch.compile is in the default set on CUDA only (inductor compiles each batch size for " \
                    "minutes on a few CPU cores); name it in --runtimes to measure it on CPU"
-    if kind == "onnx":
-        towers = manifest.towers["image"].precisions
-        if precision not in towers:
-            return f"the bundle has no {precision} tower graph (has: {', '.join(towers)})"
+    if kind in ("onnx", "openvino"):
+        tower = manifest.towers["image"]
+        if tower.find(kind, precision) is None:
+            return f"the bundle has no {kind}-{precision} tower graph (has: {', '.join(tower.variants)})"
+    if kind == "openvino":
+        from fvgpt_runtime.openvino import OpenVINOUnavailable, unsupported
+
+        try:
+            return unsupported(precision)
+        except OpenVINOUnavailable as exc:
+            return str(exc)
         if device == "cuda":
             import onnxruntime as ort
 
@@ -177,7 +190,7 @@ def bundle_runner(name: str, path: Path, device: str, threads: int, verify: bool
 
     kind, precision = name.split("-")
     bundle = Bundle(path, verify=verify, threads=threads)
-    tower = bundle.tower(precision, "tensorrt" if kind == "tensorrt" else "onnx", device, threads)
+    tower = bundle.tower(precision, kind, "cpu" if kind == "openvino" else device, threads)
     return Runner(name, lambda pixels: {"features": tower(pixels)}, tower.provider, bundle)
 
 
@@ -204,7 +217,7 @@ def _parity(manifest: Manifest, runner: Runner) -> float | None:
     if runner.bundle is None:
         return None
     kind, precision = runner.name.split("-")
-    name = f"end_to_end_{precision if kind == 'onnx' else f'tensorrt_{precision}'}"
+    name = f"end_to_end_{precision if kind == 'onnx' else f'{kind}_{precision}'}"
     report = manifest.parity.get("checks", {}).get(name) or {}
     agreement = report.get("top1_agreement") or {}
     return float(min(agreement.values())) if agreement else None
@@ -224,8 +237,7 @@ def measure(runner: Runner, batch: int, pixels: np.ndarray, args, flops: int, pr
     kind, precision = runner.name.split("-")
     pipeline_s = preprocess_s + model_s + (heads_s or 0.0)
     return {
-        "runtime": runner.name, "engine": {"eager": "torch-eager", "compile": "torch-compile", "onnx": "onnxruntime",
-                                           "tensorrt": "tensorrt"}[kind],
+        "runtime": runner.name, "engine": ENGINES[kind],
         "precision": precision, "provider": runner.provider, "batch_size": batch, "img_size": pixels.shape[-1],
         "threads": args.threads, "iters": len(times),
         "images_per_s": images_per_s, **latency_summary(times),
@@ -400,7 +412,7 @@ def run(args) -> dict:
                      "cuda_matmul_tf32": bool(torch.backends.cuda.matmul.allow_tf32) if device == "cuda" else None},
         "bundle": {"path": str(path.resolve()), "model_id": manifest.model_id, "kind": manifest.kind,
                    "model": m.name, "pretrained": m.pretrained, "image_size": cfg.size,
-                   "classes": len(manifest.classes.names), "precisions": list(manifest.towers["image"].precisions),
+                   "classes": len(manifest.classes.names), "variants": list(manifest.towers["image"].variants),
                    "tower_id": manifest.tower_id, "default_precision": manifest.default_precision,
                    "fingerprint": m.fingerprint, "fingerprint_checked": True},
         "baseline": {"runtime": BASELINE, "what": "open_clip model.encode_image + L2 normalise + logit_scale * "
@@ -412,8 +424,25 @@ def run(args) -> dict:
                    "model": "host pixels -> host image features (transfers included)",
                    "heads": "Bundle.scores(features) over the bundled label set (routing + the heads graph); "
                             "for torch runtimes the head matmul is inside the model stage"},
-        "results": rows, "skipped": skipped,
+        "results": rows, "skipped": skipped, "tuning": tuned_choice(path, manifest, rows),
     }
+
+
+def tuned_choice(path: Path, manifest: Manifest, rows: list[dict]) -> dict | None:
+    """The tower `fvgpt serve` runs on this host (the bundle's tuning profile when it applies here, else the safe
+    default) and how it did in this run: its images/s ÷ the fastest bundle runtime's, at the profile's batch size."""
+    from fvgpt_runtime.tuning import choose, read_profile
+
+    choice = choose(path, manifest, "auto", None)
+    name = f"{choice.runtime}-{choice.precision}"
+    profile_batch = (read_profile(path) or {}).get("choice", {}).get("batch_size")
+    here = [r for r in rows if r["engine"] in ("onnxruntime", "openvino", "tensorrt")]
+    batch = profile_batch if any(r["batch_size"] == profile_batch for r in here) else max(
+        (r["batch_size"] for r in here), default=None)
+    at = {r["runtime"]: r["images_per_s"] for r in here if r["batch_size"] == batch}
+    fastest = max(at, key=at.get, default=None)
+    return {"served": name, "reason": choice.reason, "batch_size": batch, "images_per_s": at.get(name),
+            "fastest": fastest, "ratio_to_fastest": at[name] / at[fastest] if name in at and fastest else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -446,6 +475,10 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(report["results"]))
     for s in report["skipped"]:
         print(f"skipped {s['runtime']}: {s['reason']}")
+    if t := report["tuning"]:
+        ratio = "not measured in this run" if t["ratio_to_fastest"] is None else (
+            f"{t['ratio_to_fastest']:.2f}x the fastest bundle runtime here ({t['fastest']}) at batch {t['batch_size']}")
+        print(f"fvgpt serve runs {t['served']} on this host ({t['reason']}): {ratio}")
     print(f"wrote {json_path}, {csv_path}" + ("" if reason else f", {png}"))
     return 0
 

@@ -6,10 +6,11 @@ so a failed export leaves no bundle behind and an existing bundle is never half-
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,21 +24,26 @@ from fvgpt.backbone import load_backbone
 from fvgpt.classes import ClassSplit
 from fvgpt.errors import FVGPTError
 from fvgpt.labels import ZERO_SHOT_TEMPLATE, learned_template
-from fvgpt.model import FVGPTModel
+from fvgpt.model import FVGPTModel, TextTables
 from fvgpt.rundir import load_run, read_json
-from fvgpt_runtime.manifest import (MANIFEST, BackboneInfo, Graph, Heads, Manifest, Prompts, Tokenizer, Tower, sha256_file,
-                              short_id)
+from fvgpt_runtime.bundle import Bundle
+from fvgpt_runtime.manifest import (MANIFEST, TOWER_RUNTIMES, BackboneInfo, Graph, Heads, Manifest, Prompts, Tokenizer,
+                                    Tower, TowerGraph, sha256_file, short_id)
 from fvgpt_runtime.tokenizer import VOCAB_FILE
 
 from .graphs import TRACE_BATCH, CosineHeadsGraph, FVGPTHeadsGraph, TextGraph, export_graph
-from .parity import PARITY_REFERENCE, check_bundle, gate, parity_pixels, run_in_batches
-from .precision import PRECISIONS, convert_fp16, quantize_int8
+from .parity import (PARITY_REFERENCE, calibration_pixels, check_bundle, check_variant, gate, parity_pixels,
+                     run_in_batches)
+from .precision import convert_fp16, quantize_int8, quantize_openvino_int8
 from .tensorrt_build import ENGINE_DIR, build_engine
 
 TABLES = "tables.safetensors"
 TEXT_GRAPH = "text.onnx"
 HEADS_GRAPH = "heads.onnx"
 VOCAB = f"tokenizer/{VOCAB_FILE}"
+# tower files other than tower.<precision>.onnx: OpenVINO runs the ONNX fp32 graph at fp32 and bf16, its int8 is an IR
+TOWER_FILES = {("openvino", "fp32"): ("tower.fp32.onnx", None), ("openvino", "bf16"): ("tower.fp32.onnx", None),
+               ("openvino", "int8"): ("tower.openvino-int8.xml", "tower.openvino-int8.bin")}
 
 
 class ExportError(FVGPTError):
@@ -50,20 +56,25 @@ class ExportOptions:
     max_batch: int = 64
     opset: int = 23
     tensorrt: bool = False
+    openvino: bool = False
     force: bool = False
     parity_images: int = 96
+    calibration_images: int = 64
     progress: bool = True
 
     def __post_init__(self) -> None:
         if self.precision == "bf16":
-            raise ExportError("bf16 is not offered: ONNX Runtime's CPU provider has no bf16 MatMul kernel (a bf16 "
-                              "graph does not load), and int8 measured faster than torch's own bf16 on an AVX-512 "
-                              "BF16 CPU (ViT-B/16, batch 8: 6.2x vs 4.2x open_clip eager fp32); use int8 on CPUs, "
-                              "fp16 on GPUs")
-        if self.precision not in PRECISIONS:
-            raise ExportError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise ExportError("--precision bf16 is not offered for ONNX Runtime: its CPU provider has no bf16 MatMul "
+                              "kernel (a bf16 graph does not load). Add --openvino: OpenVINO's bf16 variant is "
+                              "written where this CPU has bf16 instructions, and `fvgpt tune` picks it if it is the "
+                              "fastest")
+        if self.precision not in TOWER_RUNTIMES["onnx"]:
+            raise ExportError(f"--precision must be one of {', '.join(TOWER_RUNTIMES['onnx'])}, "
+                              f"got {self.precision!r}")
         if not 1 <= self.max_batch <= 4096:
             raise ExportError("--max-batch must be in 1..4096")
+        if self.openvino and not all(importlib.util.find_spec(m) for m in ("openvino", "nncf")):
+            raise ExportError("--openvino needs OpenVINO and NNCF: pip install '.[openvino]'")
 
 
 def _say(opts: ExportOptions, msg: str) -> None:
@@ -106,22 +117,24 @@ def _commit(tmp: Path, out: Path) -> None:
 def _reference(model: FVGPTModel, pixels: np.ndarray) -> dict[str, np.ndarray]:
     """The torch model's outputs on the parity set, through the model object's own heads."""
     tables = model.tables(list(model.classes.names))
-
-    def run(x: np.ndarray) -> dict[str, np.ndarray]:
-        f = model.encode_image(torch.from_numpy(x))
-        if model.plugin is None:
-            return {"features": f.numpy(), "logits": model.heads(f, tables).z_clip.numpy()}
-        base = model.heads(f, tables.rows(model.classes.base_ids))
-        return {"features": f.numpy(), "base_logits": base.z_fdc.numpy(), "new_logits": model.heads(f, tables).z_pc.numpy()}
-
-    return run_in_batches(run, pixels)
+    return run_in_batches(lambda x: heads_reference(model, model.encode_image(torch.from_numpy(x)), tables), pixels)
 
 
-def _tables(model: FVGPTModel) -> dict[str, np.ndarray]:
+@torch.no_grad()
+def heads_reference(model: FVGPTModel, features: torch.Tensor, tables: TextTables) -> dict[str, np.ndarray]:
+    """Features and the logits every bundle output must reproduce, from the model object's own heads."""
+    if model.plugin is None:
+        return {"features": features.numpy(), "logits": model.heads(features, tables).z_clip.numpy()}
+    base = model.heads(features, tables.rows(model.classes.base_ids))
+    return {"features": features.numpy(), "base_logits": base.z_fdc.numpy(),
+            "new_logits": model.heads(features, tables).z_pc.numpy()}
+
+
+def bundle_tables(model: FVGPTModel, tables: TextTables | None = None) -> dict[str, np.ndarray]:
     """learned, clip (C, D); adapted (C_base, D) = G̃ of the base classes; context (n_ctx, W), or one zero row for
-    zero-shot bundles (the text graph ignores it where use_context = 0)."""
+    zero-shot bundles (the text graph ignores it where use_context = 0). `tables`: the model's, if already computed."""
     with torch.no_grad():
-        tables = model.tables(list(model.classes.names))
+        tables = tables or model.tables(list(model.classes.names))
         arrays = {"learned": tables.learned, "clip": tables.clip}
         if model.plugin is not None:
             arrays["adapted"] = model.plugin.adapt_text(tables.learned[model.classes.base_ids])
@@ -160,6 +173,18 @@ def _export_graphs(tmp: Path, model: FVGPTModel, opts: ExportOptions) -> list[st
     return outputs
 
 
+def model_id_of(kind: str, backbone: str, bundle_dir: Path) -> str:
+    """A bundle's model id: its kind, backbone and the content of what makes it this classifier (heads, tables)."""
+    identity = hashlib.sha256((sha256_file(bundle_dir / HEADS_GRAPH) + sha256_file(bundle_dir / TABLES)).encode())
+    return f"{kind}-{backbone}-{identity.hexdigest()[:12]}"
+
+
+def export_model(model: FVGPTModel, out: str | Path, opts: ExportOptions, pretrained: str, init_seed: int,
+                 run: dict | None = None) -> Path:
+    """Any model object (e.g. a generated one, for benchmarks) → a parity-gated bundle."""
+    return _write_bundle(Path(out), opts, model, pretrained, init_seed, run)
+
+
 def _write_bundle(out: Path, opts: ExportOptions, model: FVGPTModel, pretrained: str, init_seed: int,
                   run: dict | None) -> Path:
     bb = model.backbone
@@ -167,26 +192,28 @@ def _write_bundle(out: Path, opts: ExportOptions, model: FVGPTModel, pretrained:
     tmp = _prepare_out(out, opts.force)
     try:
         outputs = _export_graphs(tmp, model, opts)
-        save_file(_tables(model), str(tmp / TABLES))
+        save_file(bundle_tables(model), str(tmp / TABLES))
         (tmp / VOCAB).parent.mkdir()
         shutil.copyfile(bb.vocabulary_path(), tmp / VOCAB)
 
-        def tower_graph(precision: str) -> Graph:
+        def tower_graph(runtime: str, precision: str) -> TowerGraph:
             facts = {"graph": "clip-image-tower", "model": bb.name, "weights": fingerprint,
                      "preprocess": bb.preprocess.to_dict(), "precision": precision}
-            return Graph(f"tower.{precision}.onnx", short_id("tower", facts))
+            if runtime != "onnx":  # ONNX Runtime's ids predate runtimes in the format and stay as they were
+                facts["runtime"] = runtime
+            file, weights = TOWER_FILES.get((runtime, precision), (f"tower.{precision}.onnx", None))
+            return TowerGraph(file, short_id("tower", facts), runtime, precision, weights)
 
         fvgpt_kind = model.plugin is not None
-        identity = hashlib.sha256((sha256_file(tmp / HEADS_GRAPH) + sha256_file(tmp / TABLES)).encode()).hexdigest()
         n_ctx = 0 if model.context is None else int(model.context.shape[0])
         manifest = Manifest(
             kind="fvgpt" if fvgpt_kind else "zero-shot",
-            model_id=f"{'fvgpt' if fvgpt_kind else 'zero-shot'}-{bb.name}-{identity[:12]}",
+            model_id=model_id_of("fvgpt" if fvgpt_kind else "zero-shot", bb.name, tmp),
             backbone=BackboneInfo(bb.name, pretrained, init_seed, fingerprint, bb.embed_dim, bb.context_length,
                                   bb.logit_scale),
             preprocess=bb.preprocess, tokenizer=Tokenizer(VOCAB, bb.context_length), classes=model.classes,
             prompts=Prompts(n_ctx, learned_template(n_ctx) if fvgpt_kind else None, ZERO_SHOT_TEMPLATE),
-            towers={"image": Tower({"fp32": tower_graph("fp32")})}, default_precision="fp32",
+            towers={"image": Tower({"onnx-fp32": tower_graph("onnx", "fp32")})}, default_precision="fp32",
             text=Graph(TEXT_GRAPH, short_id("text", {"graph": "clip-text", "model": bb.name, "weights": fingerprint,
                                                      "context_length": bb.context_length})),
             heads=Heads(HEADS_GRAPH, {"features": "image"}, outputs, model.plugin.tau if fvgpt_kind else None),
@@ -201,23 +228,19 @@ def _write_bundle(out: Path, opts: ExportOptions, model: FVGPTModel, pretrained:
             engines = {"onnx": ["fp32"]}
             reports = check_bundle(tmp, pixels, reference, engines)
             gate(reports)
+        variants = _Variants(tmp, manifest, opts, pixels, reference, reports, engines)
         if opts.precision != "fp32":
-            graph = tower_graph(opts.precision)
-            with _timed(opts, f"{opts.precision} tower graph"):
-                convert = quantize_int8 if opts.precision == "int8" else convert_fp16
-                convert(tmp / "tower.fp32.onnx", tmp / graph.file)
-            manifest.towers["image"].precisions[opts.precision] = graph
-            manifest.files[graph.file] = None
+            convert = quantize_int8 if opts.precision == "int8" else convert_fp16
+            variants.add(tower_graph("onnx", opts.precision),
+                         lambda g: convert(tmp / "tower.fp32.onnx", tmp / g.file), required=True)
             manifest.default_precision = opts.precision
-            manifest.write(tmp)
-            with _timed(opts, f"parity: {opts.precision} tower vs torch"):
-                engines["onnx"].append(opts.precision)
-                reports |= check_bundle(tmp, pixels, reference, {"onnx": [opts.precision]})
-                gate(reports)
+        if opts.openvino:
+            _openvino_variants(variants, tower_graph, bb.preprocess, tmp)
         if opts.tensorrt:
             manifest.tensorrt = _tensorrt(tmp, manifest, opts, pixels, reference, reports)
         manifest.parity = {"images": int(len(pixels)), "generated_images": opts.parity_images,
-                           "reference": PARITY_REFERENCE, "engines": engines, "checks": reports}
+                           "reference": PARITY_REFERENCE, "engines": engines, "checks": reports,
+                           "refused": variants.refused}
         manifest.write(tmp)
         _commit(tmp, out)
     except BaseException:
@@ -230,12 +253,65 @@ def _write_bundle(out: Path, opts: ExportOptions, model: FVGPTModel, pretrained:
     return out
 
 
+class _Variants:
+    """Adds tower variants to a bundle under construction, each only after its parity checks passed."""
+
+    def __init__(self, tmp: Path, manifest: Manifest, opts: ExportOptions, pixels: np.ndarray,
+                 reference: dict[str, np.ndarray], reports: dict, engines: dict[str, list[str]]):
+        self.tmp, self.manifest, self.opts, self.pixels, self.reference = tmp, manifest, opts, pixels, reference
+        self.reports, self.engines = reports, engines
+        self.refused: dict[str, dict] = {}  # variant key → the failing checks, for the record
+
+    def add(self, graph: TowerGraph, make: Callable[[TowerGraph], None], required: bool) -> None:
+        """Write the variant's files, gate it, keep it if it passes. A required variant that fails fails the export;
+        an optional one is left out (files deleted) and recorded in `refused`."""
+        tower = self.manifest.towers["image"].variants
+        with _timed(self.opts, f"{graph.key} tower graph"):
+            make(graph)
+        tower[graph.key] = graph
+        self.manifest.files |= dict.fromkeys(graph.files)
+        self.manifest.write(self.tmp)
+        with _timed(self.opts, f"parity: {graph.key} tower vs torch"):
+            checks = check_variant(Bundle(self.tmp, verify=False), graph.runtime, graph.precision, self.pixels,
+                                   self.reference)
+        if required or all(c["passed"] for c in checks.values()):
+            self.reports |= checks
+            gate(self.reports)
+            self.engines.setdefault(graph.runtime, []).append(graph.precision)
+            return
+        del tower[graph.key]
+        shared = {f for g in tower.values() for f in g.files}
+        for name in set(graph.files) - shared:
+            del self.manifest.files[name]
+            (self.tmp / name).unlink()
+        self.manifest.write(self.tmp)
+        self.refused[graph.key] = {k: c["failures"] for k, c in checks.items() if not c["passed"]}
+        _say(self.opts, f"  {graph.key} refused by the parity gate, not written: {self.refused[graph.key]}")
+
+
+def _openvino_variants(variants: _Variants, tower_graph: Callable[[str, str], TowerGraph], pre, tmp: Path) -> None:
+    """OpenVINO fp32 and bf16 (compile settings on the ONNX fp32 graph; bf16 only where this CPU can run it, else
+    it could not be gated here) and NNCF int8 (an IR calibrated on images drawn like the parity set)."""
+    from fvgpt_runtime.openvino import unsupported
+
+    def make_int8(graph: TowerGraph) -> None:
+        calibration = calibration_pixels(pre, variants.opts.calibration_images)
+        quantize_openvino_int8(tmp / "tower.fp32.onnx", tmp / graph.file, calibration)
+
+    for precision in TOWER_RUNTIMES["openvino"]:
+        if reason := unsupported(precision):
+            _say(variants.opts, f"  openvino-{precision} not written: {reason}")
+            continue
+        variants.add(tower_graph("openvino", precision), make_int8 if precision == "int8" else lambda g: None,
+                     required=False)
+
+
 def _tensorrt(tmp: Path, manifest: Manifest, opts: ExportOptions, pixels: np.ndarray,
               reference: dict[str, np.ndarray], reports: dict) -> dict:
     """An engine built from the bundle's ONNX tower of the chosen precision; gated like the ONNX graphs."""
     name, cache = f"{ENGINE_DIR}/tower.{opts.precision}.plan", f"{ENGINE_DIR}/timing.cache"
     with _timed(opts, f"TensorRT {opts.precision} engine"):
-        source = tmp / manifest.towers["image"].precisions[opts.precision].file
+        source = tmp / manifest.image_tower("onnx", opts.precision).file
         build = build_engine(source, tmp / name, manifest.preprocess.size, opts.max_batch, tmp / cache)
     manifest.tensorrt = {"image": {opts.precision: {"file": name, "build": build}}}
     manifest.files |= {name: None, cache: None}

@@ -5,8 +5,10 @@ preprocessed by the runtime's own NumPy pipeline, so torch and the bundle see th
 the graphs and nothing else (preprocessing is pinned to open_clip by tests/test_preprocess.py). The torch outputs are
 stored in the bundle, so `fvgpt validate` reruns every check below without torch.
 
-Checks: the tower per precision (features), the heads (logits from the reference features), the text graph
-(against the tables), and end to end through the runtime's routing (tower → heads, base and new label sets).
+Checks: the tower per runtime × precision (features), the heads (logits from the reference features), the text graph
+(against the tables), end to end through the runtime's routing (tower → heads, base and new label sets), and batch
+independence per tower variant (the same image alone and inside a full batch of other images: identical ranking,
+probabilities within 1e-5), because a served answer must never depend on its batch mates.
 """
 from __future__ import annotations
 
@@ -21,16 +23,20 @@ from fvgpt.demo_data import DEFAULT_CLASSES, render
 from fvgpt.errors import FVGPTError
 from fvgpt.photos import photo_paths
 from fvgpt.preprocess import Preprocess
-from fvgpt_runtime.bundle import Bundle
+from fvgpt_runtime.bundle import Bundle, softmax
 from fvgpt_runtime.preprocess import preprocess
 
 PARITY_SEED = 20260309
+CALIBRATION_SEED = 20260310  # int8 calibration images: drawn like the parity set, never the same images
 PARITY_REFERENCE = "parity_reference.safetensors"
 FP32_MAX_ABS = 1e-3  # logits (scale 100) of fp32 graphs against torch
 FEATURES_MAX_ABS = 1e-4  # unit-norm image features of the fp32 tower against torch
 TEXT_MAX_ABS = 1e-4
 FP32_MIN_AGREEMENT = 1.0
 REDUCED_MIN_AGREEMENT = 0.99
+BATCH_PROBABILITY_TOLERANCE = 1e-5
+FULL_BATCH = 16  # the batch the probes are placed in (at most the bundle's max batch)
+BATCH_PROBES = 4
 
 
 class ParityError(FVGPTError):
@@ -44,11 +50,21 @@ class Limits:
 
 
 def parity_pixels(pre: Preprocess, n_generated: int) -> np.ndarray:
+    """The parity set: `n_generated` rendered images, then the bundled photos."""
     from PIL import Image
 
-    rng = random.Random(PARITY_SEED)
-    images = [render(rng.choice(DEFAULT_CLASSES), rng, 160)[0] for _ in range(n_generated)]
-    images += [Image.open(p) for p in photo_paths()]
+    return _rendered(pre, n_generated, PARITY_SEED, [Image.open(p) for p in photo_paths()])
+
+
+def calibration_pixels(pre: Preprocess, n: int) -> np.ndarray:
+    """Images to calibrate static int8 scales on: rendered like the parity set, from another seed (no photos, which
+    are in the parity set)."""
+    return _rendered(pre, n, CALIBRATION_SEED, [])
+
+
+def _rendered(pre: Preprocess, n: int, seed: int, extra: list) -> np.ndarray:
+    rng = random.Random(seed)
+    images = [render(rng.choice(DEFAULT_CLASSES), rng, 160)[0] for _ in range(n)] + extra
     return np.stack([preprocess(im, pre) for im in images])
 
 
@@ -81,13 +97,13 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], 
 
 
 def _strict(precision: str, runtime: str) -> bool:
-    return precision == "fp32" and runtime == "onnx"
+    return precision == "fp32" and runtime in ("onnx", "openvino")
 
 
 def check_tower(bundle: Bundle, precision: str, runtime: str, pixels: np.ndarray,
-                reference: dict[str, np.ndarray]) -> dict:
-    """Features of one tower graph; gated strictly for fp32 ONNX, reported (cosine) for reduced precision."""
-    tower = bundle.tower(precision, runtime)
+                reference: dict[str, np.ndarray], device: str = "cpu") -> dict:
+    """Features of one tower graph; gated strictly for fp32, reported (cosine) for reduced precision."""
+    tower = bundle.tower(precision, runtime, device)
     out = run_in_batches(lambda x: {"features": tower(x)}, pixels)
     return compare(reference, out, Limits(FEATURES_MAX_ABS if _strict(precision, runtime) else None, None))
 
@@ -98,13 +114,42 @@ def check_heads(bundle: Bundle, reference: dict[str, np.ndarray]) -> dict:
 
 
 def check_end_to_end(bundle: Bundle, precision: str, runtime: str, pixels: np.ndarray,
-                     reference: dict[str, np.ndarray]) -> dict:
+                     reference: dict[str, np.ndarray], device: str = "cpu") -> dict:
     """pixels → tower → routed heads, against the torch model's logits."""
-    tower = bundle.tower(precision, runtime)
+    tower = bundle.tower(precision, runtime, device)
     out = run_in_batches(lambda x: _routed(bundle, tower(x)), pixels)
     strict = _strict(precision, runtime)
     return compare(reference, out, Limits(FP32_MAX_ABS if strict else None,
                                           FP32_MIN_AGREEMENT if strict else REDUCED_MIN_AGREEMENT))
+
+
+def check_batch_independence(bundle: Bundle, precision: str, runtime: str, pixels: np.ndarray,
+                             device: str = "cpu") -> dict:
+    """Probes at spread positions of a full batch of parity images, each also run alone: through the tower and the
+    routed heads, the ranking of every label must be identical and every probability within the tolerance."""
+    tower = bundle.tower(precision, runtime, device)
+    full = min(FULL_BATCH, bundle.max_batch, len(pixels))
+    batch = pixels[:full]
+    probes = sorted(set(np.linspace(0, full - 1, min(BATCH_PROBES, full)).round().astype(int).tolist()))
+    together = _routed(bundle, tower(batch))
+    alone = [_routed(bundle, tower(batch[i:i + 1])) for i in probes]
+    report: dict = {"batch": full, "probes": probes, "max_probability_diff": {}, "ranking_identical": {},
+                    "limits": {"max_probability_diff": BATCH_PROBABILITY_TOLERANCE}}
+    failures = []
+    for name, logits in together.items():
+        in_batch = softmax(logits[probes])
+        single = softmax(np.concatenate([a[name] for a in alone]))
+        diff = float(np.abs(in_batch - single).max())
+        same = bool((np.argsort(-in_batch, axis=-1, kind="stable") == np.argsort(-single, axis=-1,
+                                                                                   kind="stable")).all())
+        report["max_probability_diff"][name], report["ranking_identical"][name] = diff, same
+        if diff > BATCH_PROBABILITY_TOLERANCE:
+            failures.append(f"{name} probabilities alone vs in a batch of {full} differ by {diff:.3g} > "
+                            f"{BATCH_PROBABILITY_TOLERANCE:g}")
+        if not same:
+            failures.append(f"{name} ranking alone differs from the ranking in a batch of {full}")
+    report["passed"], report["failures"] = not failures, failures
+    return report
 
 
 def check_text(bundle: Bundle) -> dict:
@@ -127,6 +172,20 @@ def _routed(bundle: Bundle, features: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
+def check_name(runtime: str, precision: str) -> str:
+    """The suffix of a variant's checks in a parity report: "int8" (ONNX Runtime), "openvino_int8", ..."""
+    return precision if runtime == "onnx" else f"{runtime}_{precision}"
+
+
+def check_variant(bundle: Bundle, runtime: str, precision: str, pixels: np.ndarray,
+                  reference: dict[str, np.ndarray], device: str = "cpu") -> dict[str, dict]:
+    """The tower, end-to-end and batch-independence checks of one runtime × precision, keyed by name."""
+    name = check_name(runtime, precision)
+    return {f"tower_{name}": check_tower(bundle, precision, runtime, pixels, reference, device),
+            f"end_to_end_{name}": check_end_to_end(bundle, precision, runtime, pixels, reference, device),
+            f"batch_independence_{name}": check_batch_independence(bundle, precision, runtime, pixels, device)}
+
+
 def check_bundle(bundle_dir: Path, pixels: np.ndarray, reference: dict[str, np.ndarray],
                  engines: dict[str, list[str]]) -> dict[str, dict]:
     """Every check for the given runtimes → precisions (e.g. {"onnx": ["fp32", "int8"]}), keyed by name."""
@@ -134,9 +193,7 @@ def check_bundle(bundle_dir: Path, pixels: np.ndarray, reference: dict[str, np.n
     reports = {"heads": check_heads(bundle, reference), "text": check_text(bundle)}
     for runtime, precisions in engines.items():
         for precision in precisions:
-            name = precision if runtime == "onnx" else f"{runtime}_{precision}"
-            reports[f"tower_{name}"] = check_tower(bundle, precision, runtime, pixels, reference)
-            reports[f"end_to_end_{name}"] = check_end_to_end(bundle, precision, runtime, pixels, reference)
+            reports |= check_variant(bundle, runtime, precision, pixels, reference)
     return reports
 
 

@@ -7,10 +7,12 @@ from pathlib import Path
 
 from safetensors.numpy import load_file
 
+from fvgpt_runtime.bundle import Bundle
 from fvgpt_runtime.manifest import BundleError, Manifest
+from fvgpt_runtime.openvino import OpenVINOUnavailable
 from fvgpt_runtime.tensorrt import TensorRTUnavailable
 
-from .parity import check_bundle, parity_pixels
+from .parity import check_bundle, check_name, check_variant, parity_pixels
 
 
 def validate_bundle(path: str | Path) -> dict:
@@ -28,12 +30,15 @@ def validate_bundle(path: str | Path) -> dict:
     parity = manifest.parity
     reference = load_file(str(path / parity["reference"]))
     pixels = parity_pixels(manifest.preprocess, parity["generated_images"])
-    report["checks"] = check_bundle(path, pixels, reference, {"onnx": list(manifest.towers["image"].precisions)})
-    for precision in (manifest.tensorrt or {}).get("image", {}):
+    tower = manifest.towers["image"]
+    report["checks"] = check_bundle(path, pixels, reference, {"onnx": tower.precisions("onnx")})
+    bundle = Bundle(path, verify=False)
+    others = [("openvino", p) for p in tower.precisions("openvino")]
+    for runtime, precision in others + [("tensorrt", p) for p in (manifest.tensorrt or {}).get("image", {})]:
         try:
-            report["checks"] |= check_bundle(path, pixels, reference, {"tensorrt": [precision]})
-        except TensorRTUnavailable as exc:
-            report["skipped"][f"tensorrt_{precision}"] = str(exc)
+            report["checks"] |= check_variant(bundle, runtime, precision, pixels, reference)
+        except (TensorRTUnavailable, OpenVINOUnavailable) as exc:  # not runnable on this host
+            report["skipped"][check_name(runtime, precision)] = str(exc)
     report["passed"] = all(r["passed"] for r in report["checks"].values())
     return report
 
@@ -44,8 +49,12 @@ def format_report(report: dict) -> str:
     for name, r in report["checks"].items():
         agreement = ", ".join(f"{k} {v:.1%}" for k, v in r.get("top1_agreement", {}).items())
         cosine = f", min cosine {r['min_cosine']:.6f}" if "min_cosine" in r else ""
-        lines.append(f"  {'ok  ' if r['passed'] else 'FAIL'} {name}: max |Δ| {max(r['max_abs_diff'].values()):.3g}"
-                     + cosine + (f", top-1 agreement {agreement}" if agreement else "")
+        if "max_probability_diff" in r:
+            figures = f"alone vs batch of {r['batch']}: max |Δp| {max(r['max_probability_diff'].values()):.3g}"
+        else:
+            figures = f"max |Δ| {max(r['max_abs_diff'].values()):.3g}" + cosine + (
+                f", top-1 agreement {agreement}" if agreement else "")
+        lines.append(f"  {'ok  ' if r['passed'] else 'FAIL'} {name}: {figures}"
                      + "".join(f"\n       {f}" for f in r["failures"]))
     lines += [f"  skip {k}: {v}" for k, v in report["skipped"].items()]
     lines.append("PASSED" if report["passed"] else "FAILED")

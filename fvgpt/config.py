@@ -10,11 +10,13 @@ import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
+from .datasets import NAMES, absolute, lookup
 from .errors import FVGPTError
 
 CONFIG_SCHEMA = 2  # run-dir config.json layout (docs/run-dir.md); 1 was the untyped config of fvgpt 0.1
 METHODS = ("coop", "kgcoop")
 FG_FILLS = ("mean", "black")
+PATH_FIELDS = ("data", "root", "split_file", "image_dir")  # stored absolute
 KGCOOP_CTX_INIT = "a photo of a"
 
 
@@ -33,13 +35,17 @@ def option(default: Any, help: str, group: str, choices: tuple[str, ...] | None 
 @dataclass
 class TrainConfig:
     # ---- data
-    data: str = option("", "dataset root: ImageFolder (ROOT/<class>/<image>, optional train/test folders) or a "
+    data: str = option("", "dataset folder: ImageFolder (ROOT/<class>/<image>, optional train/test folders) or a "
                            "CoOp/Dassl folder with split_zhou_*.json; masks in ROOT/mask/<same relative path>", "data")
+    dataset: str | None = option(None, f"one of CoOp's datasets by name, read from --root as CoOp reads it: "
+                                       f"{', '.join(NAMES)}", "data")
+    root: str | None = option(None, "with --dataset: the folder that holds the dataset's folder (CoOp's --root "
+                                    "DATA, or FVG-PT's, e.g. DATA/caltech-101); masks in ROOT/mask/<path>", "data")
     split_file: str | None = option(None, "Dassl split JSON (default: ROOT/split_zhou_*.json if present)", "data")
     image_dir: str | None = option(None, "folder the split file's paths are relative to (default: detected)", "data")
     test_fraction: float = option(0.3, "flat ImageFolder only: per-class held-out test part", "data")
     shots: int = option(16, "training images per class (K)", "data")
-    seed: int = option(1, "selects the K-shot images and seeds training", "data")
+    seed: int = option(1, "selects the K-shot images (the same ones as CoOp's --seed) and seeds training", "data")
     base_classes: list[str] | None = option(None, "comma-separated base class names (default: the first half by "
                                                   "label, the paper's protocol)", "data")
     workers: int = option(0, "data loader worker processes", "data")
@@ -89,7 +95,12 @@ class TrainConfig:
     eval_batch: int = option(100, "batch size of evaluation", "optimiser")
 
     def __post_init__(self) -> None:
-        # method-dependent defaults resolve here, so the stored config says what actually ran
+        # paths and names resolve here, so the stored config says what actually ran, from any directory
+        for name in PATH_FIELDS:
+            if getattr(self, name):
+                setattr(self, name, str(absolute(getattr(self, name))))
+        if self.dataset and (spec := lookup(self.dataset)):
+            self.dataset = spec.name
         if self.ctx_init is None and self.method == "kgcoop":
             self.ctx_init = KGCOOP_CTX_INIT
         if self.prompt_augment is None:
@@ -115,8 +126,26 @@ class TrainConfig:
             problems.append(f"need 0 ≤ area_min < area_max ≤ 1, got {self.area_min}, {self.area_max}")
         if not 0 <= self.test_fraction < 1:
             problems.append(f"test_fraction must be in [0, 1), not {self.test_fraction}")
+        if self.seed < 0:
+            problems.append(f"seed must be at least 0, not {self.seed} (CoOp leaves negative seeds unseeded)")
+        problems += self._data_source_problems()
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def _data_source_problems(self) -> list[str]:
+        if self.dataset is None:
+            if self.root:
+                return ["--root goes with --dataset NAME; a single dataset folder is --data FOLDER"]
+            return [] if self.data else ["no dataset given: --data FOLDER, or --dataset NAME --root ROOT"]
+        problems = [] if self.dataset in NAMES else [f"unknown dataset {self.dataset!r}; --dataset takes one of "
+                                                     f"{', '.join(NAMES)}"]
+        if not self.root:
+            problems.append(f"--dataset {self.dataset} needs --root: the folder that holds its folder (CoOp's DATA)")
+        if self.data:
+            problems.append("give --data FOLDER or --dataset NAME --root ROOT, not both")
+        if self.split_file or self.image_dir:
+            problems.append("--split-file and --image-dir go with --data; a --dataset knows its files")
+        return problems
 
     def to_dict(self) -> dict:
         return asdict(self)

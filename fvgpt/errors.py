@@ -3,3 +3,7 @@
 
 class FVGPTError(RuntimeError):
     pass
+
+
+class DataError(FVGPTError):
+    """A dataset that cannot be read as asked; the message names the folder or file searched and what to do."""

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 from torchvision.transforms import v2
-from tqdm.auto import tqdm
 
-from .data import DatasetIndex, FewShotDataset, collate, eval_geometry, foreground_view
+from .data import DataError, DatasetIndex, FewShotDataset, collate, eval_geometry, foreground_view
 from .metrics import accuracy, foreground_shift, harmonic_mean
 from .model import FVGPTModel
+from .progress import track
 
 D_FG_TAUS = (1, 2)
 
@@ -33,7 +33,7 @@ def _features(model: FVGPTModel, index: DatasetIndex, batch_size: int, progress:
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate,
                                          num_workers=model.cfg.workers)
     feats, fg_feats, labels, has_mask, dropped = [], [], [], [], 0
-    for batch in tqdm(loader, desc="eval", disable=not progress, leave=False):
+    for batch in track(loader, "eval", progress, unit="batch"):
         dropped += batch.pop("dropped")
         if not batch:
             continue
@@ -44,7 +44,7 @@ def _features(model: FVGPTModel, index: DatasetIndex, batch_size: int, progress:
         labels.append(batch["label"].to(bb.device))
         has_mask.append(batch["has_mask"].to(bb.device))
     if not feats:
-        raise RuntimeError("no test image could be read")
+        raise DataError(f"{index.root}: none of the {len(index.test)} test images could be read")
     return torch.cat(feats), torch.cat(fg_feats), torch.cat(labels), torch.cat(has_mask).bool(), dropped
 
 

@@ -14,15 +14,15 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from tqdm.auto import tqdm
-
-from .data import IMAGE_SUFFIXES, MASK_DIR, mask_path_for, open_rgb
-from .errors import FVGPTError
+from .data import IMAGE_SUFFIXES, MASK_DIR, find_mask_root, mask_path_for, open_rgb
+from .datasets import absolute, find_dataset, read_dataset
+from .errors import DataError, FVGPTError
+from .progress import track
 from .rundir import atomic_write_bytes
 
 U2NETP_SHA256 = "309c8469258dda742793dce0ebea8e6dd393174f89934733ecc8b14c76f4ddd8"
@@ -120,6 +120,7 @@ class MaskReport:
     written: int
     existing: int
     failed: list[str]  # images that could not be read
+    missing: list[str] = field(default_factory=list)  # listed images that do not exist
 
 
 def _images(root: Path) -> list[Path]:
@@ -150,23 +151,47 @@ def encode_mask(fg: np.ndarray, suffix: str) -> bytes:
     return buf.getvalue()
 
 
+def dataset_images(data: str | None, dataset: str | None, root: str | None) -> tuple[Path, list[Path]]:
+    """(mask root, images) of `fvgpt masks`: every image under a --data folder, or every image a --dataset lists
+    (train and test) under its --root. The mask root is where fvgpt.data's loader will look: an existing mask/ in
+    the dataset's folder or its parent, else the --data folder or the --root (FVG-PT's)."""
+    if data and (dataset or root):
+        raise DataError("give --data FOLDER or --dataset NAME --root ROOT, not both")
+    if data:
+        folder = absolute(data)
+        if not folder.is_dir():
+            raise DataError(f"dataset folder {folder} does not exist or is not a folder")
+        return find_mask_root(folder) or folder, _images(folder)
+    if not (dataset and root):
+        raise DataError("--dataset and --root go together: --dataset NAME --root ROOT (the folder holding its folder)")
+    spec, base = find_dataset(dataset), absolute(root)
+    listing = read_dataset(spec, base)
+    images = list(dict.fromkeys(p for p, _ in listing.train + listing.test))
+    return find_mask_root(base / spec.folder) or base, images
+
+
 def generate_masks(root: Path, model: SaliencyModel, threshold: float = 0.5, overwrite: bool = False,
-                   progress: bool = True) -> MaskReport:
-    """Write ROOT/mask/<rel path> for every image under root (saliency > threshold is foreground).
+                   progress: bool = True, images: list[Path] | None = None) -> MaskReport:
+    """Write ROOT/mask/<rel path> for every image under root, or for `images` (all under root), with saliency >
+    threshold as foreground.
 
     Images whose mask already exists are counted as `existing` and left alone unless overwrite; unreadable images
-    are listed in `failed` and do not stop the run. Each mask is written atomically, so an interrupted run resumes.
+    are listed in `failed`, listed images that do not exist in `missing`, and neither stops the run. Each mask is
+    written atomically, so an interrupted run resumes.
     """
     root = Path(root)
     if not root.is_dir():
         raise MaskError(f"dataset root {root} does not exist or is not a folder")
     if not 0.0 <= threshold < 1.0:
         raise ValueError(f"threshold must be in [0, 1), got {threshold}")
-    written, existing, failed = 0, 0, []
-    for path in tqdm(_images(root), desc="masks", unit="img", disable=not progress):
+    written, existing, failed, missing = 0, 0, [], []
+    for path in track(_images(root) if images is None else images, "masks", progress, unit="img"):
         target = mask_path_for(path, root)
         if target.exists() and not overwrite:
             existing += 1
+            continue
+        if not path.is_file():
+            missing.append(str(path))
             continue
         try:
             image = open_rgb(path)
@@ -175,4 +200,4 @@ def generate_masks(root: Path, model: SaliencyModel, threshold: float = 0.5, ove
             continue
         atomic_write_bytes(target, encode_mask(model.predict(image) > threshold, path.suffix))
         written += 1
-    return MaskReport(written, existing, failed)
+    return MaskReport(written, existing, failed, missing)

@@ -17,11 +17,13 @@ def harmonic_mean(base: float, new: float) -> float:
     return 0.0 if base + new == 0 else 2 * base * new / (base + new)
 
 
-def average_row(rows: list[tuple[float, float]]) -> tuple[float, float, float]:
-    """The paper's "Average" row over datasets or seeds: mean Base, mean New, and the HM of those means."""
-    base = sum(b for b, _ in rows) / len(rows)
-    new = sum(n for _, n in rows) / len(rows)
-    return base, new, harmonic_mean(base, new)
+def average_row(rows: list[tuple[float | None, float | None]]) -> tuple[float | None, float | None, float | None]:
+    """The paper's "Average" row over datasets or seeds: mean Base, mean New, and the HM of those means. A column
+    that some run cannot score (no test images of that split) has no mean: None, never NaN or a partial mean."""
+    bases, news = [b for b, _ in rows], [n for _, n in rows]
+    base = None if None in bases else sum(bases) / len(rows)
+    new = None if None in news else sum(news) / len(rows)
+    return base, new, None if base is None or new is None else harmonic_mean(base, new)
 
 
 def foreground_shift(z_full: torch.Tensor, z_fg: torch.Tensor, tau: float) -> torch.Tensor:

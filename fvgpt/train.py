@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .backbone import load_backbone
 from .classes import ClassSplit
 from .config import TrainConfig
-from .data import DatasetIndex, FewShotDataset, collate, load_index, train_transform
+from .data import DatasetIndex, FewShotDataset, collate, index_for, train_transform
 from .model import FVGPTModel
+from .progress import note, track
 from .prompts import PromptLearner
 from .rundir import (BackboneRecord, RunDirError, atomic_save_tensors, atomic_torch_save, atomic_write_json,
                      read_classes, read_config, read_json, read_tensors, stage_done, write_config)
@@ -82,7 +82,7 @@ def _run_stage(stage: str, cfg: TrainConfig, out: Path, trainable: nn.Module, ep
         loader = loader_for(_seed(cfg, stage, epoch))
         sums: dict[str, float] = {}
         n, dropped, t0 = 0, 0, time.perf_counter()
-        bar = tqdm(loader, desc=f"{stage} {epoch + 1}/{epochs}", disable=not progress, leave=False)
+        bar = track(loader, f"{stage} {epoch + 1}/{epochs}", progress, unit="batch")
         for batch in bar:
             dropped += batch.pop("dropped")
             if not batch:
@@ -108,8 +108,8 @@ def _run_stage(stage: str, cfg: TrainConfig, out: Path, trainable: nn.Module, ep
             fh.write(json.dumps(record) + "\n")
         _set_progress(out, stage, epoch + 1, done=False)
         if progress:
-            tqdm.write(f"{stage} epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f} "
-                       f"({record['images_per_s']:.1f} img/s)")
+            note(f"{stage} epoch {epoch + 1}/{epochs}: loss {record['loss']:.4f} "
+                 f"({record['images_per_s']:.1f} img/s)")
         if hook is not None:
             hook(stage, epoch + 1)
     _set_progress(out, stage, epochs, done=True)
@@ -176,18 +176,17 @@ def train(cfg: TrainConfig, out: str | Path, stage: str = "all", resume: bool = 
     cfg = prepare_run_dir(cfg, out, stage, resume)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        index = load_index(cfg.data, cfg.shots, cfg.seed, cfg.split_file, cfg.image_dir, cfg.test_fraction)
+        index = index_for(cfg)  # before the weights load: a wrong path fails in a second, not after a download
     for w in caught:
-        tqdm.write(f"warning: {w.message}")
+        note(f"warning: {w.message}")
     backbone = load_backbone(cfg.model, cfg.pretrained, cfg.device, cfg.init_seed)
     if not (out / "config.json").is_file():
         classes = ClassSplit.paper(index.classnames, cfg.base_classes)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "classes.json", classes.records())
-        atomic_write_json(out / "data.json", {"layout": index.layout, "root": str(index.root),
-                                              "train": [[str(s.path), s.label, s.mask is not None]
-                                                        for s in index.train],
-                                              "warnings": index.warnings})
+        atomic_write_json(out / "data.json", index.describe() | {
+            "shots": cfg.shots, "seed": cfg.seed, "warnings": index.warnings,
+            "train": [[str(s.path), s.label, s.mask is not None] for s in index.train]})
         atomic_write_json(out / "progress.json", {})
         write_config(out, cfg, BackboneRecord.of(backbone, cfg))
     _, record = read_config(out)

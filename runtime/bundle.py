@@ -1,5 +1,6 @@
 """A loaded bundle: its verified manifest, text tables and graphs, and the label routing of docs/method.md
-("Inference"). Torch-free: ONNX Runtime (or a TensorRT engine) runs the graphs, NumPy does the rest.
+("Inference"). Torch-free: ONNX Runtime runs the graphs (the tower also on OpenVINO or a TensorRT engine), NumPy does
+the rest.
 
 Routing: a label set made only of base classes goes to the base head (FDC, E6); any other set (new labels, mixed
 labels, or the whole bundle when it holds new classes) to the new head (Prior Calibration, E9–E11) over exactly the
@@ -7,14 +8,18 @@ requested labels. Zero-shot bundles have one cosine head. Bundled classes take t
 labels go through the shared text graph once and are cached.
 
 Graph sessions come from a SessionPool keyed by file content, so bundles on one backbone share their tower and text
-graphs in a process.
+graphs in a process. The text features of new labels are cached in one process-wide LabelCache with one bound for all
+bundles, so a server holding a thousand bundles cannot grow a thousand caches.
 """
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,8 +30,8 @@ from .sessions import SESSIONS, SessionPool
 from .tensorrt import TensorRTRunner, TensorRTUnavailable
 from .tokenizer import ClipTokenizer, shared_tokenizer
 
-LABEL_CACHE_SIZE = 4096
-RUNTIMES = ("onnx", "tensorrt")
+LABEL_CACHE_SIZE = 16_384  # new-label rows kept per process, all bundles together (2·D floats each: 64 MB at D = 512)
+RUNTIMES = ("onnx", "openvino", "tensorrt")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -47,34 +52,67 @@ class Scores:
         return softmax(self.logits)
 
 
+class LabelCache:
+    """LRU of the (learned, clip) text rows of labels that are not bundled classes, keyed by (the bundle's text
+    identity, label), shared by every bundle of a process and bounded as a whole. Thread-safe."""
+
+    def __init__(self, size: int = LABEL_CACHE_SIZE):
+        self.size = size
+        self._rows: OrderedDict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def rows(self, namespace: str, labels: list[str],
+             encode: Callable[[list[str]], tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Rows of `labels` in order; the missing ones come from `encode(missing) -> (learned, clip)` in one call,
+        outside the lock (two requests missing the same label at once may both encode it; neither waits)."""
+        with self._lock:
+            found = {lab: self._rows[(namespace, lab)] for lab in labels if (namespace, lab) in self._rows}
+            for lab in found:
+                self._rows.move_to_end((namespace, lab))
+        if missing := [lab for lab in dict.fromkeys(labels) if lab not in found]:
+            encoded = dict(zip(missing, zip(*encode(missing))))
+            with self._lock:
+                self._rows.update(((namespace, lab), row) for lab, row in encoded.items())
+                while len(self._rows) > self.size:
+                    self._rows.popitem(last=False)
+            found |= encoded
+        return [found[lab] for lab in labels]
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+
+LABELS = LabelCache()  # the process-wide cache bundles use unless given another
+
+
 class TowerRunner:
     """One tower graph on one runtime: pixels (B, 3, S, S) → image features (B, D)."""
 
-    def __init__(self, bundle: Bundle, precision: str, runtime: str, device: str, threads: int | None,
-                 pool: SessionPool):
-        m = bundle.manifest
-        towers = m.towers["image"].precisions
-        if precision not in towers:
-            raise BundleError(f"{bundle.path}: no {precision} tower graph (has: {', '.join(towers)})")
+    def __init__(self, path: Path, manifest: Manifest, precision: str, runtime: str = "onnx", device: str = "cpu",
+                 threads: int | None = None, pool: SessionPool = SESSIONS):
+        """The tower of the (verified) bundle at `path`; a server's encoder opens it without the bundle's heads."""
+        m = manifest
         if runtime not in RUNTIMES:
             raise BundleError(f"unknown runtime {runtime!r} ({', '.join(RUNTIMES)})")
-        self.precision, self.runtime, self.tower_id = precision, runtime, towers[precision].id
+        graph = m.image_tower(runtime, precision)
+        self.precision, self.runtime, self.tower_id = precision, runtime, graph.id
         if runtime == "tensorrt":
             engines = (m.tensorrt or {}).get("image", {})
             if precision not in engines:
                 raise TensorRTUnavailable(f"the bundle has no {precision} TensorRT engine (has: "
                                           f"{', '.join(engines) or 'none'}); export with --tensorrt on a GPU host")
-            self._trt = TensorRTRunner(bundle.path / engines[precision]["file"])
+            engine = TensorRTRunner(path / engines[precision]["file"])
+            self._run = lambda pixels: engine.run(pixels)["features"]
             self.provider = "TensorRT"
+        elif runtime == "openvino":
+            self._run = pool.openvino(path / graph.file, m.files[graph.file], precision, threads).run
+            self.provider = "OpenVINO CPU"
         else:
-            graph = towers[precision].file
-            self._session, self.provider = pool.get(bundle.path / graph, m.files[graph], device, threads)
+            session, self.provider = pool.get(path / graph.file, m.files[graph.file], device, threads)
+            self._run = lambda pixels: session.run(["features"], {"pixels": pixels})[0]
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
-        if self.runtime == "tensorrt":
-            return self._trt.run(pixels)["features"]
-        return self._session.run(["features"], {"pixels": pixels})[0]
+        return self._run(np.ascontiguousarray(pixels, dtype=np.float32))
 
 
 class Bundle:
@@ -82,7 +120,7 @@ class Bundle:
     only routes labels (serving's API process) never runs one."""
 
     def __init__(self, path: str | Path, verify: bool = True, threads: int | None = 1,
-                 pool: SessionPool = SESSIONS):
+                 pool: SessionPool = SESSIONS, labels: LabelCache = LABELS):
         from safetensors.numpy import load_file
 
         self.path = Path(path)
@@ -90,11 +128,18 @@ class Bundle:
         self.classes = self.manifest.classes
         self.pool = pool
         self.threads = threads
-        self.tables: dict[str, np.ndarray] = load_file(str(self.path / self.manifest.tables))
+        try:
+            self.tables: dict[str, np.ndarray] = load_file(str(self.path / self.manifest.tables))
+        except Exception as exc:  # noqa: BLE001 - safetensors' own errors do not say which file
+            raise BundleError(f"{self.path / self.manifest.tables} cannot be read ({type(exc).__name__}: {exc})") \
+                from None
         heads = self.manifest.heads.file
         self._heads, _ = pool.get(self.path / heads, self.manifest.files[heads], "cpu", threads)
-        self._label_cache: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
-        self._cache_lock = threading.Lock()  # scores() may run in several threads at once
+        self._labels = labels
+        # the text graph and the learned context fix a label's rows: bundles sharing both share cache entries
+        files = self.manifest.files
+        self._label_namespace = files[self.manifest.text.file] + (files[self.manifest.tables] if self.kind == "fvgpt"
+                                                                  else self.manifest.prompts.template)
 
     @property
     def kind(self) -> str:
@@ -115,24 +160,35 @@ class Bundle:
     # ---- image side -------------------------------------------------------------------------------------------
     def tower(self, precision: str | None = None, runtime: str = "onnx", device: str = "cpu",
               threads: int | None = None) -> TowerRunner:
-        return TowerRunner(self, precision or self.manifest.default_precision, runtime, device, threads, self.pool)
+        return TowerRunner(self.path, self.manifest, precision or self.manifest.default_precision, runtime, device,
+                           threads, self.pool)
 
     def classify(self, pixels: np.ndarray, labels: list[str] | None = None, precision: str | None = None) -> Scores:
         """Tower + heads in one call (validation, benchmarks, tests); serving splits the two across processes."""
         return self.scores(self.tower(precision)(pixels), labels)
 
     # ---- text side --------------------------------------------------------------------------------------------
-    @property
+    def open_text(self) -> None:
+        """Load the tokenizer and the text graph now rather than at the first new label: a server does, so a bundle
+        it loaded keeps working after its folder is replaced or removed."""
+        self.tokenizer, self._text  # noqa: B018 - cached on first access
+
+    @cached_property
     def tokenizer(self) -> ClipTokenizer:
         t = self.manifest.tokenizer
         return shared_tokenizer(self.path / t.vocab, t.context_length)
+
+    @cached_property
+    def _text(self) -> Any:
+        """The text graph's session, held by the bundle from its first use (the pool holds sessions weakly)."""
+        text = self.manifest.text.file
+        return self.pool.get(self.path / text, self.manifest.files[text], "cpu", self.threads)[0]
 
     def encode_text(self, labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(learned, clip) text features through the text graph: the learned prompt with the bundle's context, and
         the zero-shot template (zero-shot bundles: the template for both)."""
         p = self.manifest.prompts
-        session, _ = self.pool.get(self.path / self.manifest.text.file, self.manifest.files[self.manifest.text.file],
-                                   "cpu", self.threads)
+        session = self._text
         template = prompts(labels, p.template)
         if self.kind != "fvgpt":
             feed = {"token_ids": self.tokenizer(template), "context": self.tables["context"],
@@ -147,20 +203,9 @@ class Bundle:
     def label_features(self, labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(learned, clip) rows: bundled classes from the tables, other labels through the text graph, cached."""
         ids = [self.classes.find(label) for label in labels]
-        with self._cache_lock:
-            missing = [lab for lab, i in dict(zip(labels, ids)).items() if i is None and lab not in self._label_cache]
-            if missing:
-                for lab, row in zip(missing, zip(*self.encode_text(missing))):
-                    self._label_cache[lab] = row
-            rows = []
-            for lab, i in zip(labels, ids):
-                if i is not None:
-                    rows.append((self.tables["learned"][i], self.tables["clip"][i]))
-                else:
-                    self._label_cache.move_to_end(lab)
-                    rows.append(self._label_cache[lab])
-            while len(self._label_cache) > LABEL_CACHE_SIZE:  # evict only after this request's rows are taken
-                self._label_cache.popitem(last=False)
+        new = [lab for lab, i in zip(labels, ids) if i is None]
+        cached = iter(self._labels.rows(self._label_namespace, new, self.encode_text) if new else [])
+        rows = [(self.tables["learned"][i], self.tables["clip"][i]) if i is not None else next(cached) for i in ids]
         return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
 
     # ---- heads and routing ------------------------------------------------------------------------------------

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,9 @@ from fvgpt.preprocess import Preprocess, PreprocessError
 SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 KINDS = ("fvgpt", "zero-shot")
-PRECISIONS = ("fp32", "fp16", "int8")
+# The runtimes a tower graph is written for, and the precisions each offers (ONNX Runtime's CPU provider has no bf16
+# MatMul; OpenVINO's fp16 is a GPU precision). TensorRT engines are built from the ONNX graphs and listed apart.
+TOWER_RUNTIMES = {"onnx": ("fp32", "fp16", "int8"), "openvino": ("fp32", "bf16", "int8")}
 
 
 class BundleError(FVGPTError):
@@ -39,6 +44,37 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class FileDigests:
+    """sha256 of files, remembered per file identity (device, inode, size, mtime, ctime): bundles hard-linked to one
+    tower graph are read once per process, and any write to a file (which moves its ctime) makes it read again.
+    As in git's index, a file changed in the last RACY_NS is not remembered: file times are coarser than writes."""
+
+    RACY_NS = 2_000_000_000
+
+    def __init__(self, size: int = 65_536):
+        self.size = size
+        self._known: OrderedDict[tuple[int, ...], str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, path: Path) -> str:
+        st = path.stat()
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        with self._lock:
+            if (known := self._known.get(key)) is not None:
+                return known
+        digest = sha256_file(path)
+        if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < self.RACY_NS:
+            return digest
+        with self._lock:
+            self._known[key] = digest
+            while len(self._known) > self.size:
+                self._known.popitem(last=False)
+        return digest
+
+
+DIGESTS = FileDigests()
 
 
 def short_id(prefix: str, facts: dict) -> str:
@@ -118,22 +154,65 @@ class Graph:
 
 
 @dataclass(frozen=True)
-class Tower:
-    """pixels (B, 3, S, S) → L2-normalised features (B, D), one graph per precision; the graph's `id` is the
-    tower_id: model, weights fingerprint, preprocessing and precision, nothing else."""
+class TowerGraph:
+    """One tower variant: a graph file that one runtime runs at one precision. `id` is the tower_id: model, weights
+    fingerprint, preprocessing, precision and (for runtimes other than ONNX Runtime) the runtime, nothing else.
+    OpenVINO's fp32 and bf16 variants run the ONNX fp32 graph (the precision is a compile setting); its int8 variant is
+    an OpenVINO IR whose weights file is `weights`."""
 
-    precisions: dict[str, Graph]
+    file: str
+    id: str
+    runtime: str
+    precision: str
+    weights: str | None = None
+
+    @property
+    def key(self) -> str:
+        return variant_key(self.runtime, self.precision)
+
+    @property
+    def files(self) -> list[str]:
+        return [self.file] + ([self.weights] if self.weights else [])
+
+    @classmethod
+    def parse(cls, d: Any, where: str) -> TowerGraph:
+        graph = cls(_get(d, "file", str, where), _get(d, "id", str, where), _get(d, "runtime", str, where),
+                    _get(d, "precision", str, where), _get(d, "weights", str, where, optional=True))
+        if graph.precision not in TOWER_RUNTIMES.get(graph.runtime, ()):
+            raise ManifestError(f"manifest field {where} names {graph.runtime}/{graph.precision}; known: "
+                                + ", ".join(variant_key(r, p) for r, ps in TOWER_RUNTIMES.items() for p in ps))
+        return graph
+
+
+def variant_key(runtime: str, precision: str) -> str:
+    return f"{runtime}-{precision}"
+
+
+@dataclass(frozen=True)
+class Tower:
+    """pixels (B, 3, S, S) → L2-normalised features (B, D), one graph per runtime × precision, keyed "onnx-int8",
+    "openvino-bf16", ..."""
+
+    variants: dict[str, TowerGraph]
+
+    def find(self, runtime: str, precision: str) -> TowerGraph | None:
+        """The variant runtime × precision runs; a TensorRT engine runs (is built from) the ONNX graph of its
+        precision."""
+        return self.variants.get(variant_key("onnx" if runtime == "tensorrt" else runtime, precision))
+
+    def precisions(self, runtime: str) -> list[str]:
+        return [g.precision for g in self.variants.values() if g.runtime == runtime]
 
     @classmethod
     def parse(cls, d: Any, where: str) -> Tower:
-        raw = _get(d, "precisions", dict, where)
+        raw = _get(d, "variants", dict, where)
         if not raw:
-            raise ManifestError(f"manifest field {where}.precisions is empty")
-        bad = [p for p in raw if p not in PRECISIONS]
-        if bad:
-            raise ManifestError(f"manifest field {where}.precisions has unknown precision(s) {bad}; "
-                                f"known: {', '.join(PRECISIONS)}")
-        return cls({p: Graph.parse(g, f"{where}.precisions.{p}") for p, g in raw.items()})
+            raise ManifestError(f"manifest field {where}.variants is empty")
+        variants = {k: TowerGraph.parse(g, f"{where}.variants.{k}") for k, g in raw.items()}
+        if bad := [k for k, g in variants.items() if k != g.key]:
+            raise ManifestError(f"manifest field {where}.variants has key(s) {bad} that do not match their runtime "
+                                f"and precision")
+        return cls(variants)
 
 
 @dataclass(frozen=True)
@@ -185,7 +264,7 @@ class Manifest:
     classes: ClassSplit
     prompts: Prompts
     towers: dict[str, Tower]  # role → tower; CoOp/KgCoOp bundles have one role, "image"
-    default_precision: str
+    default_precision: str  # of the ONNX Runtime tower: what a server runs without a tuning profile or override
     text: Graph  # token ids + context → text features
     heads: Heads
     tables: str  # safetensors: learned, clip (C, D), adapted (C_base, D), context (n_ctx, W)
@@ -202,7 +281,15 @@ class Manifest:
     @property
     def tower_id(self) -> str:
         """The default tower's id (the one a server shares between bundles)."""
-        return self.towers["image"].precisions[self.default_precision].id
+        return self.image_tower("onnx", self.default_precision).id
+
+    def image_tower(self, runtime: str, precision: str) -> TowerGraph:
+        """The image tower's variant for runtime × precision; a BundleError lists the variants there are."""
+        tower = self.towers["image"]
+        if (graph := tower.find(runtime, precision)) is None:
+            raise BundleError(f"the bundle has no {variant_key(runtime, precision)} tower graph (has: "
+                              f"{', '.join(tower.variants)})")
+        return graph
 
     def to_dict(self) -> dict:
         return _to_json(self)
@@ -215,7 +302,7 @@ class Manifest:
 
     def write(self, bundle_dir: Path) -> None:
         """Hash every listed file, then write manifest.json with its own digest."""
-        self.files = {name: sha256_file(bundle_dir / name) for name in sorted(self.files)}
+        self.files = {name: DIGESTS(bundle_dir / name) for name in sorted(self.files)}
         doc = self.to_dict()
         doc["digest"] = self.digest_of(doc)
         (bundle_dir / MANIFEST).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
@@ -260,11 +347,11 @@ class Manifest:
 
     def check(self) -> None:
         """Cross-field rules: every referenced file is listed (and so hashed), every feature input has a tower."""
-        if self.default_precision not in self.towers["image"].precisions:
-            raise ManifestError(f"manifest field default_precision {self.default_precision!r} has no tower graph "
-                                f"(towers.image.precisions: {', '.join(self.towers['image'].precisions)})")
+        if self.towers["image"].find("onnx", self.default_precision) is None:
+            raise ManifestError(f"manifest field default_precision {self.default_precision!r} has no ONNX tower "
+                                f"graph (towers.image.variants: {', '.join(self.towers['image'].variants)})")
         referenced = [self.text.file, self.heads.file, self.tables, self.tokenizer.vocab]
-        referenced += [g.file for t in self.towers.values() for g in t.precisions.values()]
+        referenced += [f for t in self.towers.values() for g in t.variants.values() for f in g.files]
         if unlisted := [f for f in referenced if f not in self.files]:
             raise ManifestError(f"manifest field files does not list {unlisted}: they would not be verified")
         if bad := {i: r for i, r in self.heads.features.items() if r not in self.towers}:
@@ -289,14 +376,16 @@ class Manifest:
                                 f"re-export the bundle")
         return manifest
 
-    def verify_files(self, bundle_dir: str | Path) -> list[str]:
-        """Problems found comparing every listed file with its sha256 (empty: all good)."""
+    def verify_files(self, bundle_dir: str | Path, names: list[str] | None = None) -> list[str]:
+        """Problems found comparing every listed file (or only `names`) with its sha256 (empty: all good)."""
         problems = []
-        for name, expected in self.files.items():
+        for name in self.files if names is None else names:
             f = Path(bundle_dir) / name
-            if not f.is_file():
+            if name not in self.files:
+                problems.append(f"{name}: not listed in the manifest")
+            elif not f.is_file():
                 problems.append(f"{name}: missing")
-            elif sha256_file(f) != expected:
+            elif DIGESTS(f) != self.files[name]:
                 problems.append(f"{name}: sha256 mismatch (file changed since export)")
         return problems
 

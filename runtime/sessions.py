@@ -1,11 +1,16 @@
-"""ONNX Runtime sessions, one per (graph file content, device, threads) in a process.
+"""Graph sessions, one per (graph file content, runtime, device or precision, threads) in a process.
 
 Every bundle on a backbone ships byte-identical tower and text graphs; a server holding many bundles must load each
-only once. Sessions are keyed by the file's sha256 (from the verified manifest), not by path.
+only once. Sessions are keyed by the file's sha256 (from the verified manifest), not by path. ONNX Runtime sessions
+serve the text and heads graphs and the ONNX towers; OpenVINO compiled models serve the OpenVINO tower variants. The
+pool holds them weakly: a session lives as long as a bundle or tower runner holding it, so a server that removes
+bundles at run time frees their graphs.
 """
 from __future__ import annotations
 
 import threading
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +42,33 @@ def ort_session(path: Path, device: str = "cpu", threads: int | None = None) -> 
 
 
 class SessionPool:
-    """Shared sessions: `get` returns the one session for a graph's content, creating it on first use."""
+    """Shared sessions: each getter returns the one live session for a graph's content, creating it when there is
+    none. Callers keep what they get for as long as they use it; the pool does not keep it alive."""
 
     def __init__(self) -> None:
-        self._sessions: dict[tuple[str, str, int | None], tuple[Any, str]] = {}
+        self._sessions: weakref.WeakValueDictionary[tuple, Any] = weakref.WeakValueDictionary()
+        self._providers: dict[tuple, str] = {}
         self._lock = threading.Lock()
 
-    def get(self, path: Path, sha256: str, device: str = "cpu", threads: int | None = None) -> tuple[Any, str]:
-        key = (sha256, device, threads)
+    def _shared(self, key: tuple, create: Callable[[], tuple[Any, str]]) -> tuple[Any, str]:
         with self._lock:  # creation is rare and slow; serialising it keeps one session per key
-            if key not in self._sessions:
-                self._sessions[key] = ort_session(path, device, threads)
-            return self._sessions[key]
+            session = self._sessions.get(key)
+            if session is None:
+                session, self._providers[key] = create()
+                self._sessions[key] = session
+                weakref.finalize(session, self._providers.pop, key, None)
+            return session, self._providers[key]
+
+    def get(self, path: Path, sha256: str, device: str = "cpu", threads: int | None = None) -> tuple[Any, str]:
+        """An ONNX Runtime session and its provider."""
+        return self._shared((sha256, "onnx", device, threads), lambda: ort_session(path, device, threads))
+
+    def openvino(self, path: Path, sha256: str, precision: str, threads: int | None = None) -> Any:
+        """An OpenVINORunner: the graph compiled for `precision` on the CPU."""
+        from .openvino import OpenVINORunner
+
+        key = (sha256, "openvino", precision, threads)
+        return self._shared(key, lambda: (OpenVINORunner(path, precision, threads), "OpenVINO CPU"))[0]
 
     def __len__(self) -> int:
         return len(self._sessions)

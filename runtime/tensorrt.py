@@ -37,6 +37,16 @@ def import_cudart() -> Any:
     return cudart
 
 
+def tensorrt_unusable() -> str | None:
+    """Why TensorRT cannot run engines here (None: it can)."""
+    try:
+        import_tensorrt()
+        import_cudart()
+    except TensorRTUnavailable as exc:
+        return str(exc)
+    return None
+
+
 def _check(result: tuple, what: str) -> Any:
     err, *rest = result
     if int(err) != 0:

@@ -1,6 +1,9 @@
-"""`fvgpt serve BUNDLE`: run `bentoml serve fvgpt_serving.service:FVGPT` with the bundle and options passed as environment
-variables (serving/config.py), forward SIGINT/SIGTERM to it, and exit with its status. `--smoke-test` starts it on a
-free loopback port, classifies one bundled photo over HTTP, prints the JSON and stops it.
+"""`fvgpt serve BUNDLE` / `fvgpt serve --repository DIR`: check the settings (and the bundle: everything the server
+would load, its tower included), then run `bentoml serve fvgpt_serving.service:FVGPT` with the bundle (or repository)
+and options passed as environment variables (serving/config.py), forward SIGINT/SIGTERM to it (the server drains,
+serving/lifecycle.py), and exit with its status: 0 when stopped by a signal. A bad bundle or setting exits 2 with a
+one-line error before any server starts. `--smoke-test` starts it on a free loopback port, classifies one bundled
+photo over HTTP with the first ready classifier, prints the JSON and stops it.
 """
 from __future__ import annotations
 
@@ -21,19 +24,35 @@ REPO_ROOT = Path(__file__).resolve().parent.parent  # bentoml serve imports the 
 
 
 def register(sub) -> None:
-    p = sub.add_parser("serve", help="serve a bundle over HTTP with BentoML (POST /classify, GET /labels, GET /info)",
-                       description="Starts `bentoml serve` on the bundle: adaptive batching on the tower (ONNX "
-                                   "Runtime, CUDA where available, or the bundle's TensorRT engine), base/new/zero-"
-                                   "shot routing, new labels through the text graph. Limits and the API key come "
-                                   "from FVGPT_* environment variables (serving/README.md).")
-    p.add_argument("bundle", help="bundle dir written by fvgpt export")
+    p = sub.add_parser("serve", help="serve a bundle, or a repository of them, over HTTP with BentoML (POST "
+                                     "/classify, GET /models, /labels, /info)",
+                       description="Starts `bentoml serve` on one bundle or on a model repository (DIR/NAME/VERSION/, "
+                                   "one folder per classifier; bundles added, replaced or removed there are picked "
+                                   "up while it runs). Classifiers on one backbone share one image tower behind "
+                                   "adaptive batching (ONNX Runtime, CUDA where available, or the bundle's "
+                                   "TensorRT engine); base/new/zero-shot routing and new labels per classifier. "
+                                   "Limits, timeouts and the API key come from FVGPT_* environment variables "
+                                   "(serving/README.md). On SIGTERM or Ctrl-C it stops accepting connections, "
+                                   "finishes the requests in flight (at most --drain-timeout seconds), stops and "
+                                   "exits 0. A bundle or setting that cannot be served exits 2 at once with a "
+                                   "one-line error.")
+    p.add_argument("bundle", nargs="?", help="bundle dir written by fvgpt export (served as a repository of one)")
+    p.add_argument("--repository", metavar="DIR",
+                   help="serve every bundle under DIR: DIR/NAME/VERSION/ (or DIR/NAME/ for one version); the "
+                        "highest ready version of NAME is served unless a request names NAME@VERSION")
+    p.add_argument("--poll-interval", type=float, default=config.DEFAULT_POLL_S, metavar="S",
+                   help=f"seconds between scans for added, replaced or removed bundles (default "
+                        f"{config.DEFAULT_POLL_S:g}; 0: only on POST /admin/reload)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, default=3000, help="HTTP port (default 3000)")
     p.add_argument("--runtime", choices=config.RUNTIMES, default="auto",
-                   help="tower runtime (default auto: the bundle's TensorRT engine if usable here, else ONNX "
-                        "Runtime)")
-    p.add_argument("--precision", help="tower precision (default: the bundle's default)")
+                   help="tower runtime (default auto: the choice of the bundle's tuning profile (`fvgpt tune`) when "
+                        "it was measured on a host like this one; else the bundle's TensorRT engine if usable here, "
+                        "else ONNX Runtime at the bundle's default precision)")
+    p.add_argument("--precision", help="tower precision (default: the tuning profile's choice, else the bundle's "
+                                       "default); with a profile, --runtime/--precision pick its fastest candidate "
+                                       "that fits")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads for the tower (default: one per core)")
     p.add_argument("--max-batch-size", type=int, default=config.DEFAULT_MAX_BATCH,
                    help=f"largest batch the adaptive batcher forms, in images across requests (default "
@@ -41,6 +60,9 @@ def register(sub) -> None:
     p.add_argument("--max-latency-ms", type=int, default=config.DEFAULT_MAX_LATENCY_MS,
                    help=f"queue wait + inference budget; requests that cannot meet it get 503 (default "
                         f"{config.DEFAULT_MAX_LATENCY_MS})")
+    p.add_argument("--drain-timeout", type=float, default=config.DEFAULT_DRAIN_S, metavar="S",
+                   help=f"on SIGTERM/SIGINT: seconds the requests in flight may take to finish before they are "
+                        f"cancelled; new connections are refused at once (default {config.DEFAULT_DRAIN_S:g})")
     p.add_argument("--smoke-test", action="store_true",
                    help="start on a free loopback port, classify one bundled photo, print the JSON, stop")
     p.add_argument("--ready-timeout", type=float, default=300.0,
@@ -49,31 +71,53 @@ def register(sub) -> None:
 
 
 def _serve(args) -> int:
-    from fvgpt_runtime.manifest import open_manifest
-
-    # Fail here, with the bundle's own message: a worker that fails to start is only restarted by BentoML.
-    manifest = open_manifest(args.bundle)
-    precision = args.precision or manifest.default_precision
-    towers = manifest.towers["image"].precisions
-    if precision not in towers:
-        raise ValueError(f"the bundle has no {precision} tower graph (has: {', '.join(towers)})")
-    engines = (manifest.tensorrt or {}).get("image", {})
-    if args.runtime == "tensorrt" and precision not in engines:
-        raise ValueError(f"--runtime tensorrt: the bundle has no {precision} TensorRT engine (has: "
-                         f"{', '.join(engines) or 'none'}); export with --tensorrt on a GPU host")
-    if not 2 <= args.max_batch_size <= manifest.max_batch:
-        raise ValueError(f"--max-batch-size must be between 2 and the bundle's max batch {manifest.max_batch}")
+    if (args.bundle is None) == (args.repository is None):
+        raise ValueError("give either a BUNDLE or --repository DIR (see fvgpt serve --help)")
+    if args.repository is not None and not Path(args.repository).is_dir():
+        raise ValueError(f"--repository {args.repository}: not a folder (create it; bundles go in DIR/NAME/VERSION/)")
+    if not 2 <= args.max_batch_size <= 4096:
+        raise ValueError("--max-batch-size must be between 2 and 4096")
     if args.max_latency_ms < 1 or (args.threads is not None and args.threads < 1):
         raise ValueError("--max-latency-ms and --threads must be positive")
-    env = os.environ | {
-        config.BUNDLE_ENV: str(Path(args.bundle).resolve()), config.RUNTIME_ENV: args.runtime,
+    if not 0 <= args.poll_interval <= 86_400:
+        raise ValueError("--poll-interval must be between 0 and 86400 seconds")
+    source = {config.BUNDLE_ENV: str(Path(args.bundle).resolve())} if args.bundle is not None else \
+        {config.REPOSITORY_ENV: str(Path(args.repository).resolve())}
+    env = {k: v for k, v in os.environ.items() if k not in (config.BUNDLE_ENV, config.REPOSITORY_ENV)} | source | {
+        config.RUNTIME_ENV: args.runtime,
         config.PRECISION_ENV: args.precision or "", config.THREADS_ENV: str(args.threads or ""),
         config.MAX_BATCH_ENV: str(args.max_batch_size), config.MAX_LATENCY_ENV: str(args.max_latency_ms),
+        config.POLL_ENV: str(args.poll_interval), config.DRAIN_ENV: str(args.drain_timeout),
         "BENTOML_DO_NOT_TRACK": os.environ.get("BENTOML_DO_NOT_TRACK", "True"),
     }
+    cfg, _ = config.check_config(env)  # the FVGPT_* settings inherited from the environment too
+    if args.bundle is not None:
+        check_bundle(cfg, config.max_batch_size(env))
     if args.smoke_test:
         return _smoke_test(env, args.ready_timeout)
     return _run_forwarding_signals(server_command(args.host, args.port), env, f"http://{args.host}:{args.port}")
+
+
+def check_bundle(cfg: config.ServeConfig, max_batch: int) -> None:
+    """Everything the server would do with the one bundle, here and now: verify and load it as the repository does
+    (manifest, hashes, tables, heads, text graph, a heads run) and open its tower as the encoder does (a run on a
+    blank image). A BundleError with a one-line reason if any of it fails: better than a server whose only
+    classifier is refused."""
+    from fvgpt_runtime.manifest import BundleError
+
+    from .repository import load, scan
+    from .towers import load_tower
+
+    classifier = load(scan(cfg.source, single=True)[0], cfg.runtime, cfg.precision, max_batch)
+    try:
+        if not classifier.ready:
+            raise BundleError(classifier.reason)
+        load_tower(cfg.source, classifier.runtime, classifier.precision, classifier.device, cfg.threads)
+    except BundleError as exc:
+        raise BundleError(f"{cfg.source} cannot be served: {' '.join(str(exc).split())}") from None
+    except Exception as exc:  # noqa: BLE001 - whatever ONNX Runtime or TensorRT make of the tower: one line
+        raise BundleError(f"{cfg.source} cannot be served: its tower does not load ({type(exc).__name__}: "
+                          f"{' '.join(str(exc).split())})") from None
 
 
 def server_command(host: str, port: int) -> list[str]:
@@ -92,7 +136,7 @@ def _run_forwarding_signals(cmd: list[str], env: dict[str, str], url: str) -> in
         proc.send_signal(signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-    print(f"fvgpt serve: {url}  (POST /classify, GET /labels, GET /info, /readyz, /metrics, /docs.json); "
+    print(f"fvgpt serve: {url}  (POST /classify, GET /models, /labels, /info, /readyz, /metrics, /docs.json); "
           f"server PID {proc.pid}", flush=True)
     try:
         rc = proc.wait()
@@ -110,16 +154,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stop(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
-    """SIGTERM the `bentoml serve` process (it stops its workers), then SIGKILL its process group if it hangs."""
+def stop(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
+    """SIGTERM the server (it drains and stops its workers), then SIGKILL every process of its tree if it hangs."""
     if proc.poll() is not None:
         return
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(grace_s)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_tree(proc)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a server process and all its descendants, by process id: BentoML's workers run in sessions of their
+    own, so signalling the server's process group would leave them running."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
 
 
 def wait_ready(proc: subprocess.Popen, url: str, timeout_s: float) -> None:
@@ -152,14 +212,16 @@ def _smoke_test(env: dict[str, str], timeout_s: float) -> int:
         print(f"smoke test: starting {url} (server PID {proc.pid})", flush=True)
         try:
             wait_ready(proc, url, timeout_s)
+            ready = [m for m in httpx.get(f"{url}/models", headers=headers, timeout=30).json()["models"]
+                     if m["state"] == "ready" and m["default"]]
             photo = photo_paths()[1]
             with open(photo, "rb") as fh:
                 resp = httpx.post(f"{url}/classify", files=[("images", (photo.name, fh, "image/jpeg"))],
-                                  headers=headers, timeout=120)
+                                  data={"model": ready[0]["name"]}, headers=headers, timeout=120)
             print(f"POST {url}/classify ({photo.name}) → {resp.status_code}")
             print(json.dumps(resp.json(), indent=2))
             ok = resp.status_code == 200 and len(resp.json().get("results", [])) == 1
-        except (RuntimeError, httpx.HTTPError, ValueError) as exc:
+        except (RuntimeError, httpx.HTTPError, ValueError, KeyError, IndexError) as exc:
             print(f"smoke test failed: {exc}", file=sys.stderr)
             ok = False
         finally:

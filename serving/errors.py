@@ -1,10 +1,18 @@
-"""API errors: one exception type carrying the HTTP status, rendered as {"error": "<message>"}.
+"""API errors: one exception type carrying the HTTP status, rendered as {"error": "<message>"}; and the middleware
+that makes every other error answer of the server JSON too.
 
 Our own JSONResponse, not BentoMLException: BentoML 1.4.40 renders 4xx BentoMLExceptions as a JSON list.
 """
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from starlette.responses import JSONResponse
+
+logger = logging.getLogger("bentoml.fvgpt")
+
+KEPT_HEADERS = (b"allow", b"retry-after", b"www-authenticate")  # what a client needs from a rewritten error
 
 
 class ApiError(Exception):
@@ -17,3 +25,48 @@ class ApiError(Exception):
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class JSONErrors:
+    """ASGI middleware around the whole service: an error answer in text/plain (Starlette's and BentoML's 404 for
+    an unknown path, 405 for a wrong method, /readyz's 503) becomes {"error": "<METHOD> <path>: <its text>"} with
+    the same status, and an exception that escapes a route becomes a logged JSON 500 instead of uvicorn's plain
+    "Internal Server Error". Protocol errors, answered before any route runs, are serving/protocol.py's."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        held: dict | None = None  # the start of a plain-text error answer, until its body is complete
+        body: list[bytes] = []
+        started = False
+
+        async def rewrite(message: dict) -> None:
+            nonlocal held, started
+            if message["type"] == "http.response.start" and message["status"] >= 400 and _is_text(message):
+                held = message
+                return
+            if held is None:
+                started = True
+                return await send(message)
+            body.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                text = b"".join(body).decode("utf-8", "replace").strip()
+                headers = {k.decode(): v.decode() for k, v in held.get("headers", []) if k.lower() in KEPT_HEADERS}
+                response = error_response(held["status"], f"{scope['method']} {scope['path']}: {text}", headers)
+                started = True
+                await response(scope, receive, send)
+
+        try:
+            await self.app(scope, receive, rewrite)
+        except Exception:
+            if started:
+                raise
+            logger.exception("%s %s failed", scope["method"], scope["path"])
+            await error_response(500, "internal server error; the server log has the details")(scope, receive, send)
+
+
+def _is_text(start: dict) -> bool:
+    return any(k.lower() == b"content-type" and v.lower().startswith(b"text/") for k, v in start.get("headers", []))

@@ -1,64 +1,75 @@
-"""The BentoML services: `FVGPT`, the public API, and `Encoder`, the tower behind adaptive batching.
+"""The BentoML services: `FVGPT`, the public API over a repository of classifiers, and `Encoder`, the towers behind
+adaptive batching.
 
 Two services, two worker processes (BentoML's composition pattern), because BentoML batches a `batchable` API only
 when it is called through its HTTP route; a plain method call inside one service would not batch:
 
-  client ─HTTP─► FVGPT (API process)                          Encoder (model process)
-                 read body (size-capped), parse, decode and    @api(batchable=True): requests from concurrent
-                 preprocess in a thread pool ─── pixels ────►  /classify calls are queued and run as one batch
-                 heads, label routing, text graph ◄─ features  through the tower (ONNX Runtime or TensorRT)
-                 (Bundle.scores)
+  client ─HTTP─► FVGPT (API process)                            Encoder (model process)
+                 read body (size-capped), parse, resolve the     @api(batchable=True) encode: (tower_id, pixels)
+                 classifiers, decode and preprocess once per     items from concurrent /classify calls are queued
+                 tower ─── one item per image and tower ──────►  and run as one batch, split per tower: one pass
+                 heads of every classifier named, label routing  per image and tower, whatever the number of
+                 and the text graph (Bundle.scores) ◄─ features  classifiers asking (ONNX Runtime or TensorRT)
 
-So decoding and preprocessing never sit on the model's critical path: they run in another process while the Encoder
-runs the previous batch. The two talk over a Unix socket that only this server can reach.
+Classifiers whose bundles share a `tower_id` share one tower: the encoder keeps one TowerRunner per tower id, opened
+when the first classifier on it is loaded (open_tower) and closed when the last one is gone and no request uses it.
+BentoML's batchable API takes exactly one argument, so the items carry their tower id and one batch may mix towers;
+the dispatcher's `max_batch_size` counts images over all towers.
 
-Configuration comes from the environment (serving/config.py, serving/limits.py); `fvgpt serve` sets it.
+The API process owns the repository (serving/repository.py): `sync` scans the folder (every FVGPT_POLL_S seconds,
+and on POST /admin/reload), loads what is new or changed, drops what is gone, and opens/closes towers in the encoder.
+
+Faults: every call into the encoder goes through the EncoderLink (serving/encoder_link.py): an overloaded, dead or
+restarting encoder gives a 503 with Retry-After, never a 500, and readiness is false at once while it is down; a new
+encoder gets the towers opened again (and an encoder that lost its towers answers empty features for them, which
+`features` opens again and retries once). A request holds its bytes in the admission budget (serving/admission.py)
+and decodes through the fair DecodeScheduler (serving/decode.py). SIGTERM drains (serving/lifecycle.py).
+`__is_ready__` is the one readiness decision.
 """
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import math
+import os
 import threading
 import time
-from http import HTTPStatus
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
 import bentoml
 import numpy as np
-from bentoml.exceptions import BentoMLException
 from PIL import Image
 
-from fvgpt_runtime.bundle import Bundle, Scores, TowerRunner
-from fvgpt_runtime.manifest import BundleError
-from fvgpt_runtime.tensorrt import TensorRTUnavailable
+from fvgpt.preprocess import Preprocess
+from fvgpt_runtime.bundle import Scores, TowerRunner
+from fvgpt_runtime.manifest import BundleError, open_manifest
 
+from .admission import InflightBudget, Reservation, tune_malloc
 from .app import http_app
-from .config import ServeConfig, max_batch_size, max_latency_ms
-from .decode import configure_pil, to_pixels
-from .errors import ApiError
-from .limits import Limits
+from .batching import run_batches_when_free
+from .config import ServeConfig, check_config, max_batch_size, max_latency_ms
+from .decode import DecodeScheduler, configure_pil, decode_peak, decode_slice, open_images
+from .encoder_link import EncoderLink, encoder_status
+from .errors import ApiError, JSONErrors
+from .lifecycle import Drain, drain_api_first, outlive_api
+from .repository import Classifier, Repository
+from .towers import load_tower
 
 logger = logging.getLogger("bentoml.fvgpt")
 
 MAX_BATCH_SIZE = max_batch_size()
 MAX_LATENCY_MS = max_latency_ms()
 TIMEOUT_S = max(60, 3 * MAX_LATENCY_MS // 1000)
+NOT_OPEN = np.zeros(0, np.float32)  # encode's answer for an item whose tower is not open in the encoder
 
 
-def open_tower(bundle: Bundle, cfg: ServeConfig) -> TowerRunner:
-    """The bundle's tower on the requested runtime; "auto" takes the bundle's TensorRT engine when there is one and
-    TensorRT can run it here, else ONNX Runtime (the CUDA provider where a GPU is visible, else CPU)."""
-    precision = cfg.precision or bundle.manifest.default_precision
-    if cfg.runtime in ("auto", "tensorrt") and precision in (bundle.manifest.tensorrt or {}).get("image", {}):
-        try:
-            return bundle.tower(precision, "tensorrt")
-        except TensorRTUnavailable as exc:
-            if cfg.runtime == "tensorrt":
-                raise
-            logger.warning("not using the bundle's TensorRT engine: %s; falling back to ONNX Runtime", exc)
-    return bundle.tower(precision, "onnx", device="auto", threads=cfg.threads)
+API_SERVICE = "fvgpt"
 
 
 def canary_png(size: int) -> bytes:
@@ -70,6 +81,13 @@ def canary_png(size: int) -> bytes:
     return buf.getvalue()
 
 
+class TowerInput(bentoml.IODescriptor):
+    """One image for one tower: the unit the adaptive batcher counts."""
+
+    tower_id: str
+    pixels: np.ndarray  # (3, S, S) float32, preprocessed as the tower's bundles say
+
+
 # BentoML 1.4.40's dependency client replaces its aiohttp session every `max_requests` calls / `max_age` seconds by
 # closing the old one, which aborts the calls still in flight on it ("Cannot write to closing transport": ~1 failed
 # request per 100 at concurrency 8). One worker behind a Unix socket gains nothing from the refresh: make it never due.
@@ -78,97 +96,305 @@ NEVER = {"max_requests": 1 << 62, "max_age": float(1 << 40)}
 
 @bentoml.service(name="fvgpt-encoder", workers=1, threads=1, traffic={"timeout": TIMEOUT_S}, runner_connection=NEVER)
 class Encoder:
-    """The tower. One worker, one batch at a time: the batch, not the worker count, uses the cores."""
+    """The towers, one per tower id. One worker, one batch at a time: the batch, not the worker count, uses the
+    cores. Towers are opened in a side thread, so a new backbone being loaded never holds up the batches."""
 
     def __init__(self) -> None:
         self.config = ServeConfig.from_env()
-        bundle = Bundle(self.config.bundle)
-        if MAX_BATCH_SIZE > bundle.max_batch:
-            raise BundleError(f"max batch size {MAX_BATCH_SIZE} is over the bundle's {bundle.max_batch} "
-                              f"(its graphs and engines are built for that)")
-        self.tower = open_tower(bundle, self.config)
-        size, dim = bundle.preprocess.size, bundle.manifest.backbone.embed_dim
-        out = self.tower(np.zeros((1, 3, size, size), np.float32))  # warm-up, and a shape check
-        if out.shape != (1, dim):
-            raise BundleError(f"the tower returns {out.shape}, not (1, {dim}) as the manifest says")
-        logger.info("fvgpt encoder: tower %s (%s) on %s via %s, ORT threads %s, batch ≤ %d, max latency %d ms",
-                    self.tower.tower_id, self.tower.precision, self.tower.provider, self.tower.runtime,
-                    self.config.threads or "auto", MAX_BATCH_SIZE, MAX_LATENCY_MS)
+        self.towers: dict[str, TowerRunner] = {}  # replaced, never mutated: encode reads it without a lock
+        self.passes: Counter[str] = Counter()  # tower id → images run through it (what /info reports as images)
+        self._lock = threading.Lock()
+        run_batches_when_free()
+        logger.info("fvgpt encoder: runtime %s, ORT threads %s, batch ≤ %d images, max latency %d ms",
+                    self.config.runtime, self.config.threads or "auto", MAX_BATCH_SIZE, MAX_LATENCY_MS)
+
+    @bentoml.on_startup
+    async def _outlive_api(self) -> None:
+        outlive_api(API_SERVICE, self.config.drain_s)
+
+    def _open(self, bundle: str, runtime: str, precision: str, device: str) -> dict[str, Any]:
+        path = Path(bundle)
+        graph = open_manifest(path, verify=False).image_tower(runtime, precision)
+        with self._lock:  # one opening at a time: two classifiers on a new tower open it once
+            if graph.id in self.towers:
+                return self._info(self.towers[graph.id])
+            tower = load_tower(path, runtime, precision, device, self.config.threads)
+            self.towers = self.towers | {graph.id: tower}
+        logger.info("fvgpt encoder: opened tower %s (%s-%s) from %s on %s", graph.id, runtime, precision, path,
+                    tower.provider)
+        return self._info(tower)
+
+    def _info(self, tower: TowerRunner) -> dict[str, Any]:
+        return {"tower_id": tower.tower_id, "runtime": tower.runtime, "provider": tower.provider,
+                "precision": tower.precision, "threads": self.config.threads, "images": self.passes[tower.tower_id]}
+
+    @bentoml.api
+    async def open_tower(self, bundle: str, runtime: str, precision: str, device: str) -> dict[str, Any]:
+        """Open a (verified) bundle's tower variant unless its tower id is open: its runtime info, or {"error": why}
+        (the API process refuses the classifiers on it with that reason)."""
+        try:
+            return await anyio.to_thread.run_sync(self._open, bundle, runtime, precision, device)
+        except Exception as exc:  # noqa: BLE001 - any failure refuses the classifier; the encoder keeps serving
+            logger.warning("fvgpt encoder: cannot open the %s-%s tower of %s: %s: %s", runtime, precision, bundle,
+                           type(exc).__name__, exc)
+            return {"error": f"{type(exc).__name__}: {exc}"}
+
+    @bentoml.api
+    def close_tower(self, tower_id: str) -> bool:
+        """Drop a tower no classifier uses any more (a batch running on it finishes first)."""
+        with self._lock:
+            found = tower_id in self.towers
+            self.towers = {k: v for k, v in self.towers.items() if k != tower_id}
+        if found:
+            logger.info("fvgpt encoder: closed tower %s", tower_id)
+        return found
 
     @bentoml.api(batchable=True, batch_dim=0, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
-    def encode(self, pixels: np.ndarray) -> np.ndarray:
-        """(B, 3, S, S) float32 → (B, D) image features."""
-        return self.tower(pixels)
+    def encode(self, items: list[TowerInput]) -> list[np.ndarray]:
+        """(tower id, (3, S, S) pixels) items → (D,) features each; one tower call per tower in the batch. An item
+        whose tower is not open gets an empty array (the caller opens it and retries)."""
+        towers, out = self.towers, [NOT_OPEN] * len(items)
+        rows: dict[str, list[int]] = defaultdict(list)
+        for i, item in enumerate(items):
+            rows[item.tower_id].append(i)
+        for tower_id, idx in rows.items():
+            if (tower := towers.get(tower_id)) is not None:
+                for i, f in zip(idx, tower(np.stack([items[i].pixels for i in idx]))):
+                    out[i] = f
+                self.passes[tower_id] += len(idx)
+        return out
 
     @bentoml.api
     def runtime_info(self) -> dict[str, Any]:
-        return {"tower_id": self.tower.tower_id, "runtime": self.tower.runtime, "provider": self.tower.provider,
-                "precision": self.tower.precision, "threads": self.config.threads}
+        """tower id → runtime, provider, precision, threads and images encoded so far, of every open tower."""
+        return {tower_id: self._info(t) for tower_id, t in self.towers.items()}
+
+    @bentoml.api
+    async def status(self) -> dict[str, Any]:
+        """This process (pid, start time: the API process watches it) and the towers it has open."""
+        return encoder_status(os.getpid()) | {"towers": sorted(self.towers)}
 
 
 @bentoml.asgi_app(http_app, path="/")
-@bentoml.service(name="fvgpt", workers=1, traffic={"timeout": TIMEOUT_S})
+@bentoml.service(name=API_SERVICE, workers=1, traffic={"timeout": TIMEOUT_S})
 class FVGPT:
-    """POST /classify, GET /labels, GET /info (serving/app.py), on top of BentoML's /livez, /readyz, /metrics and
-    /docs.json. Holds the bundle's heads and text graph (label routing, new labels) on the CPU, one thread."""
+    """POST /classify, GET /models, /labels, /info, POST /admin/reload and the merged /docs.json (serving/app.py), on
+    top of BentoML's /livez, /readyz and /metrics. Holds the repository: every classifier's heads and text graph
+    (label routing, new labels) on the CPU, one thread."""
 
     encoder = bentoml.depends(Encoder)
 
+    @bentoml.on_deployment
+    def _check_before_workers_start() -> None:
+        """Runs in the `bentoml serve` process before any worker starts: a bad setting or a bad single bundle stops
+        the server with its message, instead of workers that crash and restart for ever; and the stop order that
+        drains the API worker before the encoder (serving/lifecycle.py)."""
+        cfg, _ = check_config()
+        if cfg.single:
+            open_manifest(cfg.source)
+        drain_api_first(cfg.drain_s)
+
     def __init__(self) -> None:
-        self.config = ServeConfig.from_env()
-        self.limits = Limits.from_env()
+        self.config, self.limits = check_config()
         configure_pil(self.limits)
-        self.bundle = Bundle(self.config.bundle, threads=1)
-        self._decode_limiter: anyio.CapacityLimiter | None = None
+        tune_malloc()  # before the decode threads exist: memory returns to the OS after bursts
+        self.repo = Repository(self.config.source, self.config.single, self.config.runtime, self.config.precision,
+                               MAX_BATCH_SIZE)
+        self.open_towers: dict[str, dict[str, Any]] = {}  # tower id → runtime info, as the encoder reported it
+        self.in_flight: Counter[str] = Counter()  # tower id → requests using it (a tower in use is never closed)
+        self.budget = InflightBudget(self.limits.max_inflight_bytes)
+        self.decoder = DecodeScheduler(self.config.decode_threads)
+        self.link = EncoderLink(self.encoder, self._reopen_all)
+        self.drain = Drain()
+        self._sync_lock: asyncio.Lock | None = None
+        self._reload = asyncio.Event()
         self._last_ok = -math.inf
-        self._runtime_info: dict[str, Any] | None = None
-        self._canary = canary_png(self.bundle.preprocess.size)
+        self._canaries: dict[int, bytes] = {}
         self.batching = {"max_batch_size": MAX_BATCH_SIZE, "max_latency_ms": MAX_LATENCY_MS}
-        threading.Thread(target=self._warm_text_graph, name="fvgpt-text-warm-up", daemon=True).start()
-        logger.info("fvgpt API: bundle %s (%s, %d classes), limits %s, API key %s", self.bundle.model_id,
-                    self.bundle.kind, len(self.bundle.classes.names), self.limits.as_dict(),
-                    "required" if self.config.api_key else "not set")
+        logger.info("fvgpt API: %s %s, limits %s, API key %s, poll every %s s",
+                    "bundle" if self.config.single else "repository", self.config.source, self.limits.as_dict(),
+                    "required" if self.config.api_key else "not set", self.config.poll_s or "never")
 
-    def _warm_text_graph(self) -> None:
-        """Load the tokenizer and text graph now (seconds), not in the first request with new labels."""
+    @bentoml.on_startup
+    async def _start(self) -> None:
+        self.drain.serve_api(self.config.drain_s, self.config.header_timeout_s, self.config.body_timeout_s)
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    @bentoml.on_shutdown
+    def _stop_decoding(self) -> None:
+        self.decoder.shutdown()
+
+    # ---- the repository ---------------------------------------------------------------------------------------
+    async def _watch(self) -> None:
+        """The first sync at start, then one every FVGPT_POLL_S seconds (or when POST /admin/reload asks)."""
+        await self._find_encoder()
+        while True:
+            try:
+                await self.sync()
+            except Exception:  # noqa: BLE001 - a failed scan must not end the watcher; the next one retries
+                logger.exception("fvgpt repository: sync failed")
+            try:
+                await asyncio.wait_for(self._reload.wait(), self.config.poll_s or None)
+            except TimeoutError:
+                pass
+            self._reload.clear()
+
+    async def sync(self, retry_failed: bool = False) -> dict[str, list[str]]:
+        """Bring the repository in line with its folder: load new and changed versions (one at a time, in a worker
+        thread), drop removed ones, open and close towers. Returns what changed, by classifier ref."""
+        if self._sync_lock is None:
+            self._sync_lock = asyncio.Lock()
+        async with self._sync_lock:
+            to_load, removed = await anyio.to_thread.run_sync(self.repo.plan, retry_failed)
+            changes: dict[str, list[str]] = {"loaded": [], "failed": [], "removed": [f"{n}@{v}" for n, v in removed]}
+            self.repo.apply(removed=removed)
+            for found in to_load:
+                classifier = await anyio.to_thread.run_sync(self.repo.load, found)
+                if classifier.ready and classifier.tower_id not in self.open_towers:
+                    if error := await self._open_tower(classifier):
+                        classifier = classifier.failed(f"its tower cannot be opened: {error}")
+                self.repo.apply([classifier])
+                changes["loaded" if classifier.ready else "failed"].append(classifier.ref)
+            if not self.repo.snapshot.scanned:
+                self.repo.apply(scanned=True)
+                logger.info("fvgpt repository: %d classifier versions ready, %d refused, %d towers",
+                            len(self.repo.snapshot.ready), len(changes["failed"]), len(self.open_towers))
+            await self._close_unused_towers()
+            return changes
+
+    async def _find_encoder(self, attempts: int = 60) -> None:
+        """Learn which process the encoder is (so the link can watch it), waiting up to `attempts` seconds for it to
+        come up; without it, only transport errors tell that the encoder is gone."""
+        for _ in range(attempts):
+            try:
+                self.link.watch(await self.link.call("status", probe=True))
+                return
+            except Exception:  # noqa: BLE001 - the encoder may still be starting: retry
+                await asyncio.sleep(1.0)
+        logger.warning("fvgpt: the encoder did not answer its status for %d s", attempts)
+
+    async def _open_tower(self, c: Classifier, attempts: int = 60) -> str | None:
+        """Open c's tower in the encoder (at start, waiting up to `attempts` seconds for the encoder to come up);
+        the error, or None."""
+        for attempt in range(attempts):
+            try:
+                info = await self.link.call("open_tower", probe=True, bundle=str(c.path), runtime=c.runtime,
+                                            precision=c.precision, device=c.device)
+                break
+            except Exception as exc:  # noqa: BLE001 - the encoder may still be starting: retry
+                if attempt == attempts - 1:
+                    return f"the encoder does not answer ({type(exc).__name__}: {exc})"
+                await asyncio.sleep(1.0)
+        if "error" in info:
+            return info["error"]
+        self.open_towers[info["tower_id"]] = info
+        return None
+
+    async def _close_unused_towers(self) -> None:
+        used = self.repo.snapshot.towers()
+        for tower_id in [t for t in self.open_towers if t not in used and not self.in_flight[t]]:
+            del self.open_towers[tower_id]
+            await self.link.call("close_tower", tower_id=tower_id)
+
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    @contextmanager
+    def using(self, classifiers: list[Classifier]) -> Iterator[None]:
+        """Mark the towers of a request's classifiers as in use until it ends, so a sync never closes them."""
+        towers = {c.tower_id for c in classifiers}
+        self.in_flight.update(towers)
         try:
-            self.bundle.encode_text(["warm-up"])
-        except Exception:  # a broken text graph shows up again, as a 500, on the request that needs it
-            logger.exception("text graph warm-up failed")
+            yield
+        finally:
+            self.in_flight.subtract(towers)
 
-    async def pixels(self, images: list[bytes], names: list[str]) -> np.ndarray:
-        """Decode and preprocess in worker threads, never on the event loop."""
-        if self._decode_limiter is None:
-            self._decode_limiter = anyio.CapacityLimiter(self.config.decode_threads)
-        return await anyio.to_thread.run_sync(to_pixels, images, self.bundle.preprocess, self.limits, names,
-                                              limiter=self._decode_limiter)
+    # ---- inference ----------------------------------------------------------------------------------------------
+    async def pixels(self, images: list[bytes], names: list[str], towers: dict[str, Preprocess],
+                     reservation: Reservation) -> dict[str, np.ndarray]:
+        """tower id → (N, 3, S, S) pixels: each image opened and checked (the request's pixel budget too), what
+        decoding will hold added to the request's reservation (a 503 if a client request's does not fit), then each
+        image decoded once and preprocessed once per distinct preprocessing, one fair decode slice per image, in
+        worker threads, never on the event loop."""
+        cfgs = list(dict.fromkeys(towers.values()))
+        opened = await anyio.to_thread.run_sync(open_images, images, names, cfgs, self.limits, self.config.jpeg_draft)
+        reservation.grow(reservation.size + decode_peak(opened, self.config.decode_threads))
+        slices = await self.decoder.run([lambda o=o: decode_slice(o, cfgs) for o in opened])
+        by_cfg = {cfg: np.stack([s[k] for s in slices]) for k, cfg in enumerate(cfgs)}
+        return {tower_id: by_cfg[cfg] for tower_id, cfg in towers.items()}
 
-    async def classify(self, pixels: np.ndarray, labels: list[str] | None) -> Scores:
-        try:
-            features = await self.encoder.to_async.encode(pixels)
-        except BentoMLException as exc:
-            if exc.error_code == HTTPStatus.SERVICE_UNAVAILABLE:
-                raise ApiError(503, "the model is overloaded (queue wait over FVGPT_MAX_LATENCY_MS); retry later",
-                               {"Retry-After": "1"}) from None
-            raise
-        scores = await anyio.to_thread.run_sync(self.bundle.scores, features, labels)
+    async def features(self, pixels: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """tower id → (N, D) image features: one encoder call whose items (one per image and tower) join the
+        batches of concurrent requests. Towers the encoder lost (a restart) are opened again and retried once."""
+        items = [TowerInput(tower_id=t, pixels=p) for t, batch in pixels.items() for p in batch]
+        out = await self.link.call("encode", items=items)
+        if lost := sorted({it.tower_id for it, f in zip(items, out) if f.size == 0}):
+            await self._reopen(lost)
+            retry = [i for i, f in enumerate(out) if f.size == 0]
+            for i, f in zip(retry, await self.link.call("encode", items=[items[i] for i in retry])):
+                out[i] = f
+        features, start = {}, 0
+        for tower_id, batch in pixels.items():
+            features[tower_id] = np.stack(out[start:start + len(batch)]).astype(np.float32, copy=False)
+            start += len(batch)
+        return features
+
+    async def _reopen_all(self) -> None:
+        """A new encoder (after a crash) has no towers: open every tower a ready classifier uses."""
+        self.open_towers.clear()
+        await self._reopen(sorted(self.repo.snapshot.towers()))
+
+    async def _reopen(self, lost: list[str]) -> None:
+        logger.warning("fvgpt: the encoder has no tower %s (restarted?): opening it again", ", ".join(lost))
+        sources = self.repo.snapshot.towers()
+        for tower_id in lost:
+            self.open_towers.pop(tower_id, None)
+            error = await self._open_tower(sources[tower_id], attempts=1) if tower_id in sources else \
+                "no classifier uses it any more"
+            if error:
+                raise ApiError(503, f"tower {tower_id} is not available: {error}", {"Retry-After": "1"})
+
+    def scores(self, plans: list[tuple[Classifier, list[str] | None]],
+               features: dict[str, np.ndarray]) -> list[Scores]:
+        """Every classifier's heads on its tower's features (run in one worker thread per request)."""
+        return [c.bundle.scores(features[c.tower_id], labels) for c, labels in plans]
+
+    async def classify(self, images: list[bytes], names: list[str], plans: list[tuple[Classifier, list[str] | None]],
+                       reservation: Reservation) -> list[Scores]:
+        classifiers = [c for c, _ in plans]
+        with self.using(classifiers):
+            pixels = await self.pixels(images, names, {c.tower_id: c.bundle.preprocess for c in classifiers},
+                                       reservation)
+            features = await self.features(pixels)
+            scores = await anyio.to_thread.run_sync(self.scores, plans, features)
         self._last_ok = time.monotonic()
         return scores
 
     async def runtime_info(self) -> dict[str, Any]:
-        if self._runtime_info is None:
-            self._runtime_info = await self.encoder.to_async.runtime_info()
-        return self._runtime_info
+        return await self.link.call("runtime_info")
 
     async def __is_ready__(self) -> bool:
-        """Ready when an inference through the whole path (decode → preprocess → tower → heads) succeeded in
-        the last FVGPT_READY_TTL_S seconds — a client request or, when idle, a canary image run now."""
+        """Ready when the first scan is loaded, at least one classifier is ready, and an inference through the
+        whole path (decode → preprocess → tower → heads) succeeded in the last FVGPT_READY_TTL_S seconds — a client
+        request or, when idle, a canary image run now through every tower, each with one of its classifiers. False at
+        once while the server drains or the encoder is down."""
+        snap = self.repo.snapshot
+        if self.drain.draining or not self.link.up or not snap.scanned or not snap.ready:
+            return False
         if time.monotonic() - self._last_ok < self.config.ready_ttl_s:
             return True
         try:
-            pixels = await self.pixels([self._canary], ["canary"])
-            probs = (await self.classify(pixels, None)).probabilities
-            return bool(np.isfinite(probs).all() and abs(float(probs.sum()) - 1.0) < 1e-3)
+            for c in snap.towers().values():
+                size = c.bundle.preprocess.size
+                canary = self._canaries.setdefault(size, canary_png(size))
+                with self.budget.hold(len(canary)) as reservation:  # counted, never refused
+                    probs = (await self.classify([canary], ["canary"], [(c, None)], reservation))[0].probabilities
+                if not (np.isfinite(probs).all() and abs(float(probs.sum()) - 1.0) < 1e-3):
+                    return False
+            return True
         except Exception as exc:  # noqa: BLE001 - any failure means not ready (e.g. the encoder is still starting)
             logger.warning("readiness canary inference failed: %s: %s", type(exc).__name__, exc)
             return False
+
+
+FVGPT.add_asgi_middleware(JSONErrors)

@@ -1,9 +1,13 @@
 """Shared fixtures: a generated dataset, a tiny trained run and its bundles, built once per test session.
 
 Everything is offline and CPU-only: fvgpt-tiny is randomly initialised (deterministic from its init seed).
+The serving and runtime tests also run in the torch-free install (`pip install '.[cpu,serve,dev]'`, CI's Python
+3.12 and 3.13 legs): with FVGPT_TEST_BUNDLES=DIR the two bundles are taken from DIR/fvgpt and DIR/zeroshot when there,
+and built into DIR otherwise (CI builds them once, on 3.11). A test that needs torch skips, saying so, without it.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 from pathlib import Path
@@ -13,6 +17,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 os.environ.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="fvgpt-bentoml-"))
+
+BUNDLES_ENV = "FVGPT_TEST_BUNDLES"
+HAVE_TORCH = all(importlib.util.find_spec(m) is not None for m in ("torch", "open_clip"))
+TORCH_MISSING = ("needs torch and open_clip, which this torch-free install lacks (they come with the `train` extra: "
+                 "pip install '.[train,cpu,serve,bench,dev]')")
+needs_torch = pytest.mark.skipif(not HAVE_TORCH, reason=TORCH_MISSING)
 
 TINY_CLASSES = ["red circle", "green square", "blue triangle", "yellow cross", "purple circle", "red square"]
 
@@ -50,20 +60,75 @@ def tiny_run_seed2(demo_data, tmp_path_factory) -> Path:
                  tmp_path_factory.mktemp("runs") / "tiny-seed2", progress=False)
 
 
-@pytest.fixture(scope="session")
-def tiny_bundle(tiny_run, tmp_path_factory) -> Path:
-    """fp32 FVG-PT bundle exported from tiny_run. Treat as read-only."""
-    from fvgpt_export.build import ExportOptions, export_run
+def _bundle(name: str, build, tmp_path_factory) -> Path:
+    """DIR/<name> from FVGPT_TEST_BUNDLES when it holds one; else built (into DIR when the variable is set)."""
+    shared = os.environ.get(BUNDLES_ENV)
+    if shared and (Path(shared) / name / "manifest.json").is_file():
+        return Path(shared) / name
+    if not HAVE_TORCH:
+        pytest.skip(f"no prebuilt bundle at ${BUNDLES_ENV}/{name} ({shared or 'unset'}), and building one "
+                    f"{TORCH_MISSING}")
+    return build(Path(shared) / name if shared else tmp_path_factory.mktemp("bundles") / name)
 
-    return export_run(tiny_run, tmp_path_factory.mktemp("bundles") / "fvgpt", ExportOptions(progress=False,
-                                                                                           parity_images=32))
+
+@pytest.fixture(scope="session")
+def tiny_bundle(request, tmp_path_factory) -> Path:
+    """fp32 FVG-PT bundle exported from tiny_run. Treat as read-only."""
+
+    def build(out: Path) -> Path:
+        from fvgpt_export.build import ExportOptions, export_run
+
+        return export_run(request.getfixturevalue("tiny_run"), out, ExportOptions(progress=False, parity_images=32))
+
+    return _bundle("fvgpt", build, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def tiny_zero_shot_bundle(tmp_path_factory) -> Path:
     """Zero-shot bundle of plain fvgpt-tiny with three labels. Treat as read-only."""
-    from fvgpt_export.build import ExportOptions, export_zero_shot
 
-    return export_zero_shot("fvgpt-tiny", "none", ["cat", "dog", "rocket"],
-                            tmp_path_factory.mktemp("bundles") / "zeroshot", ExportOptions(progress=False,
-                                                                                           parity_images=32))
+    def build(out: Path) -> Path:
+        from fvgpt_export.build import ExportOptions, export_zero_shot
+
+        return export_zero_shot("fvgpt-tiny", "none", ["cat", "dog", "rocket"], out,
+                                ExportOptions(progress=False, parity_images=32))
+
+    return _bundle("zeroshot", build, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_seed2(request, tmp_path_factory) -> Path:
+    """fp32 FVG-PT bundle exported from tiny_run_seed2: another classifier on tiny_bundle's tower. Read-only."""
+
+    def build(out: Path) -> Path:
+        from fvgpt_export.build import ExportOptions, export_run
+
+        return export_run(request.getfixturevalue("tiny_run_seed2"), out,
+                          ExportOptions(progress=False, parity_images=32))
+
+    return _bundle("fvgpt-seed2", build, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def generated_repository(tmp_path_factory) -> Path:
+    """benchmarks.model_repository's generator: three classifiers on another tower (fvgpt-tiny, init seed 1),
+    DIR/clf-000i/1. Read-only."""
+    if not HAVE_TORCH:
+        pytest.skip(f"generating a repository {TORCH_MISSING}")
+    from benchmarks.model_repository import generate
+
+    out = tmp_path_factory.mktemp("generated") / "repo"
+    generate(out, 3, "fvgpt-tiny", "none", init_seed=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_openvino_bundle(tiny_run, tmp_path_factory) -> Path:
+    """int8 FVG-PT bundle from tiny_run with the OpenVINO variants (fp32, bf16 where the CPU has it, NNCF int8).
+    Treat as read-only, except for its tuning profile."""
+    pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install '.[openvino]')")
+    from fvgpt_export.build import ExportOptions, export_run
+
+    return export_run(tiny_run, tmp_path_factory.mktemp("bundles") / "openvino",
+                      ExportOptions(precision="int8", openvino=True, progress=False, parity_images=16,
+                                    calibration_images=16))

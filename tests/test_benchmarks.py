@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from conftest import needs_torch
 from fvgpt_serving.cli import free_port, stop, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,6 +66,7 @@ def check_throughput_report(out: Path) -> dict:
     return report
 
 
+@needs_torch  # the baseline is open_clip eager
 def test_throughput_zero_shot_bundle(tiny_zero_shot_bundle, tmp_path):
     res = bench("throughput", "--bundle", str(tiny_zero_shot_bundle), "--batch-sizes", "1,2", "--iters", "2",
                 "--warmup", "1", "--threads", "1", "--out", str(tmp_path))
@@ -77,6 +79,7 @@ def test_throughput_zero_shot_bundle(tiny_zero_shot_bundle, tmp_path):
     assert "| onnx-fp32 |" in res.stdout  # the table printed for the reader
 
 
+@needs_torch
 def test_throughput_fvgpt_bundle_as_script(tiny_bundle, tmp_path):
     res = bench("throughput", "--bundle", str(tiny_bundle), "--runtimes", "onnx-fp32,onnx-int8,tensorrt-fp16",
                 "--batch-sizes", "2", "--iters", "2", "--warmup", "1", "--threads", "1", "--out", str(tmp_path),
@@ -87,8 +90,31 @@ def test_throughput_fvgpt_bundle_as_script(tiny_bundle, tmp_path):
     onnx = report["results"][1]
     assert onnx["heads_ms_per_image"] > 0 and onnx["parity_top1_agreement"] == 1.0
     skipped = {s["runtime"]: s["reason"] for s in report["skipped"]}
-    assert "no int8 tower graph" in skipped["onnx-int8"] and "TensorRT" in skipped["tensorrt-fp16"]
-    assert "skipping onnx-int8" in res.stderr and "skipped onnx-int8: the bundle has no int8" in res.stdout
+    assert "no onnx-int8 tower graph" in skipped["onnx-int8"] and "TensorRT" in skipped["tensorrt-fp16"]
+    assert "skipping onnx-int8" in res.stderr and "skipped onnx-int8: the bundle has no onnx-int8" in res.stdout
+
+
+def test_throughput_openvino_rows_and_the_served_tower(tiny_openvino_bundle, tmp_path):
+    from fvgpt_runtime.manifest import Manifest
+    from fvgpt_runtime.tuning import choose
+
+    res = bench("throughput", "--bundle", str(tiny_openvino_bundle), "--runtimes", "onnx-int8,openvino-int8",
+                "--batch-sizes", "2", "--iters", "2", "--warmup", "1", "--threads", "1", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    report = check_throughput_report(tmp_path)
+    rows = {r["runtime"]: r for r in report["results"]}
+    assert rows["openvino-int8"]["engine"] == "openvino" and rows["openvino-int8"]["provider"] == "OpenVINO CPU"
+    assert rows["openvino-int8"]["parity_top1_agreement"] >= 0.99
+    assert report["machine"]["cpu_family"] is not None and "openvino" in report["versions"]
+    # what `fvgpt serve` runs here, with or without a profile
+    choice = choose(tiny_openvino_bundle, Manifest.read(tiny_openvino_bundle))
+    tuning = report["tuning"]
+    assert tuning["served"] == f"{choice.runtime}-{choice.precision}" and tuning["batch_size"] == 2
+    assert tuning["images_per_s"] == rows[tuning["served"]]["images_per_s"]
+    fastest = max(("onnx-int8", "openvino-int8"), key=lambda n: rows[n]["images_per_s"])
+    assert tuning["fastest"] == fastest
+    assert tuning["ratio_to_fastest"] == pytest.approx(tuning["images_per_s"] / rows[fastest]["images_per_s"])
+    assert f"fvgpt serve runs {tuning['served']} on this host" in res.stdout
 
 
 def test_throughput_bad_bundle_path(tmp_path):
@@ -241,3 +267,33 @@ def test_http_load_against_fvgpt_serve(tiny_zero_shot_bundle, tmp_path):
                 assert row["errors"] == 0 and row["images_per_s"] > 0 and row["ratio_to_model_only"] > 0
         finally:
             stop(server)  # by PID; its own process group holds the workers BentoML starts
+
+
+# ---- model_repository -------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_model_repository_generates_valid_bundles_and_measures_a_server(generated_repository, tmp_path):
+    from fvgpt_export.validate import validate_bundle
+    from fvgpt_runtime.manifest import Manifest
+
+    base, derived = (Manifest.read(generated_repository / f"clf-000{i}" / "1") for i in (0, 1))
+    assert derived.tower_id == base.tower_id and derived.model_id != base.model_id
+    assert derived.classes != base.classes and derived.parity["derived_from"] == base.model_id
+    assert (generated_repository / "clf-0001/1/tower.fp32.onnx").stat().st_ino == \
+        (generated_repository / "clf-0000/1/tower.fp32.onnx").stat().st_ino  # shared by a hard link
+    report = validate_bundle(generated_repository / "clf-0001" / "1")  # every parity check, tower included
+    assert report["passed"], report
+
+    res = bench("model_repository", "run", "--repository", str(generated_repository), "--sizes", "1,2",
+                "--concurrency", "2", "--requests", "6", "--duration", "10", "--pickups", "1", "--poll", "0.5",
+                "--work", str(tmp_path), "--out", str(tmp_path), timeout=300)
+    assert res.returncode == 0, res.stderr
+    report = json.loads((tmp_path / "model_repository.json").read_text())
+    assert [r["classifiers"] for r in report["results"]] == [1, 2]
+    for row in report["results"]:
+        assert row["one_errors"] == row["all_errors"] == 0 and row["one_requests"] == row["all_requests"] == 6
+        assert row["one_images_per_s"] > 0 and row["all_images_per_s"] > 0 and row["load_s"] > 0
+        assert row["rss_api_mib"] > 0 and row["rss_encoder_mib"] > 0 and row["pickups"] == 1
+        assert 0 < row["pickup_s_max"] < 30
+    assert report["results"][0]["rss_per_added_classifier_mib"] is None
+    assert report["results"][1]["rss_per_added_classifier_mib"] is not None
+    assert report["repository"]["tower_id"] == base.tower_id and "| K |" in res.stdout

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -19,7 +20,7 @@ TINY = ["--model", "fvgpt-tiny", "--pretrained", "none", "--shots", "3", "--epoc
 
 def test_help_explains_every_command():
     out = subprocess.run([sys.executable, "-m", "fvgpt.cli", "--help"], capture_output=True, text=True, check=True)
-    for command in ("train", "eval", "masks", "demo", "export", "validate", "serve"):
+    for command in ("train", "eval", "masks", "demo", "export", "validate", "serve", "tune"):
         assert command in out.stdout
     train_help = subprocess.run([sys.executable, "-m", "fvgpt.cli", "train", "--help"], capture_output=True,
                                 text=True, check=True).stdout
@@ -142,3 +143,68 @@ def test_nonsense_settings_are_refused(demo_data, tmp_path, capsys, argv, messag
     assert main(["train", "--data", str(demo_data), "--out", str(tmp_path / "r"), *TINY, *argv]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_version_and_python_dash_m():
+    from importlib.metadata import version as installed_version
+
+    version = installed_version("fvgpt-serve")  # what pip installed, as its metadata says
+    out = subprocess.run([sys.executable, "-m", "fvgpt", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith(f"fvgpt {version} (Python {sys.version.split()[0]})")
+
+
+def test_every_option_of_every_command_has_help():
+    import argparse
+
+    from fvgpt.cli import build_parser
+
+    def walk(parser: argparse.ArgumentParser, path: str):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, f"{path} {name}")
+            elif not isinstance(action, argparse._HelpAction):
+                yield path, action
+
+    commands = set()
+    for path, action in walk(build_parser(), "fvgpt"):
+        commands.add(path)
+        name = "/".join(action.option_strings) or action.dest
+        assert action.help and action.help != argparse.SUPPRESS, f"{path} {name}"
+    assert {"fvgpt train", "fvgpt eval", "fvgpt masks", "fvgpt export", "fvgpt serve"} <= commands
+
+
+def test_progress_is_plain_lines_in_a_log_and_a_bar_on_a_terminal(demo_data, tiny_run, tmp_path):
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    env = os.environ | {"FVGPT_PROGRESS_EVERY_S": "0"}
+    run = tmp_path / "run"
+    logged = subprocess.run([sys.executable, "-m", "fvgpt", "train", "--data", str(demo_data), "--out", str(run),
+                             *(a for a in TINY if a != "--quiet"), "--epochs", "1", "--stage", "prompt"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert logged.returncode == 0, logged.stderr
+    assert "\r" not in logged.stdout + logged.stderr
+    assert re.search(r"^prompt 1/1: 1/\d+ batch \(\d+ %\), \d+ s, loss \d", logged.stderr, re.M), logged.stderr
+    assert "prompt epoch 1/1: loss" in logged.stdout and re.search(r"^eval: 1/1 batch", logged.stderr, re.M)
+
+    leader, follower = pty.openpty()  # a terminal (100 columns): tqdm's bar, redrawn with carriage returns
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "fvgpt", "eval", str(tiny_run), "--out", str(tmp_path / "m.json")],
+                            stdout=subprocess.DEVNULL, stderr=follower, env=env)
+    os.close(follower)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closes when the process exits
+            break
+        if not chunk:
+            break
+        screen += chunk
+    assert proc.wait(timeout=300) == 0
+    os.close(leader)
+    assert re.search(rb"\reval: +\d+%\|", screen), screen  # not the terminal's own \r\n line ends

@@ -80,7 +80,7 @@ def test_bad_data_is_reported_not_fatal(folder):
     with pytest.warns(UserWarning) as caught:
         index = load_index(folder, shots=4, seed=0, test_fraction=0.25)
     notes = " | ".join(str(w.message) for w in caught)
-    assert "fewer than 4 shots" in notes and "no mask" in notes
+    assert "fewer than 4 usable training images" in notes and "no mask" in notes
     assert bad not in {s.path for s in index.train}
     assert sum(s.label == 0 for s in index.train) == 1  # blue_triangle: 2 images, 1 held out for test
     green = index.classnames.index("green_square")

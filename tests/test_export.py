@@ -42,18 +42,22 @@ def test_export_writes_a_self_describing_v2_bundle(tiny_bundle, tiny_run):
     assert set(m["files"]) == {"tower.fp32.onnx", "text.onnx", "heads.onnx", "tables.safetensors",
                                "tokenizer/bpe_simple_vocab_16e6.txt.gz", "parity_reference.safetensors"}
     assert m["heads"]["outputs"] == ["base_logits", "new_logits"] and m["heads"]["features"] == {"features": "image"}
-    assert m["towers"]["image"]["precisions"]["fp32"]["id"].startswith("tower-")
+    assert m["towers"]["image"]["variants"]["onnx-fp32"] | {"id": None} == {
+        "file": "tower.fp32.onnx", "id": None, "runtime": "onnx", "precision": "fp32", "weights": None}
+    assert m["towers"]["image"]["variants"]["onnx-fp32"]["id"].startswith("tower-")
     assert m["prompts"] == {"n_ctx": 4, "learned": "X X X X {}.", "template": "a photo of a {}."}
     checks = m["parity"]["checks"]
-    assert set(checks) == {"heads", "text", "tower_fp32", "end_to_end_fp32"} and all(c["passed"] for c in checks.values())
+    assert set(checks) == {"heads", "text", "tower_fp32", "end_to_end_fp32", "batch_independence_fp32"}
+    assert all(c["passed"] for c in checks.values())
+    assert checks["batch_independence_fp32"]["max_probability_diff"]["new_logits"] <= 1e-5
     assert checks["end_to_end_fp32"]["top1_agreement"] == {"base_logits": 1.0, "new_logits": 1.0}
     assert max(checks["end_to_end_fp32"]["max_abs_diff"].values()) <= 1e-3
     assert len(m["digest"]) == 64
 
 
-def test_bundles_on_one_backbone_share_tower_and_text_byte_for_byte(tiny_bundle, tiny_run_seed2,
-                                                                     tiny_zero_shot_bundle, tmp_path):
-    other = export_run(tiny_run_seed2, tmp_path / "seed2", ExportOptions(**QUICK))
+def test_bundles_on_one_backbone_share_tower_and_text_byte_for_byte(tiny_bundle, tiny_bundle_seed2,
+                                                                     tiny_zero_shot_bundle):
+    other = tiny_bundle_seed2
     a, b, z = _manifest(tiny_bundle), _manifest(other), _manifest(tiny_zero_shot_bundle)
     assert a["model_id"] != b["model_id"]  # two classifiers ...
     assert (tiny_bundle / "heads.onnx").read_bytes() != (other / "heads.onnx").read_bytes()
@@ -161,8 +165,11 @@ def test_the_manifest_itself_is_covered(tiny_bundle, tmp_path):
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d.pop("heads"), "heads is missing"),
     (lambda d: d["heads"].update(file=3), "heads.file must be a string"),
-    (lambda d: d["towers"]["image"]["precisions"].update(bf8={"file": "x", "id": "y"}), "unknown precision"),
-    (lambda d: d.update(default_precision="int8"), "default_precision 'int8' has no tower graph"),
+    (lambda d: d["towers"]["image"]["variants"].update({"onnx-bf8": {"file": "x", "id": "y", "runtime": "onnx",
+                                                                    "precision": "bf8"}}), "names onnx/bf8"),
+    (lambda d: d["towers"]["image"]["variants"].update(
+        {"openvino-int8": d["towers"]["image"]["variants"]["onnx-fp32"]}), "do not match their runtime"),
+    (lambda d: d.update(default_precision="int8"), "default_precision 'int8' has no ONNX tower graph"),
     (lambda d: d["files"].pop("text.onnx"), "does not list"),
     (lambda d: d.update(schema_version=1), "re-export"),
 ])
@@ -194,7 +201,7 @@ def test_reduced_precision_is_gated_on_top1_agreement(tiny_run, tmp_path, monkey
     monkeypatch.setattr(parity, "REDUCED_MIN_AGREEMENT", 0.0)
     int8 = export_run(tiny_run, tmp_path / "int8", ExportOptions(precision="int8", **QUICK))
     m = _manifest(int8)
-    assert set(m["towers"]["image"]["precisions"]) == {"fp32", "int8"}
+    assert set(m["towers"]["image"]["variants"]) == {"onnx-fp32", "onnx-int8"}
     assert m["parity"]["checks"]["end_to_end_int8"]["max_abs_diff"]["new_logits"] > 0  # the drop is recorded
     assert m["parity"]["checks"]["tower_int8"]["min_cosine"] < 1.0
 

@@ -12,7 +12,9 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -34,12 +36,14 @@ LIMITS = {"FVGPT_MAX_IMAGE_PIXELS": "1000000", "FVGPT_MAX_IMAGES": "4", "FVGPT_M
 
 
 class Server:
-    def __init__(self, bundle: Path, log: Path, **env: str):
+    """`bentoml serve` on one bundle (FVGPT_BUNDLE) or, with repository=True, on a folder of them."""
+
+    def __init__(self, source: Path, log: Path, repository: bool = False, **env: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("FVGPT_")}
-        full_env = inherited | {"FVGPT_BUNDLE": str(bundle), "FVGPT_MAX_BATCH_SIZE": "8",
-                                "FVGPT_MAX_LATENCY_MS": "10000"} | env
+        full_env = inherited | {"FVGPT_REPOSITORY" if repository else "FVGPT_BUNDLE": str(source),
+                                "FVGPT_MAX_BATCH_SIZE": "8", "FVGPT_MAX_LATENCY_MS": "10000"} | env
         self.log = open(log, "w+")  # noqa: SIM115 - closed by close()
         self.proc = subprocess.Popen(server_command("127.0.0.1", self.port), env=full_env, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
@@ -56,18 +60,25 @@ class Server:
         self.log.close()
 
 
+@contextmanager
+def running(*servers: Server) -> Iterator[None]:
+    """Wait until every server is ready; stop them all at the end, whatever happened."""
+    try:
+        for server in servers:
+            server.wait()
+        yield
+    finally:
+        for server in servers:
+            server.close()
+
+
 @pytest.fixture(scope="module")
 def servers(tiny_bundle, tiny_zero_shot_bundle, tmp_path_factory):
     logs = tmp_path_factory.mktemp("server-logs")
     fvgpt = Server(tiny_bundle, logs / "fvgpt.log", **LIMITS)
     zero_shot = Server(tiny_zero_shot_bundle, logs / "zero-shot.log", FVGPT_API_KEY=API_KEY)
-    try:
-        fvgpt.wait()
-        zero_shot.wait()
+    with running(fvgpt, zero_shot):
         yield fvgpt, zero_shot
-    finally:
-        fvgpt.close()
-        zero_shot.close()
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +198,17 @@ def test_data_uri_display_names_and_subset_mode(url, bundle):
     assert_matches(bundle, result, photo_bytes(1), base)
 
 
+def test_labels_with_unicode_format_characters(url, bundle):
+    """Emoji ZWJ sequences, a flag tag sequence, a soft hyphen and a zero-width non-joiner are text (Unicode category
+    Cf), not control characters: accepted, and scored like any new label."""
+    labels = ["\U0001F469\u200D\U0001F4BB coder", "\U0001F3F4\U000E0067\U000E0062\U000E0073\U000E0063\U000E0074"
+              "\U000E007F flag", "co\u00ADoperation", "\u0645\u06CC\u200C\u062E\u0648\u0627\u0647\u0645"]
+    r = post_json(url, {"images": [b64(photo_bytes(0))], "labels": labels, "top_k": len(labels)})
+    assert r.status_code == 200, r.text
+    assert set(returned(r.json()["results"][0])) == set(labels)
+    assert_matches(bundle, r.json()["results"][0], photo_bytes(0), labels)
+
+
 def test_multipart_labels_as_repeated_fields(url, bundle):
     labels = [new_classes(bundle)[0], "a dog"]
     r = post_files(url, [photo_bytes(2)], labels=labels, top_k="2")
@@ -278,6 +300,11 @@ BAD = {
                            "must be a string"),
     "control characters": (lambda u: post_json(u, {"images": [b64(photo_bytes())], "labels": ["c\x00t"]}), 400,
                            "control characters"),
+    "C1 control character": (lambda u: post_json(u, {"images": [b64(photo_bytes())], "labels": ["c\x85t\x9b"]}),
+                             400, "control characters"),
+    "lone surrogate": (lambda u: httpx.post(f"{u}/classify", content=b'{"images": ["' + b64(photo_bytes()).encode()
+                                            + b'"], "labels": ["c\\ud800t"]}',
+                                            headers={"content-type": "application/json"}), 400, "control characters"),
     "unknown label in a subset": (lambda u: post_json(u, {"images": [b64(photo_bytes())], "labels": ["a cat"],
                                                           "mode": "subset"}), 400, "not a bundled class"),
     "subset without labels": (lambda u: post_json(u, {"images": [b64(photo_bytes())], "mode": "subset"}), 400,
@@ -290,6 +317,17 @@ BAD = {
     "top_k not an integer": (lambda u: post_json(u, {"images": [b64(photo_bytes())], "top_k": "5"}), 400, "integer"),
     "top_k not a number (multipart)": (lambda u: post_files(u, [photo_bytes()], top_k="five"), 400, "not an integer"),
     "GET /classify": (lambda u: httpx.get(f"{u}/classify"), 405, "Method Not Allowed"),
+    "deeply nested JSON": (lambda u: httpx.post(f"{u}/classify", content=b'{"images": ' + b"[" * 1000 + b"]" * 1000
+                                                + b"}", headers={"content-type": "application/json"}), 400,
+                           "nested too deeply"),
+    "nested JSON label": (lambda u: post_json(u, {"images": [b64(photo_bytes())], "labels": [[["cat"]]]}), 400,
+                          "must be a string"),
+    "data URI of another type": (lambda u: post_json(u, {"images": ["data:text/html;base64," + b64(photo_bytes())]}),
+                                 400, "text/html is not an image type"),
+    "data URI type mismatch": (lambda u: post_json(u, {"images": ["data:image/png;base64," + b64(photo_bytes())]}),
+                               400, "declared image/png but is a JPEG"),
+    "unknown path": (lambda u: httpx.get(f"{u}/classifyy"), 404, "Not Found"),
+    "wrong method on a BentoML route": (lambda u: httpx.post(f"{u}/livez"), 405, "Method Not Allowed"),
 }
 
 
