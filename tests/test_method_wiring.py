@@ -23,12 +23,13 @@ import torch
 from PIL import Image
 
 import fvgpt.evaluate
+import fvgpt.progress
 import fvgpt.train
 import method_reference as ref
 from fvgpt.backbone import load_backbone
 from fvgpt.classes import ClassSplit
 from fvgpt.config import TrainConfig
-from fvgpt.data import Sample, load_index
+from fvgpt.data import DataError, Sample, load_index
 from fvgpt.evaluate import evaluate, format_table, model_rows
 from fvgpt.model import FVGPTModel
 from fvgpt.prompts import PromptLearner
@@ -224,6 +225,7 @@ def run_stage2(backbone, index, out: Path) -> dict:
         record["quiet"] = quiet.getvalue()
         record["interrupted"] = json.loads((run_dir / "progress.json").read_text())
         out_text, err_text = io.StringIO(), io.StringIO()
+        mp.setattr(fvgpt.progress, "on_terminal", lambda: True)  # the bar (a log would get plain lines instead)
         with contextlib.redirect_stdout(out_text), contextlib.redirect_stderr(err_text):
             train_plugin(model_for_run(), run_dir, idx, S_FDC, hook=hook, progress=True)
         record["wall"] = time.perf_counter() - t0  # both runs: no epoch can have taken longer
@@ -439,11 +441,12 @@ def test_evaluation_edge_cases(backbone, index, tmp_path):
     for row in result["models"].values():
         assert row["new"] is None and row["hm"] is None and "d_fg" not in row and row["base"] is not None
     broken = [corrupt(tmp_path, index.test[0])]
-    with pytest.raises(RuntimeError, match="^no test image could be read$"):
+    with pytest.raises(DataError, match=f"^{re.escape(str(index.root))}: none of the 1 test images could be read$"):
         evaluate(model, dataclasses.replace(index, test=broken), progress=False)
 
 
-def test_evaluation_shows_a_progress_bar_by_default(backbone, index, capsys):
+def test_evaluation_shows_a_progress_bar_by_default(backbone, index, capsys, monkeypatch):
+    monkeypatch.setattr(fvgpt.progress, "on_terminal", lambda: True)  # a log would get plain lines instead
     model = FVGPTModel(backbone, ClassSplit.paper(index.classnames), TrainConfig(data="unused"))
     evaluate(model, dataclasses.replace(index, test=index.test[:2]))
     err = capsys.readouterr().err
