@@ -1,0 +1,187 @@
+"""The method written out again for the tests, from docs/method.md's equations, in plain float64 torch.
+
+Nothing here calls fvgpt: these are the independent expectations the method tests compare fvgpt against (its KL,
+entropy, gates, adapters, heads, losses, text encoding with a learned context, foreground view and optimiser).
+The plugin's weights are read from its state dict (the layout is the object under test, the arithmetic is ours).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# The defaults docs/method.md states, written down here once more (tests/test_method_defaults.py pins the config and
+# the docs table to these; the reference computations below use them).
+TAU = 2.0
+LAMBDA_D = 10.0
+LAMBDA_RG = 1.0
+LAMBDA_NEW = 1.0
+DELTA = 0.0
+AREA_MIN, AREA_MAX = 0.02, 0.98
+MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
+WARMUP_EPOCHS, WARMUP_LR = 1, 1e-5
+
+
+# ---- distributions ------------------------------------------------------------------------------------------------
+def probs(z: torch.Tensor, tau: float) -> torch.Tensor:
+    """p = softmax(z/τ), computed as exp(z/τ − max) / Σ exp(z/τ − max)."""
+    z = z.double() / tau
+    e = torch.exp(z - z.max(dim=-1, keepdim=True).values)
+    return e / e.sum(dim=-1, keepdim=True)
+
+
+def log_probs(z: torch.Tensor, tau: float) -> torch.Tensor:
+    z = z.double() / tau
+    return z - torch.logsumexp(z, dim=-1, keepdim=True)
+
+
+def kl(p_logits: torch.Tensor, q_logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """Per-sample KL(softmax(p/τ) ‖ softmax(q/τ)) = Σ_c p_c (log p_c − log q_c): the first argument is the one
+    expectations are taken under."""
+    log_p, log_q = log_probs(p_logits, tau), log_probs(q_logits, tau)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def entropy(z: torch.Tensor, tau: float) -> torch.Tensor:
+    log_p = log_probs(z, tau)
+    return -(log_p.exp() * log_p).sum(-1)
+
+
+def prob_cos(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
+    p, q = probs(a, tau), probs(b, tau)
+    return (p * q).sum(-1) / (p.norm(dim=-1) * q.norm(dim=-1))
+
+
+def ce(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy −log softmax(z)_y on raw logits (no τ)."""
+    z = z.double()
+    return torch.logsumexp(z, dim=-1) - z.gather(-1, y.view(-1, 1)).squeeze(-1)
+
+
+def bce_with_logits(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample −[t·log σ(x) + (1 − t)·log(1 − σ(x))]."""
+    x, target = x.double(), target.double()
+    return -(target * F.logsigmoid(x) + (1 - target) * F.logsigmoid(-x))
+
+
+def l2(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+# ---- the plugin ---------------------------------------------------------------------------------------------------
+def mlp(x: torch.Tensor, weights: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
+    """Linear → ReLU → Linear from `prefix.mlp.{0,2}.{weight,bias}` of a plugin state dict."""
+    w1, b1 = weights[f"{prefix}.mlp.0.weight"].double(), weights[f"{prefix}.mlp.0.bias"].double()
+    w2, b2 = weights[f"{prefix}.mlp.2.weight"].double(), weights[f"{prefix}.mlp.2.bias"].double()
+    return torch.clamp(x.double() @ w1.t() + b1, min=0) @ w2.t() + b2
+
+
+def frg_inputs(z_full, z_fg, area, tau: float = TAU) -> torch.Tensor:
+    """E1: u = [H(p_full) − H(p_fg), cos(p_full, p_fg), A]."""
+    return torch.stack([entropy(z_full, tau) - entropy(z_fg, tau), prob_cos(z_full, z_fg, tau), area.double()], -1)
+
+
+def brg_inputs(z_full, z_clip, tau: float = TAU) -> torch.Tensor:
+    """E9: s = [H(p_full), H(p_CLIP), cos(p_full, p_CLIP)]."""
+    return torch.stack([entropy(z_full, tau), entropy(z_clip, tau), prob_cos(z_full, z_clip, tau)], -1)
+
+
+def gate_logit(stats: torch.Tensor, weights: dict, name: str) -> torch.Tensor:
+    """E2 / E10 before the sigmoid."""
+    return mlp(stats, weights, name).squeeze(-1)
+
+
+def heads(weights: dict, f, text, clip_text, s: float, big_s: float, tau: float = TAU) -> dict[str, torch.Tensor]:
+    """Every head on image features f (E5, E6, E9–E11), from plain formulas."""
+    f, text, clip_text = f.double(), text.double(), clip_text.double()
+    z_full, z_clip = s * f @ text.t(), s * f @ clip_text.t()
+    f_t = l2(f + mlp(f, weights, "image_adapter"))
+    g_t = l2(text + mlp(text, weights, "text_adapter"))
+    b = torch.sigmoid(gate_logit(brg_inputs(z_full, z_clip, tau), weights, "brg"))
+    return {"z_full": z_full, "z_clip": z_clip, "z_fdc": big_s * f_t @ g_t.t(),
+            "z_pc": (1 - b)[:, None] * z_full + b[:, None] * z_clip, "b": b}
+
+
+def loss_terms(weights: dict, z_full, z_fg, z_clip, z_fdc, z_pc, b, area, has_mask, y, tau: float = TAU,
+               lambda_d: float = LAMBDA_D, lambda_rg: float = LAMBDA_RG, lambda_new: float = LAMBDA_NEW,
+               delta: float = DELTA, pc_kl: bool = True, area_min: float = AREA_MIN,
+               area_max: float = AREA_MAX) -> dict[str, torch.Tensor]:
+    """E1–E4, E7, E8, E12, E14 from the heads' logits and the frozen model's logits on the foreground view."""
+    usable = has_mask.bool() & (area >= area_min) & (area <= area_max)
+    r_logit = gate_logit(frg_inputs(z_full, z_fg, area, tau), weights, "frg")
+    r = torch.where(usable, torch.sigmoid(r_logit), torch.zeros_like(r_logit))
+    r_star = (ce(z_fg, y) + delta < ce(z_full, y)).double()
+    l_frg = bce_with_logits(r_logit[usable], r_star[usable]).mean() if usable.any() else r_logit.sum() * 0
+    rd = r.detach()
+    l_dist = (rd * kl(z_fg, z_fdc, tau) + (1 - rd) * kl(z_full, z_fdc, tau)).mean()
+    l_base = ce(z_fdc, y).mean() + lambda_rg * l_frg + lambda_d * l_dist
+    l_pc = ce(z_pc, y).mean() + (kl(z_clip, z_pc, tau).mean() if pc_kl else 0)
+    return {"loss": l_base + lambda_new * l_pc, "base": l_base, "frg": l_frg, "dist": l_dist, "pc": l_pc,
+            "r": r.mean(), "r_star": r_star.mean(), "b": b.double().mean(), "usable": usable}
+
+
+def objective(weights: dict, f, f_fg, text, clip_text, area, has_mask, y, s: float, big_s: float,
+              **hyper) -> dict[str, torch.Tensor]:
+    """One stage-2 batch from the frozen tower's features of x (f) and of x_fg (f_fg)."""
+    h = heads(weights, f, text, clip_text, s, big_s, hyper.get("tau", TAU))
+    z_fg = s * f_fg.double() @ text.double().t()
+    return loss_terms(weights, h["z_full"], z_fg, h["z_clip"], h["z_fdc"], h["z_pc"], h["b"], area, has_mask, y,
+                      **hyper)
+
+
+# ---- the frozen CLIP, through open_clip's own forward -------------------------------------------------------------
+def image_features(clip_model, pixels: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return F.normalize(clip_model.encode_image(pixels), dim=-1)
+
+
+def text_features(clip_model, tokenizer, texts: list[str], context: torch.Tensor | None = None) -> torch.Tensor:
+    """open_clip's encode_text; with `context`, the token embeddings at positions 1..n_ctx (the placeholders after
+    the start token) are replaced by the context vectors (CoOp), through a forward hook on the embedding."""
+    def splice(_module, _inputs, out):
+        out = out.clone()
+        out[:, 1:1 + context.shape[0]] = context.to(out.dtype)
+        return out
+
+    handle = clip_model.token_embedding.register_forward_hook(splice) if context is not None else None
+    try:
+        with torch.no_grad():
+            return F.normalize(clip_model.encode_text(tokenizer(texts)), dim=-1)
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def words(label: str) -> str:
+    return " ".join(label.replace("_", " ").split())
+
+
+def learned_texts(labels: list[str], n_ctx: int) -> list[str]:
+    return [" ".join(["X"] * n_ctx) + f" {words(c)}." for c in labels]
+
+
+def zero_shot_texts(labels: list[str]) -> list[str]:
+    return [f"a photo of a {words(c)}." for c in labels]
+
+
+def foreground(pixels: torch.Tensor, masks: torch.Tensor, mean=None, std=None) -> torch.Tensor:
+    """x_fg: the foreground kept, the background CLIP's mean colour (0 in normalised space), or pixel black (the
+    normalised value of 0) when the normalisation's mean and std are given."""
+    background = torch.zeros(3) if mean is None else -torch.tensor(mean) / torch.tensor(std)
+    return torch.where(masks.bool().expand_as(pixels), pixels, background.view(1, 3, 1, 1).expand_as(pixels))
+
+
+# ---- optimiser and schedule ---------------------------------------------------------------------------------------
+def lr_at(epoch: int, epochs: int, lr: float) -> float:
+    """Dassl: the warm-up LR for the first epoch, then cosine annealing over all epochs."""
+    return WARMUP_LR if epoch < WARMUP_EPOCHS else lr * (1 + math.cos(math.pi * epoch / epochs)) / 2
+
+
+def sgd_step(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+             lr: float) -> None:
+    """SGD with momentum and L2 weight decay (no dampening, no Nesterov), in place, float64."""
+    for name, p in params.items():
+        d = grads[name] + WEIGHT_DECAY * p
+        buffers[name] = d if name not in buffers else MOMENTUM * buffers[name] + d
+        p -= lr * buffers[name]

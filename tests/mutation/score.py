@@ -1,0 +1,202 @@
+"""Mutation testing of the method's code with mutmut (docs/testing.md, "Mutation testing").
+
+    python -m tests.mutation.score --run     # build .mutation/, run mutmut on the method's scope, then report
+    python -m tests.mutation.score           # report the last run again
+
+Scope: fvgpt/plugin.py, losses.py, stats.py, metrics.py, model.py, evaluate.py, and the stage-2 part of train.py
+(train_plugin and what it runs: _run_stage, _lr_at, _base_loader, _seed, _set_progress); the tests are the method
+tests that [tool.mutmut] in pyproject.toml selects.
+
+mutmut 3 cannot mutate decorated functions, and evaluate(), its _features() and FVGPTModel.encode_image/tables carry
+@torch.no_grad(). So the run happens in .mutation/, a copy of fvgpt/ (plus tests/, docs/, pyproject.toml) in which
+each `@torch.no_grad()` above a def is rewritten as `name = torch.no_grad()(name)` right after it: the same
+behaviour, and every function of the scope gets mutants. The working tree itself is never touched.
+
+The report counts killed mutants (a timeout counts as killed), survivors, and the survivors listed in EQUIVALENT
+(no test can tell them apart from the original; each with its reason); the score is killed / (all − equivalent).
+"""
+from __future__ import annotations
+
+import ast
+import fnmatch
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+WORK = ROOT / ".mutation"
+SCOPE = ["fvgpt.plugin.*", "fvgpt.losses.*", "fvgpt.stats.*", "fvgpt.metrics.*", "fvgpt.model.*",
+         "fvgpt.evaluate.*"] + [f"fvgpt.train.x_{name}__mutmut_*" for name in
+                                ("train_plugin", "_run_stage", "_lr_at", "_base_loader", "_seed", "_set_progress")]
+
+CPU = ("device placement: the tests run on CPU, where .to(None), device=None or no map_location leave every tensor "
+       "where it already is; a run on CUDA would kill it")
+BATCH = ("evaluation is per image: the batch size only sets how many images go through the tower per call, never a "
+         "result")
+# (function, "original → mutated" line as `mutmut show` prints it) → why no test on this host can kill it
+EQUIVALENT: dict[tuple[str, str], str] = {
+    ("fvgpt.evaluate.x__features", 'loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, '
+     'collate_fn=collate, → loader = torch.utils.data.DataLoader(dataset, collate_fn=collate,'): BATCH,
+    ("fvgpt.evaluate.x_evaluate", "def evaluate(model: FVGPTModel, index: DatasetIndex, batch_size: int = 100, "
+     "progress: bool = True) -> dict: → def evaluate(model: FVGPTModel, index: DatasetIndex, batch_size: int = 101, "
+     "progress: bool = True) -> dict:"): BATCH,
+    ("fvgpt.evaluate.x__features", 'img = batch["img"].to(bb.device) → img = batch["img"].to(None)'): CPU,
+    ("fvgpt.evaluate.x__features", 'x_fg = foreground_view(img, batch["mask"].to(bb.device), bb.preprocess, '
+     'model.cfg.fg_fill) → x_fg = foreground_view(img, batch["mask"].to(None), bb.preprocess, model.cfg.fg_fill)'): CPU,
+    ("fvgpt.evaluate.x__features", 'labels.append(batch["label"].to(bb.device)) → '
+     'labels.append(batch["label"].to(None))'): CPU,
+    ("fvgpt.evaluate.x__features", 'has_mask.append(batch["has_mask"].to(bb.device)) → '
+     'has_mask.append(batch["has_mask"].to(None))'): CPU,
+    ("fvgpt.evaluate.x_evaluate", "is_base = torch.tensor(split.base, device=f.device)[labels] → "
+     "is_base = torch.tensor(split.base, device=None)[labels]"): CPU,
+    ("fvgpt.evaluate.x_evaluate", "is_base = torch.tensor(split.base, device=f.device)[labels] → "
+     "is_base = torch.tensor(split.base, )[labels]"): CPU,
+    ("fvgpt.evaluate.x_evaluate", "target = torch.tensor(split.position, device=f.device)[labels] → "
+     "target = torch.tensor(split.position, device=None)[labels]"): CPU,
+    ("fvgpt.evaluate.x_evaluate", "target = torch.tensor(split.position, device=f.device)[labels] → "
+     "target = torch.tensor(split.position, )[labels]"): CPU,
+    ("fvgpt.metrics.x_accuracy", "return float((logits.argmax(-1) == labels).float().mean() * 100) if len(labels) else "
+     "None → return float((logits.argmax(+1) == labels).float().mean() * 100) if len(labels) else None"):
+        "accuracy is given (N, C) logits, whose last axis is axis 1",
+    ("fvgpt.model.xǁFVGPTModelǁnew_plugin", "fdc_logit_scale, c.tau).to(self.backbone.device) → "
+     "fdc_logit_scale, c.tau).to(None)"): CPU,
+    ("fvgpt.model.xǁFVGPTModelǁtables", "return TextTables(list(labels), clip if self.prompt is None else "
+     "self.encode_text(labels, True), clip) → return TextTables(list(labels), clip if (self.prompt is None) and False "
+     "else self.encode_text(labels, True), clip)"):
+        "without a prompt, encode_text(labels, True) falls back to the zero-shot template: both branches give the same "
+        "rows",
+    ("fvgpt.model.xǁFVGPTModelǁtables", "clip = self.encode_text(labels, learned=False) → "
+     "clip = self.encode_text(labels, learned=None)"): "None and False are both false for encode_text's `if learned`",
+    ("fvgpt.stats.x_prob_cosine", "return F.cosine_similarity(p, q, dim=-1, eps=1e-12) → "
+     "return F.cosine_similarity(p, q, dim=-1, )"):
+        "cosine of probability vectors: their norms are at least 1/sqrt(C), far above either eps (1e-12 or the "
+        "default 1e-8), so eps never acts",
+    ("fvgpt.train.x__base_loader", "position = torch.tensor(classes.position, device=model.backbone.device) → "
+     "position = torch.tensor(classes.position, )"): CPU,
+    ("fvgpt.train.x__base_loader", "position = torch.tensor(classes.position, device=model.backbone.device) → "
+     "position = torch.tensor(classes.position, device=None)"): CPU,
+    ("fvgpt.train.x__base_loader", "return loader_for, lambda labels: position[labels.to(model.backbone.device)] → "
+     "return loader_for, lambda labels: position[labels.to(None)]"): CPU,
+    ("fvgpt.train.x__base_loader", "collate_fn=collate, num_workers=cfg.workers, drop_last=False) → "
+     "collate_fn=collate, num_workers=cfg.workers, )"): "DataLoader's default is drop_last=False",
+    ("fvgpt.train.x__run_stage", "state = torch.load(state_path, map_location=cfg.device, weights_only=True) → "
+     "state = torch.load(state_path, map_location=None, weights_only=True)"): CPU,
+    ("fvgpt.train.x__run_stage", "state = torch.load(state_path, map_location=cfg.device, weights_only=True) → "
+     "state = torch.load(state_path, weights_only=True)"): CPU,
+    ("fvgpt.train.x__run_stage", "state = torch.load(state_path, map_location=cfg.device, weights_only=True) → "
+     "state = torch.load(state_path, map_location=cfg.device, weights_only=None)"):
+        "torch ≥ 2.6 loads with weights_only=True by default (the project needs torch ≥ 2.13)",
+    ("fvgpt.train.x__run_stage", "state = torch.load(state_path, map_location=cfg.device, weights_only=True) → "
+     "state = torch.load(state_path, map_location=cfg.device, weights_only=False)"):
+        "the file is the stage's own checkpoint of tensors and ints, which both loaders read the same",
+    ("fvgpt.train.x__run_stage", "state = torch.load(state_path, map_location=cfg.device, weights_only=True) → "
+     "state = torch.load(state_path, map_location=cfg.device, )"):
+        "torch ≥ 2.6 loads with weights_only=True by default (the project needs torch ≥ 2.13)",
+    ("fvgpt.train.x__run_stage", "opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, "
+     "weight_decay=cfg.weight_decay) → opt = torch.optim.SGD(params, momentum=cfg.momentum, "
+     "weight_decay=cfg.weight_decay)"):
+        "every epoch sets the learning rate of every param group (_lr_at) before its first step",
+    ("fvgpt.train.x__run_stage", "opt.zero_grad(set_to_none=True) → opt.zero_grad(set_to_none=None)"):
+        "every plugin parameter gets a gradient in every step (a batch without usable masks keeps the FRG in the "
+        "graph with a zero term), so zeroed and None gradients give the same SGD step",
+    ("fvgpt.train.x__run_stage", "opt.zero_grad(set_to_none=True) → opt.zero_grad(set_to_none=False)"):
+        "every plugin parameter gets a gradient in every step (a batch without usable masks keeps the FRG in the "
+        "graph with a zero term), so zeroed and None gradients give the same SGD step",
+    ("fvgpt.train.x_train_plugin", 'return model.plugin_loss(batch["img"].to(dev), batch["mask"].to(dev), '
+     'batch["has_mask"].to(dev), → return model.plugin_loss(batch["img"].to(None), batch["mask"].to(dev), '
+     'batch["has_mask"].to(dev),'): CPU,
+    ("fvgpt.train.x_train_plugin", 'return model.plugin_loss(batch["img"].to(dev), batch["mask"].to(dev), '
+     'batch["has_mask"].to(dev), → return model.plugin_loss(batch["img"].to(dev), batch["mask"].to(None), '
+     'batch["has_mask"].to(dev),'): CPU,
+    ("fvgpt.train.x_train_plugin", 'return model.plugin_loss(batch["img"].to(dev), batch["mask"].to(dev), '
+     'batch["has_mask"].to(dev), → return model.plugin_loss(batch["img"].to(dev), batch["mask"].to(dev), '
+     'batch["has_mask"].to(None),'): CPU,
+}
+
+
+def undecorate(source: str) -> str:
+    """`@torch.no_grad()` + def name → def name … followed by `name = torch.no_grad()(name)` in the same scope."""
+    lines = source.splitlines(keepends=True)
+    defs = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef) and len(n.decorator_list) == 1
+            and ast.unparse(n.decorator_list[0]) == "torch.no_grad()"]
+    for node in sorted(defs, key=lambda n: -n.lineno):
+        decorator = node.decorator_list[0].lineno - 1
+        indent = lines[decorator][:len(lines[decorator]) - len(lines[decorator].lstrip())]
+        lines.insert(node.end_lineno, f"{indent}{node.name} = torch.no_grad()({node.name})\n")
+        del lines[decorator]
+    return "".join(lines)
+
+
+def prepare() -> None:
+    shutil.rmtree(WORK, ignore_errors=True)
+    for part in ("fvgpt", "tests", "docs"):
+        shutil.copytree(ROOT / part, WORK / part, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(ROOT / "pyproject.toml", WORK)
+    for path in (WORK / "fvgpt").glob("*.py"):
+        path.write_text(undecorate(path.read_text()))
+
+
+def run() -> float:
+    prepare()
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # one core per mutant; fork-safe torch
+    t0 = time.perf_counter()
+    subprocess.run(["mutmut", "run", "--max-children", os.environ.get("MUTATION_WORKERS", "2"), *SCOPE], cwd=WORK,
+                   env=env, check=True)
+    return time.perf_counter() - t0
+
+
+def results() -> dict[str, int | None]:
+    out = {}
+    for meta in (WORK / "mutants" / "fvgpt").glob("*.py.meta"):
+        for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+            if any(fnmatch.fnmatch(name, pattern) for pattern in SCOPE):
+                out[name] = code
+    return out
+
+
+def mutated_line(name: str) -> str:
+    """"original → mutated" from `mutmut show`, lines stripped (several changed lines joined with " / ")."""
+    diff = subprocess.run(["mutmut", "show", name], cwd=WORK, capture_output=True, text=True).stdout
+    changed = [line for line in diff.splitlines() if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+    return " → ".join(" / ".join(line[1:].strip() for line in changed if line[0] == sign) for sign in "-+")
+
+
+def report(seconds: float | None) -> int:
+    from mutmut.stats import status_by_exit_code
+
+    by_status: dict[str, list[str]] = {}
+    for name, code in sorted(results().items()):
+        by_status.setdefault(status_by_exit_code[code], []).append(name)
+    if not by_status:
+        print("no results: run `python -m tests.mutation.score --run` first")
+        return 1
+    killed = len(by_status.get("killed", [])) + len(by_status.get("timeout", []))
+    equivalent, alive = [], []
+    for name in by_status.get("survived", []) + by_status.get("no tests", []):
+        key = (name.rsplit("__mutmut_", 1)[0], mutated_line(name))
+        (equivalent if key in EQUIVALENT else alive).append((name, key))
+    on_cpu = sum(EQUIVALENT[key] == CPU for _, key in equivalent)
+    total = sum(len(v) for v in by_status.values())
+    print(f"mutants in scope: {total}; " + ", ".join(f"{k}: {len(v)}" for k, v in sorted(by_status.items())))
+    print(f"survivors judged equivalent (EQUIVALENT in tests/mutation/score.py): {len(equivalent)}, of which "
+          f"{on_cpu} only on a CPU host")
+    scored = total - len(equivalent)
+    print(f"score: {killed} killed of {scored} non-equivalent = {100 * killed / max(1, scored):.1f} % "
+          f"({100 * killed / max(1, scored + on_cpu):.1f} % if the CPU-only ones count as survivors)")
+    if seconds is not None:
+        print(f"mutmut run: {seconds / 60:.1f} min wall")
+    for name, (_, line) in alive:
+        print(f"  survived: {name}: {line}")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    return report(run() if "--run" in argv else None)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
