@@ -83,6 +83,10 @@ class TrainConfig:
     lambda_d: float = option(10.0, "weight λ_d of the foreground distillation L_dist (E8)", "plugin")
     lambda_rg: float = option(1.0, "weight λ_RG of the FRG's BCE L_FRG (E8)", "plugin")
     lambda_new: float = option(1.0, "weight λ_new of the Prior Calibration loss L_PC (E14)", "plugin")
+    frg: bool = option(True, "the Foreground Reliability Gate; --no-frg (ablation) trusts every usable "
+                             "foreground view (r ≡ 1 in E7) and drops L_FRG", "plugin")
+    prior_calibration: bool = option(True, "Prior Calibration; --no-prior-calibration (ablation) makes the new "
+                                           "head z_full (b ≡ 0) and drops L_PC", "plugin")
     pc_kl: bool = option(True, "add KL(p_CLIP ‖ p_PC) to L_PC (E12)", "plugin")
     delta: float = option(0.0, "margin δ in the trust target r* = 1[CE_fg + δ < CE_full] (E3)", "plugin")
     area_min: float = option(0.02, "foreground area below which a mask is unusable (r := 0)", "plugin")

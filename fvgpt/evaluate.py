@@ -11,6 +11,7 @@ import torch
 from torchvision.transforms import v2
 
 from .data import DataError, DatasetIndex, FewShotDataset, collate, eval_geometry, foreground_view
+from .losses import trust_target
 from .metrics import accuracy, foreground_shift, harmonic_mean
 from .model import FVGPTModel
 from .progress import track
@@ -32,7 +33,7 @@ def _features(model: FVGPTModel, index: DatasetIndex, batch_size: int, progress:
     dataset = FewShotDataset(index.test, v2.Compose(eval_geometry(bb.preprocess)), image_transform=bb.eval_transform)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate,
                                          num_workers=model.cfg.workers)
-    feats, fg_feats, labels, has_mask, dropped = [], [], [], [], 0
+    feats, fg_feats, labels, has_mask, areas, dropped = [], [], [], [], [], 0
     for batch in track(loader, "eval", progress, unit="batch"):
         dropped += batch.pop("dropped")
         if not batch:
@@ -43,16 +44,18 @@ def _features(model: FVGPTModel, index: DatasetIndex, batch_size: int, progress:
         fg_feats.append(model.encode_image(x_fg))
         labels.append(batch["label"].to(bb.device))
         has_mask.append(batch["has_mask"].to(bb.device))
+        areas.append(batch["mask"].to(bb.device).mean(dim=(1, 2, 3)))
     if not feats:
         raise DataError(f"{index.root}: none of the {len(index.test)} test images could be read")
-    return torch.cat(feats), torch.cat(fg_feats), torch.cat(labels), torch.cat(has_mask).bool(), dropped
+    return (torch.cat(feats), torch.cat(fg_feats), torch.cat(labels), torch.cat(has_mask).bool(), torch.cat(areas),
+            dropped)
 
 
 @torch.no_grad()
 def evaluate(model: FVGPTModel, index: DatasetIndex, batch_size: int = 100, progress: bool = True) -> dict:
-    """{"models": {row: {"base", "new", "hm", "d_fg"}}, "test_images": counts}; a split without test images has
-    accuracy None (printed as "-"), never NaN."""
-    f, f_fg, labels, has_mask, dropped = _features(model, index, batch_size, progress)
+    """{"models": {row: {"base", "new", "hm", "d_fg"}}, "test_images": counts, "gates": the FRG's and BRG's
+    statistics (with a plugin)}; a split without test images has accuracy None (printed as "-"), never NaN."""
+    f, f_fg, labels, has_mask, area, dropped = _features(model, index, batch_size, progress)
     split = model.classes
     is_base = torch.tensor(split.base, device=f.device)[labels]
     target = torch.tensor(split.position, device=f.device)[labels]
@@ -71,8 +74,38 @@ def evaluate(model: FVGPTModel, index: DatasetIndex, batch_size: int = 100, prog
             z_full, z_fg = getattr(on_base, base_head)[masked], getattr(on_base_fg, base_head)
             row["d_fg"] = {f"tau{t}": float(foreground_shift(z_full, z_fg, t).mean()) for t in D_FG_TAUS}
         models[name] = row
-    return {"models": models, "test_images": {"base": int(is_base.sum()), "new": int((~is_base).sum()),
-                                              "base_with_mask": int(masked.sum()), "unreadable": int(dropped)}}
+    metrics = {"models": models, "test_images": {"base": int(is_base.sum()), "new": int((~is_base).sum()),
+                                                 "base_with_mask": int(masked.sum()), "unreadable": int(dropped)}}
+    if model.plugin is not None:
+        metrics["gates"] = {"frg": _frg_statistics(model, on_base.z_full[masked], on_base_fg.z_full,
+                                                   area[is_base][masked], target[is_base][masked]),
+                            "brg": {"base": _brg_statistics(on_base, target[is_base]),
+                                    "new": _brg_statistics(on_new, target[~is_base]) if on_new is not None else None}}
+    return metrics
+
+
+def _mean_std(v: torch.Tensor) -> dict | None:
+    return {"mean": float(v.mean()), "std": float(v.std(unbiased=False)), "n": len(v)} if len(v) else None
+
+
+def _frg_statistics(model: FVGPTModel, z_full: torch.Tensor, z_fg: torch.Tensor, area: torch.Tensor,
+                    target: torch.Tensor) -> dict:
+    """The trust r the FRG gives the foreground view of each masked base test image, against the target it was
+    trained toward, r* = 1[CE_fg + δ < CE_full] (E3): does the gate tell a helpful foreground view from another?
+    Without the FRG (ablation) r is the 1 that training used."""
+    r = torch.sigmoid(model.plugin.trust_logit(z_full, z_fg, area)) if model.cfg.frg else torch.ones_like(area)
+    r_star = trust_target(z_full, z_fg, target, model.cfg.delta).bool()
+    return {"r": _mean_std(r), "r_star_rate": float(r_star.float().mean()) if len(r) else None,
+            "r_when_r_star_1": _mean_std(r[r_star]), "r_when_r_star_0": _mean_std(r[~r_star]),
+            "agreement": float(((r > 0.5) == r_star).float().mean()) if len(r) else None}
+
+
+def _brg_statistics(heads, target: torch.Tensor) -> dict:
+    """The BRG's blend b on one split, overall and where only one of z_full and z_CLIP is right: a gate that
+    learned something leans toward CLIP (higher b) where CLIP is the one that is right."""
+    full_right, clip_right = heads.z_full.argmax(-1) == target, heads.z_clip.argmax(-1) == target
+    return {"b": _mean_std(heads.b), "b_when_only_clip_right": _mean_std(heads.b[clip_right & ~full_right]),
+            "b_when_only_full_right": _mean_std(heads.b[full_right & ~clip_right])}
 
 
 def _cell(v: float | None, width: int = 8, digits: int = 2) -> str:

@@ -115,13 +115,19 @@ class FVGPTModel(nn.Module):
     def new_head(self, image_features: torch.Tensor, learned: torch.Tensor,
                  clip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(z_PC, b) over exactly the label set whose rows are given (E9–E11)."""
-        return self.plugin.calibrate(self.logits(image_features, learned), self.logits(image_features, clip))
+        return self._calibrate(self.logits(image_features, learned), self.logits(image_features, clip))
+
+    def _calibrate(self, z_full: torch.Tensor, z_clip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prior Calibration, or (z_full, b ≡ 0) when the config switches it off (ablation)."""
+        if self.cfg is not None and not self.cfg.prior_calibration:
+            return z_full.float(), torch.zeros(z_full.shape[0], device=z_full.device)
+        return self.plugin.calibrate(z_full, z_clip)
 
     def heads(self, image_features: torch.Tensor, tables: TextTables) -> Heads:
         z_full, z_clip = self.logits(image_features, tables.learned), self.logits(image_features, tables.clip)
         if self.plugin is None:
             return Heads(z_full, z_clip)
-        z_pc, b = self.plugin.calibrate(z_full, z_clip)
+        z_pc, b = self._calibrate(z_full, z_clip)
         return Heads(z_full, z_clip, self.base_head(image_features, self.plugin.adapt_text(tables.learned)), z_pc, b)
 
     # ---- training objectives ----------------------------------------------------------------------------------

@@ -123,12 +123,29 @@ def generated_repository(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_openvino_bundle(tiny_run, tmp_path_factory) -> Path:
-    """int8 FVG-PT bundle from tiny_run with the OpenVINO variants (fp32, bf16 where the CPU has it, NNCF int8).
+def world_run(tmp_path_factory) -> Path:
+    """A finished two-stage run of the pretrained micro-CLIP (the committed checkpoint) on a small world task (4 base,
+    4 new classes). Its logits are decided, unlike the random fvgpt-tiny's near-ties, so an int8 tower's top-1 can be
+    held to the gate. Treat as read-only."""
+    from fvgpt.config import TrainConfig
+    from fvgpt.train import train
+    from fvgpt.world import TaskSpec, base_classes, make_task
+    from fvgpt.world_clip import verified_checkpoint, world_train_settings
+
+    task = make_task(tmp_path_factory.mktemp("world") / "task",
+                     TaskSpec(classes=8, shots=4, test_images=32, correlation=0.5))
+    cfg = TrainConfig(**world_train_settings(), data=str(task), pretrained=str(verified_checkpoint()), shots=4,
+                      base_classes=base_classes(task), prompt_epochs=2, plugin_epochs=2, eval_batch=64)
+    return train(cfg, tmp_path_factory.mktemp("runs") / "world", progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_openvino_bundle(world_run, tmp_path_factory) -> Path:
+    """int8 FVG-PT bundle from world_run with the OpenVINO variants (fp32, bf16 where the CPU has it, NNCF int8).
     Treat as read-only, except for its tuning profile."""
     pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install '.[openvino]')")
     from fvgpt_export.build import ExportOptions, export_run
 
-    return export_run(tiny_run, tmp_path_factory.mktemp("bundles") / "openvino",
+    return export_run(world_run, tmp_path_factory.mktemp("bundles") / "openvino",
                       ExportOptions(precision="int8", openvino=True, progress=False, parity_images=16,
                                     calibration_images=16))

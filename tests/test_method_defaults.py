@@ -46,6 +46,8 @@ DEFAULTS: dict[str, tuple[object, str | None]] = {
     "lambda_d": (10.0, None),
     "lambda_rg": (1.0, None),
     "lambda_new": (1.0, None),
+    "frg": (True, "on"),
+    "prior_calibration": (True, "on"),
     "pc_kl": (True, "on"),
     "delta": (0.0, None),
     "area_min": (0.02, None),

@@ -18,6 +18,7 @@ from PIL import Image
 
 from fvgpt.cli import main
 from fvgpt.photos import photo_paths
+from fvgpt.world import ALL_KINDS, SCENES, render
 from fvgpt.rundir import load_run
 from fvgpt_export import build, parity
 from fvgpt_export.build import ExportOptions, export_run
@@ -42,14 +43,15 @@ def _manifest(bundle) -> dict:
 
 @pytest.fixture(scope="module")
 def images(tiny_openvino_bundle) -> np.ndarray:
-    """The real photos and four noise images, preprocessed the bundle's way (not the parity set)."""
+    """Eight fresh world images (another seed than the task's, so not the parity set), preprocessed the bundle's
+    way: the inputs the micro-CLIP was made for."""
     pre = Bundle(tiny_openvino_bundle).preprocess
-    photos = np.stack([preprocess(Image.open(p), pre) for p in photo_paths()])
-    noise = np.random.default_rng(7).normal(0, 2, size=(4, *photos.shape[1:]))
-    return np.concatenate([photos, noise]).astype(np.float32)
+    kinds, scenes = ALL_KINDS[::31][:8], SCENES[:8]
+    return np.stack([preprocess(Image.fromarray(render(k, s, 64, (99, i))[0]), pre)
+                     for i, (k, s) in enumerate(zip(kinds, scenes))]).astype(np.float32)
 
 
-def test_openvino_variants_pass_the_gate_and_match_torch(tiny_openvino_bundle, tiny_run, images):
+def test_openvino_variants_pass_the_gate_and_match_torch(tiny_openvino_bundle, world_run, images):
     m = _manifest(tiny_openvino_bundle)
     variants = m["towers"]["image"]["variants"]
     expected = {"onnx-fp32", "onnx-int8", "openvino-fp32", "openvino-int8"} | ({"openvino-bf16"} if BF16 else set())
@@ -63,7 +65,7 @@ def test_openvino_variants_pass_the_gate_and_match_torch(tiny_openvino_bundle, t
             assert checks[f"{kind}_{name}"]["passed"], (kind, name)
     assert m["parity"]["refused"] == {} and validate_bundle(tiny_openvino_bundle)["passed"]
 
-    model = load_run(tiny_run, require_plugin=True).model
+    model = load_run(world_run, require_plugin=True).model
     with torch.no_grad():
         want = model.encode_image(torch.from_numpy(images)).numpy()
     bundle = Bundle(tiny_openvino_bundle)
