@@ -226,7 +226,7 @@ def _masks(args) -> int:
 
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the whole pipeline in the generated world with the committed micro-CLIP "
-                                    "(offline, ~3 min)",
+                                    "(offline, about a minute)",
                        description="The embedded default: generates a few-shot task in the generated world "
                                    "(fvgpt.world: 10 object classes, 16 shots whose scenes follow the class 90 %% of "
                                    "the time, 300 test images per split on uncorrelated scenes), trains CoOp and the "
