@@ -334,3 +334,6 @@ def test_harmonic_mean_and_average_row():
     base, new, hm = average_row([(90.0, 60.0), (74.8, 87.24)])
     assert (base, new) == pytest.approx((82.40, 73.62)) and round(hm, 2) == 77.76
     assert hm != pytest.approx((harmonic_mean(90, 60) + harmonic_mean(74.8, 87.24)) / 2)
+    # a column some run cannot score has no mean (None), and the other column still averages over every run
+    assert average_row([(90.0, None), (70.0, None), (50.0, None)]) == (70.0, None, None)
+    assert average_row([(None, 50.0), (80.0, 70.0), (60.0, 60.0)]) == (None, 60.0, None)

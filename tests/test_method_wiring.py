@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import io
 import json
+import pickle
 import re
 import time
 from pathlib import Path
@@ -219,6 +220,7 @@ def run_stage2(backbone, index, out: Path) -> dict:
         mp.setattr(fvgpt.train, "collate", collate)
         mp.setattr(fvgpt.train, "train_transform", transform)
         quiet = io.StringIO()
+        mp.setenv("FVGPT_PROGRESS_EVERY_S", "0")  # progress lines, if any were on, would print at every batch
         t0 = time.perf_counter()
         with pytest.raises(Interrupted), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
             train_plugin(model_for_run(), run_dir, idx, S_FDC, hook=hook, progress=False)
@@ -299,6 +301,9 @@ def check_log(record: dict, losses: list[tuple[float, int]]) -> None:
         assert set(r) >= {"base", "frg", "dist", "pc", "r", "r_star", "b", "seconds", "images_per_s"}
         assert 0.0005 < r["seconds"] <= record["wall"]  # rounded to ms; images/s from the unrounded time, to 0.01
         assert 6 / (r["seconds"] + 0.0005) - 0.01 <= r["images_per_s"] <= 6 / (r["seconds"] - 0.0005) + 0.01
+        # the roundings docs/run-dir.md states: seconds to the ms, images/s to 2 decimals, loss terms to 6
+        assert r["seconds"] == round(r["seconds"], 3) and r["images_per_s"] == round(r["images_per_s"], 2)
+        assert all(r[k] == round(r[k], 6) for k in ("loss", "base", "frg", "dist", "pc", "r", "r_star", "b"))
     state = torch.load(run_dir / "state" / "plugin.pt", weights_only=True)
     assert state["epoch"] == 3 and all(torch.equal(state["weights"][k], v)
                                        for k, v in record["models"][-1].plugin.state_dict().items())
@@ -308,7 +313,7 @@ def check_log(record: dict, losses: list[tuple[float, int]]) -> None:
     lines = re.findall(r"plugin epoch (\d)/3: loss ([\d.]+) \(([\d.]+) img/s\)", record["printed"])
     assert [(int(e), float(v)) for e, v, _ in lines] == [(2, round(log[1]["loss"], 4)), (3, round(log[2]["loss"], 4))]
     assert record["hooks"] == [("plugin", 1), ("plugin", 2), ("plugin", 3)]
-    assert "plugin 2/3" in record["bar"] and "plugin 3/3" in record["bar"]
+    assert "plugin 2/3" in record["bar"] and "plugin 3/3" in record["bar"] and "batch/s" in record["bar"]
     shown = [float(v) for v in re.findall(r"loss=([\d.]+)", record["bar"])]  # the running mean after each batch
     assert all(any(abs(v - log[e]["loss"]) < 1.1e-4 for v in shown) for e in (1, 2))  # ends at the epoch's mean
     assert record["bar"].endswith("\r")  # the bar is cleared, not left behind
@@ -346,6 +351,22 @@ def test_stage2_skips_unreadable_images(backbone, index, tmp_path, capsys):
     assert "plugin epoch 1/1: loss" in capsys.readouterr().out  # progress is on by default
 
 
+class _Payload:
+    """An object that is neither a tensor nor a plain container: unpickling it could run code."""
+
+
+def test_resume_never_unpickles_arbitrary_objects(backbone, index, tmp_path):
+    """state/<stage>.pt is read with weights_only=True: a file holding other objects is refused, not loaded."""
+    classes = base_split(index.classnames)
+    model = FVGPTModel(backbone, classes, TrainConfig(data="unused", plugin_epochs=1, seed=5),
+                       PromptLearner(context(4)))
+    (tmp_path / "progress.json").write_text("{}")
+    (tmp_path / "state").mkdir()
+    torch.save({"weights": {}, "optimizer": {}, "epoch": 0, "payload": _Payload()}, tmp_path / "state" / "plugin.pt")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        train_plugin(model, tmp_path, index, S_FDC, progress=False)
+
+
 # ---- evaluation: fvgpt.evaluate.evaluate ---------------------------------------------------------------------------
 def expected_rows(backbone, model: FVGPTModel, samples: list[Sample], ctx: torch.Tensor) -> tuple[dict, dict]:
     """What evaluate must report, from open_clip's forward and the equations; and each row's logits per split."""
@@ -377,7 +398,41 @@ def expected_rows(backbone, model: FVGPTModel, samples: list[Sample], ctx: torch
                 for t in (1, 2)}
         metrics[row] = {"base": acc["base"], "new": acc["new"], "hm": hm, "d_fg": d_fg}
         logits[row] = (heads["base"][base_head], heads["new"][new_head])
+    metrics["gates"] = expected_gates(weights, heads, masks[is_base][on_masked], target, on_masked)
     return metrics, logits
+
+
+def expected_gates(weights: dict, heads: dict, masks: torch.Tensor, target: dict, on_masked) -> dict:
+    """The gate statistics evaluate reports: the FRG's r on the masked base images against r* = 1[CE_fg < CE_full]
+    (E1–E3), and the BRG's b per split, overall and where only one of z_full and z_CLIP is right (E9–E10)."""
+    def stats(v):  # mean, population std, count; None for no values
+        return {"mean": v.mean().item(), "std": v.std(unbiased=False).item(), "n": len(v)} if len(v) else None
+
+    z_full, z_fg, y = heads["base"]["z_full"][on_masked], heads["fg"]["z_full"], target["base"][on_masked]
+    area = masks.double().flatten(1).mean(1)
+    r = torch.sigmoid(ref.gate_logit(ref.frg_inputs(z_full, z_fg, area), weights, "frg"))
+    r_star = ref.ce(z_fg, y) + ref.DELTA < ref.ce(z_full, y)
+    frg = {"r": stats(r), "r_star_rate": r_star.double().mean().item(), "r_when_r_star_1": stats(r[r_star]),
+           "r_when_r_star_0": stats(r[~r_star]), "agreement": ((r > 0.5) == r_star).double().mean().item()}
+    brg = {}
+    for split in ("base", "new"):
+        h, y = heads[split], target[split]
+        full_right, clip_right = h["z_full"].argmax(-1) == y, h["z_clip"].argmax(-1) == y
+        brg[split] = {"b": stats(h["b"]), "b_when_only_clip_right": stats(h["b"][clip_right & ~full_right]),
+                      "b_when_only_full_right": stats(h["b"][full_right & ~clip_right])}
+    return {"frg": frg, "brg": brg}
+
+
+def assert_close_tree(got, want, path: str = "") -> None:
+    """Nested dicts of floats (and ints, None) equal within 1e-5 relative, 1e-6 absolute; counts exactly."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), (path, got, want)
+        for key in want:
+            assert_close_tree(got[key], want[key], f"{path}.{key}")
+    elif want is None or isinstance(want, int):
+        assert got == want, (path, got, want)
+    else:
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6), path
 
 
 @pytest.mark.parametrize("fill", ["mean", "black"])
@@ -396,11 +451,13 @@ def test_evaluation_reports_every_row_from_the_right_head(backbone, index, tmp_p
     seen = []
     real_accuracy = fvgpt.evaluate.accuracy
     monkeypatch.setattr(fvgpt.evaluate, "accuracy", lambda z, y: seen.append(z.detach().clone()) or real_accuracy(z, y))
+    monkeypatch.setenv("FVGPT_PROGRESS_EVERY_S", "0")  # progress lines, if any were on, would print at every batch
     result = evaluate(model, idx, batch_size=4, progress=False)
-    assert capsys.readouterr() == ("", "")  # progress=False: no bar
+    assert capsys.readouterr() == ("", "")  # progress=False: no bar, no lines
 
     want, logits = expected_rows(backbone, model, test, ctx)
     assert result["test_images"] == {"base": 9, "new": 9, "base_with_mask": 7, "unreadable": 4}
+    assert_close_tree(result["gates"], want.pop("gates"), "gates")
     assert set(result["models"]) == set(want)
     for row, expected in want.items():
         got = result["models"][row]
@@ -420,6 +477,18 @@ def test_evaluation_reports_every_row_from_the_right_head(backbone, index, tmp_p
         assert len(match) == 1, "evaluate scored logits that are no row's head"
         unmatched.pop(match[0])
     assert not unmatched
+
+
+def test_gate_statistics_without_the_frg(backbone, index):
+    """The FRG ablation: evaluation reports the r ≡ 1 that training used, and r > ½ agrees exactly where r* = 1."""
+    classes = base_split(index.classnames)
+    model = FVGPTModel(backbone, classes, TrainConfig(data="unused", frg=False),
+                       PromptLearner(context(5)).requires_grad_(False))
+    perturb(model.new_plugin(S_FDC), 3)
+    test = [x for x in index.test if classes.base[x.label] and x.mask is not None][:4]
+    frg = evaluate(model, dataclasses.replace(index, test=test), progress=False)["gates"]["frg"]
+    assert frg["r"] == {"mean": 1.0, "std": 0.0, "n": 4}
+    assert frg["agreement"] == frg["r_star_rate"]
 
 
 def test_evaluation_edge_cases(backbone, index, tmp_path):
@@ -450,7 +519,7 @@ def test_evaluation_shows_a_progress_bar_by_default(backbone, index, capsys, mon
     model = FVGPTModel(backbone, ClassSplit.paper(index.classnames), TrainConfig(data="unused"))
     evaluate(model, dataclasses.replace(index, test=index.test[:2]))
     err = capsys.readouterr().err
-    assert re.search(r"(^|\r)eval: ", err) and err.endswith("\r")  # shown, then cleared
+    assert re.search(r"(^|\r)eval: ", err) and err.endswith("\r") and "batch/s" in err  # shown, then cleared
 
 
 def test_format_table():

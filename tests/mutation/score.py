@@ -51,6 +51,11 @@ EQUIVALENT: dict[tuple[str, str], str] = {
      'labels.append(batch["label"].to(None))'): CPU,
     ("fvgpt.evaluate.x__features", 'has_mask.append(batch["has_mask"].to(bb.device)) → '
      'has_mask.append(batch["has_mask"].to(None))'): CPU,
+    ("fvgpt.evaluate.x__features", 'areas.append(batch["mask"].to(bb.device).mean(dim=(1, 2, 3))) → '
+     'areas.append(batch["mask"].to(None).mean(dim=(1, 2, 3)))'): CPU,
+    ("fvgpt.evaluate.x__features", "num_workers=model.cfg.workers) → )"):
+        "the tests load in the main process (workers = 0, the config's default and DataLoader's); what a worker "
+        "process reads is the same",
     ("fvgpt.evaluate.x_evaluate", "is_base = torch.tensor(split.base, device=f.device)[labels] → "
      "is_base = torch.tensor(split.base, device=None)[labels]"): CPU,
     ("fvgpt.evaluate.x_evaluate", "is_base = torch.tensor(split.base, device=f.device)[labels] → "
@@ -90,9 +95,6 @@ EQUIVALENT: dict[tuple[str, str], str] = {
     ("fvgpt.train.x__run_stage", "state = torch.load(state_path, map_location=cfg.device, weights_only=True) → "
      "state = torch.load(state_path, map_location=cfg.device, weights_only=None)"):
         "torch ≥ 2.6 loads with weights_only=True by default (the project needs torch ≥ 2.13)",
-    ("fvgpt.train.x__run_stage", "state = torch.load(state_path, map_location=cfg.device, weights_only=True) → "
-     "state = torch.load(state_path, map_location=cfg.device, weights_only=False)"):
-        "the file is the stage's own checkpoint of tensors and ints, which both loaders read the same",
     ("fvgpt.train.x__run_stage", "state = torch.load(state_path, map_location=cfg.device, weights_only=True) → "
      "state = torch.load(state_path, map_location=cfg.device, )"):
         "torch ≥ 2.6 loads with weights_only=True by default (the project needs torch ≥ 2.13)",
