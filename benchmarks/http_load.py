@@ -221,7 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model-only reference (needs the bundle the service runs)")
     g.add_argument("--bundle", help="bundle dir: measure tower + heads before and after the load and report "
                                     "each level as a ratio to it")
-    g.add_argument("--precision", help="tower precision the service runs (default: the bundle's default)")
+    g.add_argument("--runtime", default="auto", help="tower runtime the service runs, as `fvgpt serve --runtime` "
+                                                     "(default auto: the tuning profile's choice, else ONNX Runtime)")
+    g.add_argument("--precision", help="tower precision the service runs, as `fvgpt serve --precision` (default: "
+                                      "the tuning profile's choice, else the bundle's default)")
     g.add_argument("--model-batch", type=int, default=8, help="batch size of the model-only measurement: the "
                                                               "service's batch size (default 8)")
     g.add_argument("--model-iters", type=int, default=10, help="timed tower + heads calls each time (default 10)")
@@ -254,8 +257,12 @@ def run(args) -> dict:
 
         if not Path(args.bundle).exists():
             raise BenchError(f"bundle {args.bundle} does not exist")
+        from fvgpt_runtime.tuning import choose_tower
+
         bundle = Bundle(args.bundle)
-        tower = bundle.tower(args.precision)
+        # the tower `fvgpt serve` runs for these flags: the tuning profile's choice where it applies here
+        tower, choice = choose_tower(bundle.path, bundle.manifest, args.runtime, args.precision)
+        print(f"model-only reference: {choice.runtime}-{choice.precision} ({choice.reason})")
     photos = photo_bytes()
     bodies = [multipart(photos, i, args.images_per_request) for i in range(len(photos))]
     check_service(target, bodies[0], args.timeout)
@@ -265,7 +272,8 @@ def run(args) -> dict:
     reference = None
     if bundle is not None:
         pixels = decode_batch(photos, args.model_batch, bundle.preprocess)
-        reference = {"batch": args.model_batch, "precision": tower.precision, "provider": tower.provider,
+        reference = {"batch": args.model_batch, "runtime": tower.runtime, "precision": tower.precision,
+                     "provider": tower.provider,
                      "iters": args.model_iters,
                      "before_images_per_s": model_only(bundle, tower, pixels, args.model_iters)}
     rows = []

@@ -206,6 +206,7 @@ def test_http_load_against_double(double, tiny_zero_shot_bundle, tmp_path):
             assert row[key] > 0, key
     ref = report["model_only"]
     assert ref["batch"] == 2 and ref["before_images_per_s"] > 0 and ref["after_images_per_s"] > 0
+    assert (ref["runtime"], ref["precision"]) == ("onnx", "fp32")  # no tuning profile: what serve runs by default
     assert handler.seen == [1] * (2 + 24)  # warm-up + both levels, one photo each, nothing more
 
 
