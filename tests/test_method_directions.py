@@ -145,6 +145,31 @@ def test_every_term_of_the_objective(overrides):
     assert all(not v.requires_grad for k, v in out.items() if k != "loss") and out["loss"].requires_grad
 
 
+def test_the_ablation_switches():
+    """frg=False: every usable foreground view is the teacher (r = 1 there, 0 elsewhere) and L_FRG is a zero scalar;
+    prior_calibration=False: L_PC is a zero scalar, so the objective is L_base alone (benchmarks.method's ablations)."""
+    torch.manual_seed(0)
+    plugin = FVGPTPlugin(16, 8, 32, 1e-3, 10.0, 2.0)
+    z, b, area, has_mask, y = _objective_inputs(21)
+    heads = Heads(z["z_full"], z["z_clip"], z["z_fdc"], z["z_pc"], b)
+    usable = (has_mask.bool() & (area >= 0.02) & (area <= 0.98)).double()
+    assert 0 < usable.sum() < 8
+    no_frg = plugin_objective(plugin, heads, z["z_fg"], area, has_mask, y, TrainConfig(data="unused", frg=False))
+    dist = (usable * ref.kl(z["z_fg"], z["z_fdc"], 2.0) + (1 - usable) * ref.kl(z["z_full"], z["z_fdc"], 2.0)).mean()
+    base = ref.ce(z["z_fdc"], y).mean() + 10.0 * dist
+    pc = ref.ce(z["z_pc"], y).mean() + ref.kl(z["z_clip"], z["z_pc"], 2.0).mean()
+    assert no_frg["frg"].shape == () and no_frg["frg"] == 0 and torch.allclose(no_frg["r"].double(), usable.mean())
+    for key, value in (("dist", dist), ("base", base), ("pc", pc), ("loss", base + pc)):
+        assert torch.allclose(no_frg[key].double(), value, rtol=1e-5, atol=1e-6), key
+    full = ref.loss_terms(plugin.state_dict(), z["z_full"], z["z_fg"], z["z_clip"], z["z_fdc"], z["z_pc"], b, area,
+                          has_mask, y)
+    no_pc = plugin_objective(plugin, heads, z["z_fg"], area, has_mask, y,
+                             TrainConfig(data="unused", prior_calibration=False))
+    assert no_pc["pc"].shape == () and no_pc["pc"] == 0 and full["pc"] > 0
+    for key, value in (("base", full["base"]), ("frg", full["frg"]), ("dist", full["dist"]), ("loss", full["base"])):
+        assert torch.allclose(no_pc[key].double(), value, rtol=1e-5, atol=1e-6), key
+
+
 def test_a_batch_without_usable_masks_keeps_the_gate_in_the_graph():
     cfg = TrainConfig(data="unused")
     plugin = FVGPTPlugin(16, 8, 32, 1e-3, 10.0, cfg.tau)

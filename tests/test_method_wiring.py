@@ -491,6 +491,47 @@ def test_gate_statistics_without_the_frg(backbone, index):
     assert frg["agreement"] == frg["r_star_rate"]
 
 
+def test_prior_calibration_off_makes_the_new_head_z_full(backbone, index):
+    """prior_calibration=False: z_PC is z_full (fp32) and b ≡ 0, one per image, in heads() and new_head() alike."""
+    classes = base_split(index.classnames)
+    for switch in (True, False):
+        model = FVGPTModel(backbone, classes, TrainConfig(data="unused", prior_calibration=switch),
+                           PromptLearner(context(5)).requires_grad_(False))
+        perturb(model.new_plugin(S_FDC), 4)
+        tables = model.tables(classes.new_names)
+        f = torch.nn.functional.normalize(torch.randn(7, tables.learned.shape[-1],
+                                                      generator=torch.Generator().manual_seed(9)), dim=-1)
+        heads = model.heads(f, tables)
+        z_pc, b = model.new_head(f, tables.learned, tables.clip)
+        assert len(classes.new_names) != 7 and b.shape == heads.b.shape == (7,)
+        assert torch.equal(z_pc, heads.z_pc) and torch.equal(b, heads.b)
+        if switch:
+            assert b.min() > 0 and not torch.equal(z_pc, heads.z_full.float())
+        else:
+            assert not b.any() and torch.equal(z_pc, heads.z_full.float())
+
+
+def test_gate_statistics_where_a_gate_sits_on_one_half(backbone, index):
+    """An FRG whose output layer is zero gives r = ½ exactly: "r > ½" is then false on every image, so the agreement
+    with r* is the share of r* = 0; with no masked base image every FRG statistic is None, and with no new test image
+    every new-split BRG statistic is None (never NaN)."""
+    classes = base_split(index.classnames)
+    model = FVGPTModel(backbone, classes, TrainConfig(data="unused"), PromptLearner(context(5)).requires_grad_(False))
+    plugin = model.new_plugin(S_FDC)
+    perturb(plugin, 5)
+    with torch.no_grad():
+        plugin.frg.mlp[2].weight.zero_()
+        plugin.frg.mlp[2].bias.zero_()
+    masked = [x for x in index.test if classes.base[x.label] and x.mask is not None][:6]
+    frg = evaluate(model, dataclasses.replace(index, test=masked), progress=False)["gates"]["frg"]
+    assert frg["r"] == {"mean": 0.5, "std": 0.0, "n": 6} and frg["agreement"] == pytest.approx(1 - frg["r_star_rate"])
+    unmasked = [Sample(x.path, x.label, None) for x in masked]
+    gates = evaluate(model, dataclasses.replace(index, test=unmasked), progress=False)["gates"]
+    assert gates["frg"] == dict.fromkeys(("r", "r_star_rate", "r_when_r_star_1", "r_when_r_star_0", "agreement"))
+    assert gates["brg"]["new"] == dict.fromkeys(("b", "b_when_only_clip_right", "b_when_only_full_right"))
+    assert gates["brg"]["base"]["b"]["n"] == 6
+
+
 def test_evaluation_edge_cases(backbone, index, tmp_path):
     """A split without new classes has no New/HM; no base image with a mask means no D_fg; without a plugin there is
     no fvgpt row; the stage-1 row is named after the method; nothing readable stops with an error."""

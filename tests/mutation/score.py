@@ -37,6 +37,7 @@ CPU = ("device placement: the tests run on CPU, where .to(None), device=None or 
        "where it already is; a run on CUDA would kill it")
 BATCH = ("evaluation is per image: the batch size only sets how many images go through the tower per call, never a "
          "result")
+TWO_D = "the logits are 2-D (images × classes): axis 1 is the last axis"
 # (function, "original → mutated" line as `mutmut show` prints it) → why no test on this host can kill it
 EQUIVALENT: dict[tuple[str, str], str] = {
     ("fvgpt.evaluate.x__features", 'loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, '
@@ -108,6 +109,25 @@ EQUIVALENT: dict[tuple[str, str], str] = {
     ("fvgpt.train.x__run_stage", "opt.zero_grad(set_to_none=True) → opt.zero_grad(set_to_none=False)"):
         "every plugin parameter gets a gradient in every step (a batch without usable masks keeps the FRG in the "
         "graph with a zero term), so zeroed and None gradients give the same SGD step",
+    ("fvgpt.evaluate.x__brg_statistics", "full_right, clip_right = heads.z_full.argmax(-1) == target, "
+     "heads.z_clip.argmax(-1) == target → full_right, clip_right = heads.z_full.argmax(+1) == target, "
+     "heads.z_clip.argmax(-1) == target"): TWO_D,
+    ("fvgpt.evaluate.x__brg_statistics", "full_right, clip_right = heads.z_full.argmax(-1) == target, "
+     "heads.z_clip.argmax(-1) == target → full_right, clip_right = heads.z_full.argmax(-1) == target, "
+     "heads.z_clip.argmax(+1) == target"): TWO_D,
+    ("fvgpt.model.xǁFVGPTModelǁ_calibrate", "return z_full.float(), torch.zeros(z_full.shape[0], device=z_full.device) "
+     "→ return z_full.float(), torch.zeros(z_full.shape[0], device=None)"): CPU,
+    ("fvgpt.model.xǁFVGPTModelǁ_calibrate", "return z_full.float(), torch.zeros(z_full.shape[0], device=z_full.device) "
+     "→ return z_full.float(), torch.zeros(z_full.shape[0], )"): CPU,
+    ("fvgpt.losses.x_plugin_objective", "r, l_frg = usable.float(), torch.zeros((), device=labels.device) → "
+     "r, l_frg = usable.float(), torch.zeros((), device=None)"): CPU,
+    ("fvgpt.losses.x_plugin_objective", "r, l_frg = usable.float(), torch.zeros((), device=labels.device) → "
+     "r, l_frg = usable.float(), torch.zeros((), )"): CPU,
+    ("fvgpt.losses.x_plugin_objective", "else torch.zeros((), device=labels.device))  # ablation: the new head is "
+     "z_full, nothing to train → else torch.zeros((), device=None))  # ablation: the new head is z_full, nothing to "
+     "train"): CPU,
+    ("fvgpt.losses.x_plugin_objective", "else torch.zeros((), device=labels.device))  # ablation: the new head is "
+     "z_full, nothing to train → else torch.zeros((), ))  # ablation: the new head is z_full, nothing to train"): CPU,
     ("fvgpt.train.x_train_plugin", 'return model.plugin_loss(batch["img"].to(dev), batch["mask"].to(dev), '
      'batch["has_mask"].to(dev), → return model.plugin_loss(batch["img"].to(None), batch["mask"].to(dev), '
      'batch["has_mask"].to(dev),'): CPU,
