@@ -303,6 +303,7 @@ def check_log(record: dict, losses: list[tuple[float, int]]) -> None:
         assert 6 / (r["seconds"] + 0.0005) - 0.01 <= r["images_per_s"] <= 6 / (r["seconds"] - 0.0005) + 0.01
         # the roundings docs/run-dir.md states: seconds to the ms, images/s to 2 decimals, loss terms to 6
         assert r["seconds"] == round(r["seconds"], 3) and r["images_per_s"] == round(r["images_per_s"], 2)
+        assert isinstance(r["images_per_s"], float)  # a rate, not an int rounded to the unit
         assert all(r[k] == round(r[k], 6) for k in ("loss", "base", "frg", "dist", "pc", "r", "r_star", "b"))
     state = torch.load(run_dir / "state" / "plugin.pt", weights_only=True)
     assert state["epoch"] == 3 and all(torch.equal(state["weights"][k], v)

@@ -54,6 +54,10 @@ EQUIVALENT: dict[tuple[str, str], str] = {
      'has_mask.append(batch["has_mask"].to(None))'): CPU,
     ("fvgpt.evaluate.x__features", 'areas.append(batch["mask"].to(bb.device).mean(dim=(1, 2, 3))) → '
      'areas.append(batch["mask"].to(None).mean(dim=(1, 2, 3)))'): CPU,
+    ("fvgpt.train.x__base_loader", "collate_fn=collate, num_workers=cfg.workers, drop_last=False) → "
+     "collate_fn=collate, drop_last=False)"):
+        "the tests load in the main process (workers = 0, the config's default and DataLoader's); what a worker "
+        "process reads is the same",
     ("fvgpt.evaluate.x__features", "num_workers=model.cfg.workers) → )"):
         "the tests load in the main process (workers = 0, the config's default and DataLoader's); what a worker "
         "process reads is the same",
