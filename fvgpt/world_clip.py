@@ -186,6 +186,6 @@ def probe(backbone: Backbone, images: int = 400, seed: int = 12345) -> dict:
 
 def world_train_settings() -> dict:
     """TrainConfig fields the demo and benchmarks.method set for the world (the rest are the paper's defaults):
-    the micro-CLIP, and random crops that keep at least half of the image, because the world's objects cover 7–30 %
+    the micro-CLIP, and random crops that keep at least half of the image, because the world's objects cover 12–40 %
     of it and the paper's 8 % crops (made for photos whose object fills the frame) would often cut the object out."""
     return {"model": WORLD_MODEL, "crop_scale": 0.5}
