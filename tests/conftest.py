@@ -127,6 +127,8 @@ def world_run(tmp_path_factory) -> Path:
     """A finished two-stage run of the pretrained micro-CLIP (the committed checkpoint) on a small world task (4 base,
     4 new classes). Its logits are decided, unlike the random fvgpt-tiny's near-ties, so an int8 tower's top-1 can be
     held to the gate. Treat as read-only."""
+    if not HAVE_TORCH:
+        pytest.skip(f"training {TORCH_MISSING}")
     from fvgpt.config import TrainConfig
     from fvgpt.train import train
     from fvgpt.world import TaskSpec, base_classes, make_task
@@ -140,12 +142,13 @@ def world_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_openvino_bundle(world_run, tmp_path_factory) -> Path:
+def tiny_openvino_bundle(request, tmp_path_factory) -> Path:
     """int8 FVG-PT bundle from world_run with the OpenVINO variants (fp32, bf16 where the CPU has it, NNCF int8).
     Treat as read-only, except for its tuning profile."""
     pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install '.[openvino]')")
+    run = request.getfixturevalue("world_run")  # after the skip: a torch-free install has neither
     from fvgpt_export.build import ExportOptions, export_run
 
-    return export_run(world_run, tmp_path_factory.mktemp("bundles") / "openvino",
+    return export_run(run, tmp_path_factory.mktemp("bundles") / "openvino",
                       ExportOptions(precision="int8", openvino=True, progress=False, parity_images=16,
                                     calibration_images=16))
