@@ -277,8 +277,7 @@ def _add_world(sub) -> None:
     t = actions.add_parser("task", help="write a base-to-new few-shot task (ImageFolder + mask/ + task.json)",
                            description="Writes OUT/{train,test}/<class>/<i>.png, exact masks in OUT/mask/..., and "
                                        "OUT/task.json; prints the classes and the `fvgpt train` options to use.")
-    from .world import TaskSpec, add_options
-    from .world_clip import PretrainConfig
+    from .world import PretrainConfig, TaskSpec, add_options  # torch-free: the parser builds on a serving host
 
     add_options(t, TaskSpec)
     t.add_argument("--out", required=True, help="folder to write the task into")
@@ -307,8 +306,8 @@ def _world_task(args) -> int:
 def _world_pretrain(args) -> int:
     import json
 
-    from .world import from_args
-    from .world_clip import PretrainConfig, pretrain_world_clip
+    from .world import PretrainConfig, from_args
+    from .world_clip import pretrain_world_clip
 
     record = pretrain_world_clip(args.out, from_args(PretrainConfig, args), progress=not args.quiet)
     Path(f"{args.out}.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from .config import option
-from .data import MASK_DIR
+from .datasets import MASK_DIR
 from .errors import FVGPTError
 from .labels import display_name
 
@@ -445,3 +445,27 @@ def describe(root: str | Path) -> str:
     for c in doc["classes"]:
         lines.append(f"  {'base' if c['base'] else 'new '}  {display_name(c['name']):<26} favours {c['scene']}")
     return "\n".join(lines)
+
+
+# ---- the micro-CLIP's pretraining settings (fvgpt.world_clip runs it; here so the CLI builds without torch) ----
+
+WORLD_MODEL = "fvgpt-micro"
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """The defaults are the committed checkpoint's settings (fvgpt/weights/README.md)."""
+
+    model: str = option(WORLD_MODEL, "open_clip model to train from random init", "pretrain")
+    steps: int = option(1800, "optimiser steps", "pretrain")
+    batch: int = option(64, "(image, caption) pairs per step, drawn afresh every step", "pretrain")
+    lr: float = option(2e-3, "AdamW peak learning rate", "pretrain")
+    warmup: float = option(0.05, "fraction of the steps with a linear warm-up (then cosine to 0)", "pretrain")
+    weight_decay: float = option(0.1, "AdamW weight decay of the weight matrices", "pretrain")
+    batch_scenes: int = option(2, "scenes per batch: the rest of a batch differs in the object (hard negatives)",
+                               "pretrain")
+    seed: int = option(0, "seeds the init and every drawn pair", "pretrain")
+    threads: int = option(1, "torch threads: the ops of a micro model are too small to share, and one thread "
+                             "gives the same bytes on any machine with this torch and CPU architecture", "pretrain")
+    probe_every: int = option(200, "steps between zero-shot probes recorded along the way (0: only at the end)",
+                              "pretrain")

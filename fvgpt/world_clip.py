@@ -12,7 +12,7 @@ import hashlib
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -23,30 +23,11 @@ from .config import option
 from .errors import FVGPTError
 from .labels import ZERO_SHOT_TEMPLATE
 from .rundir import atomic_save_tensors
-from .world import ALL_KINDS, BACKDROP, SCENE_WORDS, SCENES, render, sample_pair, seeded_rng
+from .world import (ALL_KINDS, BACKDROP, SCENE_WORDS, SCENES, WORLD_MODEL, PretrainConfig, render, sample_pair,
+                    seeded_rng)
 
-WORLD_MODEL = "fvgpt-micro"
 CHECKPOINT = Path(__file__).resolve().parent / "weights" / "fvgpt-micro-world.safetensors"
 CHECKPOINT_SHA256 = "04a8d608aef1c47995d6df50cf45a6cf3ee735b55b6042732222c4e26801dc9f"  # fvgpt/weights/README.md
-
-
-@dataclass(frozen=True)
-class PretrainConfig:
-    """The defaults are the committed checkpoint's settings (fvgpt/weights/README.md)."""
-
-    model: str = option(WORLD_MODEL, "open_clip model to train from random init", "pretrain")
-    steps: int = option(1800, "optimiser steps", "pretrain")
-    batch: int = option(64, "(image, caption) pairs per step, drawn afresh every step", "pretrain")
-    lr: float = option(2e-3, "AdamW peak learning rate", "pretrain")
-    warmup: float = option(0.05, "fraction of the steps with a linear warm-up (then cosine to 0)", "pretrain")
-    weight_decay: float = option(0.1, "AdamW weight decay of the weight matrices", "pretrain")
-    batch_scenes: int = option(2, "scenes per batch: the rest of a batch differs in the object (hard negatives)",
-                               "pretrain")
-    seed: int = option(0, "seeds the init and every drawn pair", "pretrain")
-    threads: int = option(1, "torch threads: the ops of a micro model are too small to share, and one thread "
-                             "gives the same bytes on any machine with this torch and CPU architecture", "pretrain")
-    probe_every: int = option(200, "steps between zero-shot probes recorded along the way (0: only at the end)",
-                              "pretrain")
 
 
 def file_sha256(path: str | Path) -> str:

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = {"fvgpt": REPO / "fvgpt", "fvgpt_runtime": REPO / "runtime", "fvgpt_export": REPO / "export",
             "fvgpt_serving": REPO / "serving", "benchmarks": REPO / "benchmarks"}
 TORCH_FREE_CORE = {"fvgpt", "fvgpt.errors", "fvgpt.labels", "fvgpt.classes", "fvgpt.preprocess", "fvgpt.config",
-                   "fvgpt.datasets", "fvgpt.photos"}
+                   "fvgpt.datasets", "fvgpt.photos", "fvgpt.progress", "fvgpt.world"}
 TORCH = {"torch", "torchvision", "open_clip"}
 FOLDER_NAMES = {"export", "serving", "runtime"}  # never importable names of installed code
 # benchmark scripts on the serving hot path: they measure the runtime, so they may not pull torch in
@@ -101,10 +101,10 @@ def test_the_checker_sees_a_violation(tmp_path, monkeypatch):
 
 BLOCKER = textwrap.dedent("""
     # sitecustomize for the torch-free test: every process of the server starts with these modules unimportable
-    import sys
+    import os, sys
 
     class _Block:
-        BLOCKED = ("torch", "torchvision", "open_clip", "fvgpt_export")
+        BLOCKED = tuple(os.environ.get("FVGPT_TEST_BLOCKED", "torch,torchvision,open_clip,fvgpt_export").split(","))
 
         def find_spec(self, name, path=None, target=None):
             if name.split(".")[0] in self.BLOCKED:
@@ -129,6 +129,16 @@ def test_runtime_and_serving_import_without_torch(torch_blocked_env):
     proc = subprocess.run([sys.executable, "-c", code], env=torch_blocked_env, capture_output=True, text=True,
                           cwd=REPO.parent, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("command", [["--help"], ["serve", "--help"], ["validate", "--help"], ["world", "task", "--help"]])
+def test_the_command_line_builds_without_torch(torch_blocked_env, command):
+    """A serving host has no torch: `fvgpt` must still build its whole parser (every subcommand's options)."""
+    # a torch-free install still has the exporter's CLI registration, which needs no torch either
+    env = torch_blocked_env | {"FVGPT_TEST_BLOCKED": "torch,torchvision,open_clip"}
+    proc = subprocess.run([sys.executable, "-m", "fvgpt.cli", *command], env=env, capture_output=True, text=True,
+                          cwd=REPO.parent, timeout=120)
+    assert proc.returncode == 0 and "usage: fvgpt" in proc.stdout, proc.stderr[-3000:]
 
 
 @pytest.mark.slow
