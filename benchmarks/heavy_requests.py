@@ -37,7 +37,7 @@ if not __package__:  # `python benchmarks/heavy_requests.py`: make the repo impo
 
 from benchmarks.common import (BenchError, command_line, library_versions, load_average, machine_info, photo_bytes,
                                run_and_write, server_processes, utc_now)
-from benchmarks.soak import Server, encode_png, tiny_bundle
+from benchmarks.soak import Server, heavy_pngs, tiny_bundle
 
 MODULES = {"fvgpt": "fvgpt", "fvgpt_runtime": "runtime", "fvgpt_export": "export", "fvgpt_serving": "serving"}
 ADMIT_PIXELS = 1_000_000_000
@@ -145,16 +145,11 @@ def measure(server: Server, heavy: list, body: bytes, photo: bytes) -> dict:
 
 
 def run(args) -> dict:
-    import numpy as np
-    from PIL import Image
-
     load_start = load_average()
     work = Path(tempfile.mkdtemp(prefix="fvgpt-heavy-"))
     bundle = Path(args.bundle) if args.bundle else tiny_bundle(work)
-    side = 7000
-    grey = encode_png(Image.fromarray(np.tile(np.arange(side, dtype=np.uint8), (side, 1)), "L"))
+    grey, body = heavy_pngs()
     heavy = [("images", (f"g{i}.png", grey, "image/png")) for i in range(16)]
-    body = encode_png(Image.fromarray(np.random.default_rng(0).integers(0, 255, (3000, 3000, 3), dtype=np.uint8)))
     photo = photo_bytes()[1][1]
     clean = {k: v for k, v in os.environ.items() if not k.startswith("FVGPT_") and k != "PYTHONPATH"}
     variants = [("current", clean), ("current-admit", clean | {"FVGPT_MAX_REQUEST_PIXELS": str(ADMIT_PIXELS)})]

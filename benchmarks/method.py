@@ -42,11 +42,11 @@ METHODS: dict[str, tuple[str, dict | None, str]] = {
     "fvgpt_coop_no_dist": ("coop", {"lambda_d": 0.0}, "fvgpt"),
     "fvgpt_coop_no_pc": ("coop", {"prior_calibration": False}, "fvgpt"),
 }
-# the plugin runs: (stage-1 learner, variant name, settings); zero-shot and the stage-1 rows come from the full ones
+# the plugin runs: name → (stage-1 learner, settings); zero-shot and the stage-1 rows come from the full runs
 VARIANTS = {name: (learner, settings) for name, (learner, settings, row) in METHODS.items() if row == "fvgpt"}
 # TrainConfig fields that are per task or seed, or say nothing about the method
-UNRECORDED = ("data", "dataset", "root", "seed", "shots", "base_classes", "pretrained", "split_file", "image_dir", "test_fraction",
-              "workers", "init_seed", "device", "method", "ctx_init", "prompt_augment")
+UNRECORDED = ("data", "dataset", "root", "seed", "shots", "base_classes", "pretrained", "split_file", "image_dir",
+              "test_fraction", "workers", "init_seed", "device", "method", "ctx_init", "prompt_augment")
 QUICK = {"classes": 4, "shots": 2, "test_images": 8, "epochs": 1, "seeds": [1, 2], "sensitivity": [0.0]}
 
 
@@ -103,15 +103,15 @@ def checkpoint(path: str | None) -> Path:
     return Path(path) if path else verified_checkpoint()
 
 
-def run_cell(task, cfg, runs: Path, progress: bool) -> dict[str, dict]:
+def run_cell(cfg, runs: Path, progress: bool) -> dict[str, dict]:
     """Every method on one task and seed: {method: evaluate() row, plus "gates" for the plugin rows and
     "train_s"}."""
-    from fvgpt.data import load_index
+    from fvgpt.data import index_for
     from fvgpt.evaluate import evaluate
     from fvgpt.rundir import load_run, read_config, write_config
     from fvgpt.train import train
 
-    index = load_index(task, cfg.shots, cfg.seed)
+    index = index_for(cfg, draw=False)  # evaluation reads only the test list
     results: dict[str, dict] = {}
     for learner in ("coop", "kgcoop"):
         stage1 = runs / learner
@@ -258,7 +258,7 @@ def run(args) -> dict:
 
     from fvgpt.config import TrainConfig
     from fvgpt.world import TaskSpec, base_classes, from_args, make_task
-    from fvgpt.world_clip import WORLD_MODEL, world_train_settings
+    from fvgpt.world import WORLD_MODEL, world_train_settings
 
     torch.set_num_threads(args.threads)
     ckpt = checkpoint(args.pretrained)
@@ -282,7 +282,7 @@ def run(args) -> dict:
             cfg = TrainConfig(**(world_train_settings() | epochs), data=str(task), pretrained=str(ckpt),
                               shots=spec.shots, seed=seed, base_classes=base_classes(task))
             print(f"correlation {rate:g}, seed {seed}", flush=True)
-            cells[seed] = run_cell(task, cfg, out / "runs" / f"corr{rate:g}-seed{seed}", progress=not args.quick)
+            cells[seed] = run_cell(cfg, out / "runs" / f"corr{rate:g}-seed{seed}", progress=not args.quick)
     seconds = time.perf_counter() - t_start
     main_key = f"{main_spec.correlation:g}"
     rows = [{"correlation": float(rate), "method": m, "seed": seed,

@@ -122,6 +122,18 @@ def encode_png(image) -> bytes:
     return buf.getvalue()
 
 
+def heavy_pngs() -> tuple[bytes, bytes]:
+    """The heavy inputs of the soak and of heavy_requests: a 7000² grey gradient (47 KB on the wire, 49 M pixels to
+    decode) and a 3000² RGB noise image (a 26 MiB body)."""
+    import numpy as np
+    from PIL import Image
+
+    side = 7000
+    grey = encode_png(Image.fromarray(np.tile(np.arange(side, dtype=np.uint8), (side, 1)), "L"))
+    noise = encode_png(Image.fromarray(np.random.default_rng(0).integers(0, 255, (3000, 3000, 3), dtype=np.uint8)))
+    return grey, noise
+
+
 def expected_answers(bundle_dir: Path, photos: list[bytes]) -> dict:
     """(photo index, label set index) → (labels ranked, probabilities): the bundle alone, one image at a time."""
     from PIL import Image
@@ -319,12 +331,8 @@ def kill_encoder(soak: Soak, server: Server) -> None:
 
 def big_inputs(soak: Soak, url: str, timeout_s: float) -> None:
     import httpx
-    import numpy as np
-    from PIL import Image
 
-    side = 7000
-    grey = encode_png(Image.fromarray(np.tile(np.arange(side, dtype=np.uint8), (side, 1)), "L"))
-    noise = encode_png(Image.fromarray(np.random.default_rng(0).integers(0, 255, (3000, 3000, 3), dtype=np.uint8)))
+    grey, noise = heavy_pngs()
     jobs = [[("images", (f"g{i}.png", grey)) for i in range(16)]] * 4 + [[("images", ("n.png", noise))]] * 16
     t0 = time.time()
 

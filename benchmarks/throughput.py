@@ -31,17 +31,16 @@ if not __package__:  # `python benchmarks/throughput.py`: make the repo importab
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
+from fvgpt_runtime.manifest import TOWER_RUNTIMES
 
 from benchmarks.common import (BenchError, command_line, decode_batch, int_list, latency_summary, library_versions,
                                load_average, machine_info, photo_bytes, usable_cores, utc_now, write_outputs)
 
 BASELINE = "eager-fp32"
 TORCH_DTYPES = ("fp32", "fp16", "bf16")
-BUNDLE_PRECISIONS = ("fp32", "fp16", "int8")
-OPENVINO_PRECISIONS = ("fp32", "bf16", "int8")
 RUNTIMES = ([f"eager-{p}" for p in TORCH_DTYPES] + [f"compile-{p}" for p in TORCH_DTYPES]
-            + [f"onnx-{p}" for p in BUNDLE_PRECISIONS] + [f"openvino-{p}" for p in OPENVINO_PRECISIONS]
-            + [f"tensorrt-{p}" for p in BUNDLE_PRECISIONS])
+            + [f"{runtime}-{p}" for runtime, precisions in TOWER_RUNTIMES.items() for p in precisions]
+            + [f"tensorrt-{p}" for p in TOWER_RUNTIMES["onnx"]])  # engines are built from the ONNX graphs
 ENGINES = {"eager": "torch-eager", "compile": "torch-compile", "onnx": "onnxruntime", "openvino": "openvino",
            "tensorrt": "tensorrt"}
 
@@ -106,12 +105,12 @@ def skip_reason(name: str, device: str, manifest: Manifest, requested: bool) -> 
             return unsupported(precision)
         except OpenVINOUnavailable as exc:
             return str(exc)
-        if device == "cuda":
-            import onnxruntime as ort
+    if kind == "onnx" and device == "cuda":
+        import onnxruntime as ort
 
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                return "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu, the `gpu` extra); " \
-                       "use --device cpu to measure ONNX Runtime on the CPU"
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            return "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu, the `gpu` extra); " \
+                   "use --device cpu to measure ONNX Runtime on the CPU"
     if kind == "tensorrt":
         engines = (manifest.tensorrt or {}).get("image", {})
         if precision not in engines:

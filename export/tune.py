@@ -62,14 +62,12 @@ def candidates(manifest: Manifest) -> tuple[list[Candidate], dict[str, str]]:
     else:
         skipped["onnx-cuda"] = "onnxruntime has no CUDAExecutionProvider here (onnxruntime-gpu and a GPU needed)"
     if engines := list((manifest.tensorrt or {}).get("image", {})):
-        from fvgpt_runtime.tensorrt import TensorRTUnavailable, import_cudart, import_tensorrt
+        from fvgpt_runtime.tensorrt import tensorrt_unusable
 
-        try:
-            import_tensorrt()
-            import_cudart()
+        if reason := tensorrt_unusable():
+            skipped["tensorrt"] = reason
+        else:
             found += [Candidate("tensorrt", p, "cuda") for p in engines]
-        except TensorRTUnavailable as exc:
-            skipped["tensorrt"] = str(exc)
     else:
         skipped["tensorrt"] = "the bundle has no TensorRT engine (export with --tensorrt on a GPU host)"
     from fvgpt_runtime.openvino import OpenVINOUnavailable, unsupported

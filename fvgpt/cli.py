@@ -242,7 +242,8 @@ def _add_demo(sub) -> None:
 
 def _demo(args) -> int:
     from .world import TaskSpec, base_classes, describe, make_task
-    from .world_clip import verified_checkpoint, world_train_settings
+    from .world import world_train_settings
+    from .world_clip import verified_checkpoint
 
     out = Path(args.out)
     task, run, bundle = out / "task", out / "run", out / "bundle"
@@ -294,12 +295,13 @@ def _add_world(sub) -> None:
 
 
 def _world_task(args) -> int:
-    from .world import TaskSpec, base_classes, describe, from_args, make_task
+    from .world import TaskSpec, base_classes, describe, from_args, make_task, world_train_settings
 
     root = make_task(args.out, from_args(TaskSpec, args), progress=True)
     print(describe(root))
+    settings = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in world_train_settings().items())
     print(f"train on it: fvgpt train --data {root} --base-classes {','.join(base_classes(root))} --shots "
-          f"{args.shots} --model fvgpt-micro --pretrained <checkpoint> --crop-scale 0.5 --out RUN")
+          f"{args.shots} {settings} --pretrained <checkpoint> --out RUN")
     return 0
 
 

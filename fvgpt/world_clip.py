@@ -19,12 +19,10 @@ import numpy as np
 import torch
 
 from .backbone import Backbone, load_backbone
-from .config import option
 from .errors import FVGPTError
 from .labels import ZERO_SHOT_TEMPLATE
 from .rundir import atomic_save_tensors
-from .world import (ALL_KINDS, BACKDROP, SCENE_WORDS, SCENES, WORLD_MODEL, PretrainConfig, render, sample_pair,
-                    seeded_rng)
+from .world import ALL_KINDS, BACKDROP, SCENE_WORDS, SCENES, PretrainConfig, render, sample_pair, seeded_rng
 
 CHECKPOINT = Path(__file__).resolve().parent / "weights" / "fvgpt-micro-world.safetensors"
 CHECKPOINT_SHA256 = "04a8d608aef1c47995d6df50cf45a6cf3ee735b55b6042732222c4e26801dc9f"  # fvgpt/weights/README.md
@@ -163,10 +161,3 @@ def probe(backbone: Backbone, images: int = 400, seed: int = 12345) -> dict:
         result["pattern"] += guess.pattern == kind.pattern
         result["scene"] += SCENES[sc] == s
     return {k: round(100 * v / images, 1) for k, v in result.items()}
-
-
-def world_train_settings() -> dict:
-    """TrainConfig fields the demo and benchmarks.method set for the world (the rest are the paper's defaults):
-    the micro-CLIP, and random crops that keep at least half of the image, because the world's objects cover 12–40 %
-    of it and the paper's 8 % crops (made for photos whose object fills the frame) would often cut the object out."""
-    return {"model": WORLD_MODEL, "crop_scale": 0.5}

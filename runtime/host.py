@@ -7,6 +7,8 @@ torch eager), so a tuning profile records them and is used only on a host that h
 """
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import platform
 import subprocess
@@ -77,7 +79,13 @@ def package_version(name: str) -> str | None:
 
 def host_facts() -> dict[str, Any]:
     """What a tuning profile must match: the CPU and its speed flags, the cores this process may use, the GPUs, and
-    the runtime libraries' versions."""
+    the runtime libraries' versions. A copy of facts read once per process: a server checks them for every bundle it
+    loads (nvidia-smi included), and they do not change under it."""
+    return copy.deepcopy(_host_facts())
+
+
+@functools.cache
+def _host_facts() -> dict[str, Any]:
     cpu = cpu_info()
     return {"cpu": cpu["cpu"], "cpu_family": cpu["cpu_family"], "cpu_model": cpu["cpu_model"],
             "cpu_flags": cpu["cpu_flags"], "cores_usable": usable_cores(),

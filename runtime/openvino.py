@@ -30,13 +30,6 @@ def import_openvino() -> Any:
     return openvino
 
 
-def openvino_version() -> str | None:
-    try:
-        return import_openvino().__version__.split("-")[0]
-    except OpenVINOUnavailable:
-        return None
-
-
 def unsupported(precision: str) -> str | None:
     """Why this CPU cannot run `precision` on OpenVINO as asked (None: it can)."""
     ov = import_openvino()

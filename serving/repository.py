@@ -289,12 +289,13 @@ class Repository:
         renames (old one away, new one in), and a scan between them must not drop a classifier in use."""
         found = scan(self.source, self.single)
         current = self.snapshot.classifiers
-        if any(key not in {f.key for f in found} for key in current):
+        seen = {f.key for f in found}
+        if any(key not in seen for key in current):
             time.sleep(REMOVAL_RECHECK_S)
             found = scan(self.source, self.single)
+            seen = {f.key for f in found}
         to_load = [f for f in found if f.key not in current or current[f.key].signature != f.signature
                    or (retry_failed and current[f.key].state == "failed")]
-        seen = {f.key for f in found}
         return to_load, [key for key in current if key not in seen]
 
     def load(self, found: Found) -> Classifier:

@@ -48,7 +48,7 @@ from PIL import Image
 
 from fvgpt.preprocess import Preprocess
 from fvgpt_runtime.bundle import Scores, TowerRunner
-from fvgpt_runtime.manifest import BundleError, open_manifest
+from fvgpt_runtime.manifest import open_manifest
 
 from .admission import InflightBudget, Reservation, tune_malloc
 from .app import http_app
@@ -207,7 +207,6 @@ class FVGPT:
         self.link = EncoderLink(self.encoder, self._reopen_all)
         self.drain = Drain()
         self._sync_lock: asyncio.Lock | None = None
-        self._reload = asyncio.Event()
         self._last_ok = -math.inf
         self._canaries: dict[int, bytes] = {}
         self.batching = {"max_batch_size": MAX_BATCH_SIZE, "max_latency_ms": MAX_LATENCY_MS}
@@ -226,18 +225,17 @@ class FVGPT:
 
     # ---- the repository ---------------------------------------------------------------------------------------
     async def _watch(self) -> None:
-        """The first sync at start, then one every FVGPT_POLL_S seconds (or when POST /admin/reload asks)."""
+        """The first sync at start, then one every FVGPT_POLL_S seconds (never with 0; POST /admin/reload syncs at
+        once through sync())."""
         await self._find_encoder()
         while True:
             try:
                 await self.sync()
             except Exception:  # noqa: BLE001 - a failed scan must not end the watcher; the next one retries
                 logger.exception("fvgpt repository: sync failed")
-            try:
-                await asyncio.wait_for(self._reload.wait(), self.config.poll_s or None)
-            except TimeoutError:
-                pass
-            self._reload.clear()
+            if not self.config.poll_s:
+                return
+            await asyncio.sleep(self.config.poll_s)
 
     async def sync(self, retry_failed: bool = False) -> dict[str, list[str]]:
         """Bring the repository in line with its folder: load new and changed versions (one at a time, in a worker
@@ -295,9 +293,6 @@ class FVGPT:
         for tower_id in [t for t in self.open_towers if t not in used and not self.in_flight[t]]:
             del self.open_towers[tower_id]
             await self.link.call("close_tower", tower_id=tower_id)
-
-    def request_reload(self) -> None:
-        self._reload.set()
 
     @contextmanager
     def using(self, classifiers: list[Classifier]) -> Iterator[None]:
@@ -386,7 +381,8 @@ class FVGPT:
         try:
             for c in snap.towers().values():
                 size = c.bundle.preprocess.size
-                canary = self._canaries.setdefault(size, canary_png(size))
+                if (canary := self._canaries.get(size)) is None:  # made once per input size
+                    canary = self._canaries[size] = canary_png(size)
                 with self.budget.hold(len(canary)) as reservation:  # counted, never refused
                     probs = (await self.classify([canary], ["canary"], [(c, None)], reservation))[0].probabilities
                 if not (np.isfinite(probs).all() and abs(float(probs.sum()) - 1.0) < 1e-3):

@@ -132,7 +132,8 @@ def world_run(tmp_path_factory) -> Path:
     from fvgpt.config import TrainConfig
     from fvgpt.train import train
     from fvgpt.world import TaskSpec, base_classes, make_task
-    from fvgpt.world_clip import verified_checkpoint, world_train_settings
+    from fvgpt.world import world_train_settings
+    from fvgpt.world_clip import verified_checkpoint
 
     task = make_task(tmp_path_factory.mktemp("world") / "task",
                      TaskSpec(classes=8, shots=4, test_images=32, correlation=0.5))

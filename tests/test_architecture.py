@@ -131,7 +131,8 @@ def test_runtime_and_serving_import_without_torch(torch_blocked_env):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("command", [["--help"], ["serve", "--help"], ["validate", "--help"], ["world", "task", "--help"]])
+@pytest.mark.parametrize("command", [["--help"], ["serve", "--help"], ["validate", "--help"],
+                                     ["world", "task", "--help"]])
 def test_the_command_line_builds_without_torch(torch_blocked_env, command):
     """A serving host has no torch: `fvgpt` must still build its whole parser (every subcommand's options)."""
     # a torch-free install still has the exporter's CLI registration, which needs no torch either

@@ -12,8 +12,8 @@ from conftest import tiny_config
 from fvgpt.backbone import load_backbone
 from fvgpt.rundir import RunDirError, load_run
 from fvgpt.train import train
-from fvgpt.world_clip import (CHECKPOINT, CHECKPOINT_SHA256, WORLD_MODEL, PretrainConfig, file_sha256, probe,
-                              pretrain_world_clip, verified_checkpoint)
+from fvgpt.world import WORLD_MODEL, PretrainConfig
+from fvgpt.world_clip import CHECKPOINT, CHECKPOINT_SHA256, file_sha256, probe, pretrain_world_clip, verified_checkpoint
 
 README = Path(__file__).resolve().parents[1] / "fvgpt" / "weights" / "README.md"
 
