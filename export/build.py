@@ -22,6 +22,7 @@ from safetensors.numpy import save_file
 import fvgpt
 from fvgpt.backbone import load_backbone
 from fvgpt.classes import ClassSplit
+from fvgpt.config import weights_source
 from fvgpt.errors import FVGPTError
 from fvgpt.labels import ZERO_SHOT_TEMPLATE, learned_template
 from fvgpt.model import FVGPTModel, TextTables
@@ -340,6 +341,7 @@ def export_zero_shot(model: str, pretrained: str, labels: list[str], out: str | 
     if len(labels) < 2 or len(set(labels)) != len(labels):
         raise ExportError("--labels needs at least two distinct, non-empty labels")
     _say(opts, f"exporting zero-shot {model} ({pretrained}) with {len(labels)} labels")
+    pretrained = weights_source(pretrained)  # the manifest names a checkpoint file by its absolute path
     backbone = load_backbone(model, pretrained, "cpu", init_seed)
     classes = ClassSplit(tuple(labels), (False,) * len(labels))
     return _write_bundle(Path(out), opts, FVGPTModel(backbone, classes).eval(), pretrained, init_seed, None)

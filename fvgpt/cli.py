@@ -84,7 +84,29 @@ def _config_from_args(args: argparse.Namespace):
     for name, (_, targets) in _SHORTCUTS.items():
         if hasattr(args, name):
             given = {t: getattr(args, name) for t in targets} | given
-    return TrainConfig(**given)
+    if not args.resume:
+        return TrainConfig(**given)
+    from .rundir import RunDirError, read_config
+
+    if not (Path(args.out) / "config.json").is_file():
+        raise RunDirError(f"--resume given but {args.out} holds no run (no config.json); start it without --resume")
+    stored, _ = read_config(Path(args.out))  # holds the data and every setting: `--out RUN --resume` is enough
+    asked = TrainConfig(**(stored.to_dict() | given))  # normalised like the stored one (absolute paths, names)
+    ignored = [f"--{f.name.replace('_', '-')} {getattr(asked, f.name)} (the run has {getattr(stored, f.name)})"
+               for f in config_fields() if f.name not in ("device", "workers")
+               and getattr(asked, f.name) != getattr(stored, f.name)]
+    if ignored:
+        print(f"note: a resumed run keeps its settings; ignored: {', '.join(ignored)}", file=sys.stderr)
+    stored.device, stored.workers = asked.device, asked.workers  # where it runs may change; what it is may not
+    return stored
+
+
+def resume_command(out: str, stage: str, no_eval: bool) -> str:
+    """The command that continues an interrupted `fvgpt train` (config.json holds everything else)."""
+    import shlex
+
+    return " ".join(["fvgpt train --out", shlex.quote(out), "--resume"] + (["--stage", stage] if stage != "all" else [])
+                    + (["--no-eval"] if no_eval else []))
 
 
 def _train(args) -> int:
@@ -92,7 +114,15 @@ def _train(args) -> int:
 
     cfg = _config_from_args(args)
     t0 = time.perf_counter()
-    out = train(cfg, args.out, stage=args.stage, resume=args.resume, progress=not args.quiet)
+    try:
+        out = train(cfg, args.out, stage=args.stage, resume=args.resume, progress=not args.quiet)
+    except KeyboardInterrupt:
+        if (Path(args.out) / "config.json").is_file():
+            print(f"\ninterrupted; finished epochs are saved. Continue with:\n  "
+                  f"{resume_command(args.out, args.stage, args.no_eval)}", file=sys.stderr)
+        else:
+            print("\ninterrupted before the run dir was written; run the same command again", file=sys.stderr)
+        return 130
     print(f"trained {args.stage} stage(s) in {time.perf_counter() - t0:.1f} s → {out}")
     if not args.no_eval:
         _evaluate(out, args.quiet)
@@ -348,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("\ninterrupted; finished epochs are saved — continue with --resume", file=sys.stderr)
+        print("\ninterrupted", file=sys.stderr)
         return 130
     except (FVGPTError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

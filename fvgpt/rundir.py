@@ -153,6 +153,19 @@ def stage_done(run_dir: Path, stage: str) -> bool:
     return bool(progress.get(stage, {}).get("done"))
 
 
+def check_weights_source(run_dir: Path, cfg: TrainConfig) -> None:
+    """Runs written before fvgpt stored --pretrained resolved may name their checkpoint relative to the folder they
+    were trained in, which is not recorded: say so instead of guessing (the fingerprint would catch a wrong guess)."""
+    source = cfg.pretrained
+    if source.lower() == "none" or os.path.isabs(source) or Path(source).is_file() or \
+            source in open_clip.list_pretrained_tags_by_model(cfg.model):
+        return
+    raise RunDirError(f"{run_dir / 'config.json'} names its checkpoint {source!r} relative to the folder the run "
+                      f"was trained in (older fvgpt stored --pretrained as given), and {Path.cwd()} has no such file; "
+                      f"run from that folder, or write the checkpoint's absolute path into config.json's "
+                      f"\"pretrained\"")
+
+
 @dataclass
 class Run:
     """A trained run, rebuilt from its run dir."""
@@ -178,6 +191,7 @@ def load_run(path: str | Path, device: str = "cpu", require_plugin: bool = False
     classes = read_classes(path)
     if not stage_done(path, "prompt"):
         raise RunDirError(f"{path}: stage 1 (prompt) has not finished; run `fvgpt train --resume --out {path}`")
+    check_weights_source(path, cfg)
     backbone = load_backbone(cfg.model, cfg.pretrained, device, cfg.init_seed)
     if backbone.fingerprint() != record.fingerprint:
         raise RunDirError(f"{path}: the {cfg.model} weights from {cfg.pretrained!r} differ from those the run was "
