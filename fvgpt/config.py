@@ -17,6 +17,7 @@ CONFIG_SCHEMA = 2  # run-dir config.json layout (docs/run-dir.md); 1 was the unt
 METHODS = ("coop", "kgcoop")
 FG_FILLS = ("mean", "black")
 PATH_FIELDS = ("data", "root", "split_file", "image_dir")  # stored absolute (and --pretrained when it is a file)
+DATA_SOURCE = ("data", "dataset", "root", "split_file", "image_dir")  # where a run's images are read
 KGCOOP_CTX_INIT = "a photo of a"
 
 

@@ -7,12 +7,13 @@
   plugin.safetensors  FVGPTPlugin state dict                            (stage 2, "plugin")
   progress.json       per-stage epochs done (resume bookkeeping)
   state/<stage>.pt    optimiser + weights at the last finished epoch (tensors only; loaded with weights_only=True)
-  metrics.json        evaluation (Base, New, HM, D_fg per model)
+  metrics.json        evaluation (Base, New, HM, D_fg per model) and what it was computed from
   train_log.jsonl     one JSON line per epoch
 Every file is written atomically (temp file in the same folder, then rename).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -26,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from .backbone import Backbone, load_backbone
 from .classes import ClassSplit
-from .config import CONFIG_SCHEMA, ConfigError, TrainConfig, config_json
+from .config import CONFIG_SCHEMA, DATA_SOURCE, ConfigError, TrainConfig, config_json
 from .errors import FVGPTError
 from .model import FVGPTModel
 from .preprocess import Preprocess
@@ -151,6 +152,16 @@ def read_classes(run_dir: Path) -> ClassSplit:
 def stage_done(run_dir: Path, stage: str) -> bool:
     progress = read_json(run_dir / "progress.json") if (run_dir / "progress.json").is_file() else {}
     return bool(progress.get(stage, {}).get("done"))
+
+
+def evaluation_stamp(run_dir: Path, cfg: TrainConfig) -> dict:
+    """What a run's metrics are computed from: the sha256 of its learned weights and the data source evaluated on.
+    Stored in metrics.json, it tells `fvgpt eval` whether the stored metrics are still the run's."""
+    weights = {}
+    for name in ("prompt.safetensors", "plugin.safetensors"):
+        if (run_dir / name).is_file():
+            weights[name] = hashlib.sha256((run_dir / name).read_bytes()).hexdigest()
+    return {"weights": weights, "data": {k: getattr(cfg, k) for k in DATA_SOURCE}}
 
 
 def check_weights_source(run_dir: Path, cfg: TrainConfig) -> None:
