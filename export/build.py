@@ -247,8 +247,8 @@ def _write_bundle(out: Path, opts: ExportOptions, model: FVGPTModel, pretrained:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    agreement = ", ".join(f"{k} top-1 {min(v['top1_agreement'].values()):.1%}" for k, v in reports.items()
-                          if k.startswith("end_to_end") and v["top1_agreement"])
+    agreement = ", ".join(f"{k} top-1 {min(f['agreement'] for f in v['flips'].values()):.1%} (near-ties apart)"
+                          for k, v in reports.items() if k.startswith("end_to_end") and v.get("flips"))
     _say(opts, f"bundle written to {out} (tower {manifest.tower_id}, default precision {opts.precision}; "
                f"{agreement})")
     return out
