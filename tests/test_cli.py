@@ -67,7 +67,7 @@ def test_train_then_eval_end_to_end(demo_data, tmp_path, capsys):
     # several runs print one row per method (the same run twice counts once)
     assert main(["eval", str(run), str(run), "--quiet"]) == 0
     out, err = capsys.readouterr()
-    assert "counted once" in err and re.search(r"^\S+ +fvgpt\+kgcoop +1 ", out, re.M), out
+    assert "counted once" in err and re.search(r"^\S+ +fvgpt\+kgcoop +1 ", out, re.MULTILINE), out
 
 
 def test_existing_run_dir_is_not_overwritten(tiny_run, demo_data, capsys):

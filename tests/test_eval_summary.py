@@ -38,11 +38,11 @@ FV_KG = {"caltech101": [(97.0, 94.0), (96.0, 95.0), (97.5, 93.5)], "dtd": [(79.0
 
 def runs() -> list[RunResult]:
     out = []
-    for dataset in ZS:
+    for dataset, zero_shot in ZS.items():
         for i, seed in enumerate((1, 2, 3)):
-            out.append(run(dataset, "coop", seed, {"zero-shot": ZS[dataset], "coop": COOP[dataset][i],
+            out.append(run(dataset, "coop", seed, {"zero-shot": zero_shot, "coop": COOP[dataset][i],
                                                    "fvgpt": FV_COOP[dataset][i]}))
-            out.append(run(dataset, "kgcoop", seed, {"zero-shot": ZS[dataset], "kgcoop": KG[dataset][i],
+            out.append(run(dataset, "kgcoop", seed, {"zero-shot": zero_shot, "kgcoop": KG[dataset][i],
                                                      "fvgpt": FV_KG[dataset][i]}))
     return out
 
