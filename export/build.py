@@ -22,6 +22,7 @@ from safetensors.numpy import save_file
 import fvgpt
 from fvgpt.backbone import load_backbone
 from fvgpt.classes import ClassSplit
+from fvgpt.config import weights_source
 from fvgpt.errors import FVGPTError
 from fvgpt.labels import ZERO_SHOT_TEMPLATE, learned_template
 from fvgpt.model import FVGPTModel, TextTables
@@ -246,8 +247,8 @@ def _write_bundle(out: Path, opts: ExportOptions, model: FVGPTModel, pretrained:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    agreement = ", ".join(f"{k} top-1 {min(v['top1_agreement'].values()):.1%}" for k, v in reports.items()
-                          if k.startswith("end_to_end") and v["top1_agreement"])
+    agreement = ", ".join(f"{k} top-1 {min(f['agreement'] for f in v['flips'].values()):.1%} (near-ties apart)"
+                          for k, v in reports.items() if k.startswith("end_to_end") and v.get("flips"))
     _say(opts, f"bundle written to {out} (tower {manifest.tower_id}, default precision {opts.precision}; "
                f"{agreement})")
     return out
@@ -340,6 +341,7 @@ def export_zero_shot(model: str, pretrained: str, labels: list[str], out: str | 
     if len(labels) < 2 or len(set(labels)) != len(labels):
         raise ExportError("--labels needs at least two distinct, non-empty labels")
     _say(opts, f"exporting zero-shot {model} ({pretrained}) with {len(labels)} labels")
+    pretrained = weights_source(pretrained)  # the manifest names a checkpoint file by its absolute path
     backbone = load_backbone(model, pretrained, "cpu", init_seed)
     classes = ClassSplit(tuple(labels), (False,) * len(labels))
     return _write_bundle(Path(out), opts, FVGPTModel(backbone, classes).eval(), pretrained, init_seed, None)

@@ -84,7 +84,7 @@ def _validate(args) -> int:
 
 def register_tune(sub) -> None:
     p = sub.add_parser("tune", help="measure every runtime × precision of a bundle's tower here; `fvgpt serve` then "
-                                    "runs the fastest",
+                                    "runs the fastest that is worth its accuracy",
                        description="Re-runs the parity gate on this host for every tower variant the bundle has and "
                                    "this host can run (ONNX Runtime CPU/CUDA, OpenVINO, TensorRT), times the ones "
                                    "that pass at the batch sizes the server may form (round robin, so load hits all "
@@ -100,6 +100,10 @@ def register_tune(sub) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed calls before them")
     p.add_argument("--precisions", help="only these precisions, e.g. fp32,bf16 for near-lossless candidates")
     p.add_argument("--runtimes", help="only these runtimes: onnx, openvino, tensorrt")
+    p.add_argument("--prefer", choices=["balanced", "speed", "accuracy"], default="balanced",  # tuning.SPEED_MARGIN
+                   help="balanced: the fastest candidate that is at least 1.15x as fast as every more accurate one "
+                        "(more accurate: a measured logit error 1.5x smaller); speed: the fastest; accuracy: the "
+                        "fastest of the most accurate. The profile records the rule and why")
     p.add_argument("--json", action="store_true", help="print the profile as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress")
     p.set_defaults(func=_tune)
@@ -118,7 +122,8 @@ def _tune(args) -> int:
         raise ValueError("--batch-sizes, --iters and --threads must be positive, --warmup not negative")
     precisions, runtimes = ([t.strip() for t in text.split(",") if t.strip()] if text else None
                             for text in (args.precisions, args.runtimes))
-    profile = tune(args.bundle, batches, args.threads, args.iters, args.warmup, precisions, runtimes, not args.quiet)
+    profile = tune(args.bundle, batches, args.threads, args.iters, args.warmup, precisions, runtimes, not args.quiet,
+                   args.prefer)
     print(json.dumps(profile, indent=2) if args.json else format_profile(profile))
     print(f"wrote {profile_path(Path(args.bundle))}")
     return 0

@@ -9,8 +9,10 @@ left out is recorded with the reason.
 
 Each candidate first re-runs the parity gate on this host (tower, end to end, batch independence, against the
 reference the export stored), because kernels and precision support differ between CPUs. The timing then goes round
-robin (fvgpt_runtime.host.round_robin) so load from other processes hits all candidates alike. The choice is the
-candidate with the most images/s in the largest batch measured (the batch a loaded server forms).
+robin (fvgpt_runtime.host.round_robin) so load from other processes hits all candidates alike. The choice
+(fvgpt_runtime.tuning.select) weighs images/s in the largest batch measured (the batch a loaded server forms) against
+accuracy, the measured logit error of the parity gate: the fastest candidate that is at least 1.15x as fast as every
+more accurate one (--prefer speed: the fastest; --prefer accuracy: the fastest of the most accurate).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from safetensors.numpy import load_file
 from fvgpt_runtime.bundle import Bundle
 from fvgpt_runtime.host import host_facts, latency_summary, load_average, round_robin, usable_cores
 from fvgpt_runtime.manifest import BundleError, Manifest
-from fvgpt_runtime.tuning import PROFILE_SCHEMA, write_profile
+from fvgpt_runtime.tuning import ACCURACY_FACTOR, EXACT_LOGIT_ERROR, PROFILE_SCHEMA, SPEED_MARGIN, select, write_profile
 
 from .parity import check_variant, parity_pixels
 
@@ -86,9 +88,15 @@ def candidates(manifest: Manifest) -> tuple[list[Candidate], dict[str, str]]:
 
 
 def _gate_summary(checks: dict[str, dict]) -> dict:
+    """One candidate's parity figures on this host: the worst of its outputs' (export/parity.py). `logit_error`, the
+    measured logit error, is what the choice ranks accuracy by (fvgpt_runtime.tuning.select)."""
     agreement = [v for c in checks.values() for v in c.get("top1_agreement", {}).values()]
+    flips = [f for c in checks.values() for f in c.get("flips", {}).values()]
     return {"passed": all(c["passed"] for c in checks.values()),
             "top1_agreement": min(agreement) if agreement else None,
+            "margin_aware_agreement": min(f["agreement"] for f in flips),
+            "near_ties": sum(f["near_ties"] for f in flips), "logit_error": max(f["logit_error"] for f in flips),
+            "mean_kl": max(v for c in checks.values() for v in c.get("mean_kl", {}).values()),
             "min_cosine": min((c["min_cosine"] for c in checks.values() if "min_cosine" in c), default=None),
             "batch_max_probability_diff": max(v for c in checks.values()
                                               for v in c.get("max_probability_diff", {}).values()),
@@ -121,7 +129,7 @@ class _Progress:
 
 def tune(bundle_dir: str | Path, batch_sizes: list[int] | None = None, threads: int | None = None, iters: int = 10,
          warmup: int = 2, precisions: list[str] | None = None, runtimes: list[str] | None = None,
-         progress: bool = True) -> dict:
+         progress: bool = True, prefer: str = "balanced") -> dict:
     """Gate and time every candidate here (or those of the given precisions and runtimes), choose, write the profile
     into the bundle dir; returns the profile."""
     path = Path(bundle_dir)
@@ -172,32 +180,28 @@ def tune(bundle_dir: str | Path, batch_sizes: list[int] | None = None, threads: 
     bar.close()
     rows = {c: [{"batch_size": b, "images_per_s": b * len(t) / sum(t), **latency_summary(t)}
                 for b, t in times[c].items()] for c in towers}
-    rate = {c: rows[c][-1]["images_per_s"] for c in towers}
-    ranked = sorted(towers, key=rate.__getitem__, reverse=True)
-    best = ranked[0]
-    why = f"most images/s in batches of {batches[-1]} ({rate[best]:.1f})"
-    if len(ranked) > 1:
-        why += f", {rate[best] / rate[ranked[1]]:.2f}x the next ({ranked[1].name}, {rate[ranked[1]]:.1f})"
-    default = next((c for c in towers if (c.runtime, c.precision, c.device) ==
-                    ("onnx", manifest.default_precision, "cpu")), None)
-    if default is not None and default != best:
-        why += f", {rate[best] / rate[default]:.2f}x the safe default ({default.name})"
-    g = gates[best]
-    why += f"; parity gate here: top-1 agreement {g['top1_agreement']:.1%}" + (
-        f", features cosine >= {g['min_cosine']:.6f}" if g["min_cosine"] is not None else "")
     image = manifest.towers["image"]
+    measured = [{"name": c.name, "runtime": c.runtime, "precision": c.precision, "device": c.device,
+                 "tower_id": image.find(c.runtime, c.precision).id, "provider": towers[c].provider,
+                 "gate": gates[c], "results": rows[c]} for c in towers]
+    measured.sort(key=lambda m: m["results"][-1]["images_per_s"], reverse=True)
+    best, why = select(measured, batches[-1], prefer)
+    default = next((m for m in measured if (m["runtime"], m["precision"], m["device"]) ==
+                    ("onnx", manifest.default_precision, "cpu")), None)
+    if default is not None and default is not best:
+        why += (f"; {best['results'][-1]['images_per_s'] / default['results'][-1]['images_per_s']:.2f}x the safe "
+                f"default ({default['name']})")
     profile = {
         "schema": PROFILE_SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model_id": manifest.model_id, "host": host_facts(),
         "settings": {"threads": threads, "batch_sizes": batches, "iters": iters, "warmup": warmup,
                      "order": "round robin: per round, of every candidate one untimed call, then one timed call"},
         "load_average": {"start": load_start, "end": load_average()},
-        "candidates": [{"name": c.name, "runtime": c.runtime, "precision": c.precision, "device": c.device,
-                        "tower_id": image.find(c.runtime, c.precision).id,
-                        "provider": towers[c].provider, "gate": gates[c], "results": rows[c]} for c in ranked],
-        "skipped": skipped,
-        "choice": {"name": best.name, "runtime": best.runtime, "precision": best.precision, "device": best.device,
-                   "batch_size": batches[-1], "images_per_s": rate[best], "why": why},
+        "candidates": measured, "skipped": skipped,
+        "choice": {k: best[k] for k in ("name", "runtime", "precision", "device")} | {
+            "batch_size": batches[-1], "images_per_s": best["results"][-1]["images_per_s"], "prefer": prefer,
+            "rule": {"speed_margin": SPEED_MARGIN[prefer], "accuracy_factor": ACCURACY_FACTOR,
+                     "exact_logit_error": EXACT_LOGIT_ERROR}, "why": why},
     }
     write_profile(path, profile)
     return profile
@@ -209,15 +213,16 @@ def format_profile(profile: dict) -> str:
     lines = [(f"host: {host['cpu']} (family {host['cpu_family']}, model {host['cpu_model']}), "
               f"{host['cores_usable']} cores, flags {' '.join(host['cpu_flags'])}; threads "
               f"{profile['settings']['threads']}; load average {profile['load_average']['start']}"),
-             ("| candidate | provider | batch | images/s | p50 ms | p95 ms | top-1 agreement | cosine >= | "
-              "batch max |Δp| |"), "|---|---|---|---|---|---|---|---|---|"]
+             ("| candidate | provider | batch | images/s | p50 ms | p95 ms | logit error | top-1 agreement (near-ties) "
+              "| mean KL | cosine >= | batch max |Δp| |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in profile["candidates"]:
         g = c["gate"]
         cosine = "—" if g["min_cosine"] is None else f"{g['min_cosine']:.6f}"
         for r in c["results"]:
             lines.append(f"| {c['name']} | {c['provider']} | {r['batch_size']} | {r['images_per_s']:.1f} | "
-                         f"{r['latency_ms_p50']:.1f} | {r['latency_ms_p95']:.1f} | {g['top1_agreement']:.1%} | "
-                         f"{cosine} | {g['batch_max_probability_diff']:.1e} |")
+                         f"{r['latency_ms_p50']:.1f} | {r['latency_ms_p95']:.1f} | {g['logit_error']:.3g} | "
+                         f"{g['margin_aware_agreement']:.1%} ({g['near_ties']}) | {g['mean_kl']:.2g} | {cosine} | "
+                         f"{g['batch_max_probability_diff']:.1e} |")
     lines += [f"left out {k}: {v}" for k, v in profile["skipped"].items()]
     lines.append(f"choice: {profile['choice']['name']} — {profile['choice']['why']}")
     return "\n".join(lines)

@@ -47,7 +47,7 @@ def format_report(report: dict) -> str:
     lines = [f"bundle {report['bundle']} ({report['model_id']})"]
     lines += [f"  FILE {p}" for p in report["files"]] or ["  files: manifest digest and every sha256 match"]
     for name, r in report["checks"].items():
-        agreement = ", ".join(f"{k} {v:.1%}" for k, v in r.get("top1_agreement", {}).items())
+        agreement = ", ".join(_agreement(k, v, r["mean_kl"][k]) for k, v in r.get("flips", {}).items())
         cosine = f", min cosine {r['min_cosine']:.6f}" if "min_cosine" in r else ""
         if "max_probability_diff" in r:
             figures = f"alone vs batch of {r['batch']}: max |Δp| {max(r['max_probability_diff'].values()):.3g}"
@@ -59,3 +59,10 @@ def format_report(report: dict) -> str:
     lines += [f"  skip {k}: {v}" for k, v in report["skipped"].items()]
     lines.append("PASSED" if report["passed"] else "FAILED")
     return "\n".join(lines)
+
+
+def _agreement(output: str, flips: dict, mean_kl: float) -> str:
+    """"new_logits 100.0% (2 near-ties within the logit error 0.4), mean KL 0.0014": margin-aware (export/parity.py)."""
+    ties = f" ({flips['near_ties']} near-ties within the logit error {flips['logit_error']:.3g})" \
+        if flips["near_ties"] else ""
+    return f"{output} {flips['agreement']:.1%}{ties}, mean KL {mean_kl:.2g}"

@@ -84,7 +84,29 @@ def _config_from_args(args: argparse.Namespace):
     for name, (_, targets) in _SHORTCUTS.items():
         if hasattr(args, name):
             given = {t: getattr(args, name) for t in targets} | given
-    return TrainConfig(**given)
+    if not args.resume:
+        return TrainConfig(**given)
+    from .rundir import RunDirError, read_config
+
+    if not (Path(args.out) / "config.json").is_file():
+        raise RunDirError(f"--resume given but {args.out} holds no run (no config.json); start it without --resume")
+    stored, _ = read_config(Path(args.out))  # holds the data and every setting: `--out RUN --resume` is enough
+    asked = TrainConfig(**(stored.to_dict() | given))  # normalised like the stored one (absolute paths, names)
+    ignored = [f"--{f.name.replace('_', '-')} {getattr(asked, f.name)} (the run has {getattr(stored, f.name)})"
+               for f in config_fields() if f.name not in ("device", "workers")
+               and getattr(asked, f.name) != getattr(stored, f.name)]
+    if ignored:
+        print(f"note: a resumed run keeps its settings; ignored: {', '.join(ignored)}", file=sys.stderr)
+    stored.device, stored.workers = asked.device, asked.workers  # where it runs may change; what it is may not
+    return stored
+
+
+def resume_command(out: str, stage: str, no_eval: bool) -> str:
+    """The command that continues an interrupted `fvgpt train` (config.json holds everything else)."""
+    import shlex
+
+    return " ".join(["fvgpt train --out", shlex.quote(out), "--resume"] + (["--stage", stage] if stage != "all" else [])
+                    + (["--no-eval"] if no_eval else []))
 
 
 def _train(args) -> int:
@@ -92,10 +114,20 @@ def _train(args) -> int:
 
     cfg = _config_from_args(args)
     t0 = time.perf_counter()
-    out = train(cfg, args.out, stage=args.stage, resume=args.resume, progress=not args.quiet)
+    try:
+        out = train(cfg, args.out, stage=args.stage, resume=args.resume, progress=not args.quiet)
+    except KeyboardInterrupt:
+        if (Path(args.out) / "config.json").is_file():
+            print(f"\ninterrupted; finished epochs are saved. Continue with:\n  "
+                  f"{resume_command(args.out, args.stage, args.no_eval)}", file=sys.stderr)
+        else:
+            print("\ninterrupted before the run dir was written; run the same command again", file=sys.stderr)
+        return 130
     print(f"trained {args.stage} stage(s) in {time.perf_counter() - t0:.1f} s → {out}")
     if not args.no_eval:
-        _evaluate(out, args.quiet)
+        from .evaluate import format_table
+
+        print(format_table(_evaluate(out, args.quiet)[0]))
     return 0
 
 
@@ -113,12 +145,20 @@ def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="Base / New accuracy, HM and D_fg of one or more runs",
                        description="Evaluate zero-shot CLIP, the stage-1 prompt-tuned model and FVG-PT on the test "
                                    "split: base accuracy (base head, base classes), new accuracy (new head, new "
-                                   "classes), HM, and the foreground shift D_fg (E13) where test masks exist. With "
-                                   "several runs (datasets or seeds) it also prints the paper's average row: mean "
-                                   "Base, mean New and the HM of those means. A split without test images shows "
-                                   "'-'.")
+                                   "classes), HM, and the foreground shift D_fg (E13) where test masks exist. A run's "
+                                   "metrics.json is read instead when it holds the metrics of the run's current "
+                                   "weights on the same data (--recompute evaluates anyway). With several runs: one "
+                                   "row per dataset and method (FVG-PT on CoOp and on KgCoOp apart), mean ± std over "
+                                   "seeds as CoOp's parse_test_res, and with several datasets the paper's average "
+                                   "row per method: mean Base, mean New and the HM of those means. A split without "
+                                   "test images shows '-'.")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run dir(s) written by fvgpt train")
     _add_data_source(p, "Default: where each run was trained. One run only; --root alone keeps the run's --dataset.")
+    p.add_argument("--recompute", action="store_true", help="evaluate every run again, even where its metrics.json "
+                                                            "is current")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table",
+                   help="table: for people (default); csv: one line per dataset and method, then the average rows; "
+                        "json: those rows, the average, notes and every run's metrics")
     p.add_argument("--out", help="metrics JSON path (default: RUN/metrics.json; one run only)")
     p.add_argument("--device", help="cpu or cuda (default: the run's)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -126,44 +166,60 @@ def _add_eval(sub) -> None:
 
 
 def _eval_many(args) -> int:
+    import json
+
     from .evaluate import format_table
-    from .metrics import average_row
+    from .rundir import read_config
+    from .summary import RunResult, format_summary, summarise, summary_csv
 
     if len(args.runs) > 1 and (args.data or args.dataset or args.root or args.out):
-        raise SystemExit("error: --data, --dataset, --root and --out apply to a single run")
+        raise ValueError("--data, --dataset, --root and --out apply to a single run")
+    runs = list(dict.fromkeys(Path(r).resolve() for r in args.runs))
+    if len(runs) < len(args.runs):
+        print(f"note: {len(args.runs) - len(runs)} run dir(s) given twice, counted once", file=sys.stderr)
     results = []
-    for run_dir in args.runs:
-        if len(args.runs) > 1:
-            print(f"\n{run_dir}")
-        results.append(_evaluate(Path(run_dir), args.quiet, args.device, args.out, args.data, args.dataset,
-                                 args.root))
-    if len(results) > 1:
-        models = [m for m in results[0]["models"] if all(m in r["models"] for r in results)]
-        avg = {m: dict(zip(("base", "new", "hm"), average_row([(r["models"][m]["base"], r["models"][m]["new"])
-                                                               for r in results]))) for m in models}
-        print(f"\naverage over {len(results)} runs (HM of the mean Base and mean New)")
-        print(format_table({"models": avg}))
-        lacking = [f"{run} has no {part} test images" for run, r in zip(args.runs, results)
-                   for part in ("base", "new") if r["test_images"][part] == 0]
-        if lacking:
-            print(f"'-' in the average: {'; '.join(lacking)}")
+    for run_dir in runs:
+        metrics, source = _evaluate(run_dir, args.quiet, args.device, args.out, args.data, args.dataset, args.root,
+                                    args.recompute)
+        print(f"{run_dir}: {source}", file=sys.stderr)
+        results.append(RunResult(str(run_dir), read_config(run_dir)[0], metrics))
+    if args.format == "table" and len(args.runs) == 1:
+        print(format_table(results[0].metrics))
+        return 0
+    summary = summarise(results)
+    if args.format == "json":
+        print(json.dumps(summary.to_json() | {"runs": {r.path: r.metrics for r in results}}, indent=2))
+    else:
+        print(summary_csv(summary) if args.format == "csv" else format_summary(summary))
     return 0
 
 
 def _evaluate(run_dir: Path, quiet: bool, device: str | None = None, out: str | None = None, data: str | None = None,
-              dataset: str | None = None, root: str | None = None) -> dict:
+              dataset: str | None = None, root: str | None = None, recompute: bool = True) -> tuple[dict, str]:
+    """The run's metrics and where they came from: its metrics.json when that holds the metrics of the run's current
+    weights on the data asked for (unless `recompute`), else a fresh evaluation, written to `out` or
+    RUN/metrics.json."""
     from dataclasses import replace
 
     from .data import index_for
     from .errors import DataError
-    from .evaluate import evaluate, format_table
-    from .rundir import atomic_write_json, load_run, read_classes, read_config
+    from .evaluate import evaluate
+    from .rundir import atomic_write_json, evaluation_stamp, load_run, read_classes, read_config, read_json
 
     cfg, _ = read_config(Path(run_dir))
     if data or dataset or root:  # where the data is now; the run's own split settings go with its own folder
         source = ({"data": data, "dataset": None, "root": None} if data else
                   {"data": "", "dataset": dataset or cfg.dataset, "root": root or cfg.root})
         cfg = replace(cfg, split_file=None, image_dir=None, **source)
+    stamp = evaluation_stamp(Path(run_dir), cfg)
+    stored = Path(run_dir) / "metrics.json"
+    if stored.is_file() and not recompute:
+        metrics = read_json(stored)
+        evaluated = metrics.get("evaluated", {})
+        if {k: evaluated.get(k) for k in stamp} == stamp:
+            if out:
+                atomic_write_json(Path(out), metrics)
+            return metrics, f"its metrics.json of {evaluated.get('at')} (--recompute evaluates again)"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         index = index_for(cfg, draw=False)  # the data is checked before any weights load
@@ -177,9 +233,9 @@ def _evaluate(run_dir: Path, quiet: bool, device: str | None = None, out: str | 
         raise DataError(f"{index.root}: no test images to evaluate on")
     run = load_run(run_dir, device or cfg.device)
     metrics = evaluate(run.model, index, cfg.eval_batch, progress=not quiet)
-    atomic_write_json(Path(out) if out else Path(run_dir) / "metrics.json", metrics)
-    print(format_table(metrics))
-    return metrics
+    metrics["evaluated"] = stamp | {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    atomic_write_json(Path(out) if out else stored, metrics)
+    return metrics, "evaluated"
 
 
 def _first_difference(a: list[str], b: list[str]) -> str:
@@ -348,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("\ninterrupted; finished epochs are saved — continue with --resume", file=sys.stderr)
+        print("\ninterrupted", file=sys.stderr)
         return 130
     except (FVGPTError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -16,7 +16,8 @@ from .errors import FVGPTError
 CONFIG_SCHEMA = 2  # run-dir config.json layout (docs/run-dir.md); 1 was the untyped config of fvgpt 0.1
 METHODS = ("coop", "kgcoop")
 FG_FILLS = ("mean", "black")
-PATH_FIELDS = ("data", "root", "split_file", "image_dir")  # stored absolute
+PATH_FIELDS = ("data", "root", "split_file", "image_dir")  # stored absolute (and --pretrained when it is a file)
+DATA_SOURCE = ("data", "dataset", "root", "split_file", "image_dir")  # where a run's images are read
 KGCOOP_CTX_INIT = "a photo of a"
 
 
@@ -103,6 +104,7 @@ class TrainConfig:
         for name in PATH_FIELDS:
             if getattr(self, name):
                 setattr(self, name, str(absolute(getattr(self, name))))
+        self.pretrained = weights_source(self.pretrained)
         if self.dataset and (spec := lookup(self.dataset)):
             self.dataset = spec.name
         if self.ctx_init is None and self.method == "kgcoop":
@@ -165,6 +167,12 @@ class TrainConfig:
                               + (f" unknown keys {unknown}" if unknown else "")
                               + (f" missing keys {missing}" if missing else ""))
         return cls(**d)
+
+
+def weights_source(pretrained: str) -> str:
+    """--pretrained as stored: a checkpoint file by its absolute path (a run or bundle works from any directory); an
+    open_clip tag or "none" as given."""
+    return str(absolute(pretrained)) if pretrained.lower() != "none" and absolute(pretrained).is_file() else pretrained
 
 
 def config_fields() -> list:

@@ -2,6 +2,11 @@
 output goes to a log (a bar there is a stream of carriage-return frames), nothing when quiet.
 
 FVGPT_PROGRESS_EVERY_S sets the interval of the plain lines (default 30 s).
+
+The bar is tqdm.std's, never tqdm.auto's: tqdm.auto's class (tqdm.asyncio) calls iter() on the wrapped iterable
+when the bar is made, and a DataLoader's iterator draws its base seed from the loader's generator, the one its
+shuffle uses, so a bar changed the batch order and training depended on the terminal. No wrapper here may touch the
+iterable before it is iterated.
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 
-from tqdm.auto import tqdm
+from tqdm.std import tqdm
 
 DEFAULT_EVERY_S = 30.0
 

@@ -7,12 +7,13 @@
   plugin.safetensors  FVGPTPlugin state dict                            (stage 2, "plugin")
   progress.json       per-stage epochs done (resume bookkeeping)
   state/<stage>.pt    optimiser + weights at the last finished epoch (tensors only; loaded with weights_only=True)
-  metrics.json        evaluation (Base, New, HM, D_fg per model)
+  metrics.json        evaluation (Base, New, HM, D_fg per model) and what it was computed from
   train_log.jsonl     one JSON line per epoch
 Every file is written atomically (temp file in the same folder, then rename).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -26,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from .backbone import Backbone, load_backbone
 from .classes import ClassSplit
-from .config import CONFIG_SCHEMA, ConfigError, TrainConfig, config_json
+from .config import CONFIG_SCHEMA, DATA_SOURCE, ConfigError, TrainConfig, config_json
 from .errors import FVGPTError
 from .model import FVGPTModel
 from .preprocess import Preprocess
@@ -153,6 +154,29 @@ def stage_done(run_dir: Path, stage: str) -> bool:
     return bool(progress.get(stage, {}).get("done"))
 
 
+def evaluation_stamp(run_dir: Path, cfg: TrainConfig) -> dict:
+    """What a run's metrics are computed from: the sha256 of its learned weights and the data source evaluated on.
+    Stored in metrics.json, it tells `fvgpt eval` whether the stored metrics are still the run's."""
+    weights = {}
+    for name in ("prompt.safetensors", "plugin.safetensors"):
+        if (run_dir / name).is_file():
+            weights[name] = hashlib.sha256((run_dir / name).read_bytes()).hexdigest()
+    return {"weights": weights, "data": {k: getattr(cfg, k) for k in DATA_SOURCE}}
+
+
+def check_weights_source(run_dir: Path, cfg: TrainConfig) -> None:
+    """Runs written before fvgpt stored --pretrained resolved may name their checkpoint relative to the folder they
+    were trained in, which is not recorded: say so instead of guessing (the fingerprint would catch a wrong guess)."""
+    source = cfg.pretrained
+    if source.lower() == "none" or os.path.isabs(source) or Path(source).is_file() or \
+            source in open_clip.list_pretrained_tags_by_model(cfg.model):
+        return
+    raise RunDirError(f"{run_dir / 'config.json'} names its checkpoint {source!r} relative to the folder the run "
+                      f"was trained in (older fvgpt stored --pretrained as given), and {Path.cwd()} has no such file; "
+                      f"run from that folder, or write the checkpoint's absolute path into config.json's "
+                      f"\"pretrained\"")
+
+
 @dataclass
 class Run:
     """A trained run, rebuilt from its run dir."""
@@ -178,6 +202,7 @@ def load_run(path: str | Path, device: str = "cpu", require_plugin: bool = False
     classes = read_classes(path)
     if not stage_done(path, "prompt"):
         raise RunDirError(f"{path}: stage 1 (prompt) has not finished; run `fvgpt train --resume --out {path}`")
+    check_weights_source(path, cfg)
     backbone = load_backbone(cfg.model, cfg.pretrained, device, cfg.init_seed)
     if backbone.fingerprint() != record.fingerprint:
         raise RunDirError(f"{path}: the {cfg.model} weights from {cfg.pretrained!r} differ from those the run was "

@@ -26,7 +26,8 @@ from .model import FVGPTModel
 from .progress import note, track
 from .prompts import PromptLearner
 from .rundir import (BackboneRecord, RunDirError, atomic_save_tensors, atomic_torch_save, atomic_write_json,
-                     read_classes, read_config, read_json, read_tensors, stage_done, write_config)
+                     check_weights_source, read_classes, read_config, read_json, read_tensors, stage_done,
+                     write_config)
 
 EpochHook = Callable[[str, int], None]
 STAGES = ("prompt", "plugin")
@@ -179,6 +180,8 @@ def train(cfg: TrainConfig, out: str | Path, stage: str = "all", resume: bool = 
         index = index_for(cfg)  # before the weights load: a wrong path fails in a second, not after a download
     for w in caught:
         note(f"warning: {w.message}")
+    if (out / "config.json").is_file():
+        check_weights_source(out, cfg)
     backbone = load_backbone(cfg.model, cfg.pretrained, cfg.device, cfg.init_seed)
     if not (out / "config.json").is_file():
         classes = ClassSplit.paper(index.classnames, cfg.base_classes)

@@ -6,7 +6,8 @@ latency of every candidate runtime × precision that passed the parity gate on t
 reason. It is not part of the verified files: it describes a host, not the model, and is written after export.
 
 `choose` uses the profile only when it was measured on a host like this one and for this bundle's graphs;
-`--runtime/--precision` narrow (or override) the choice. Without a usable profile it takes the safe default (ONNX
+`--runtime/--precision` narrow (or override) the choice, by the same rule (`select`: the fastest candidate that
+outruns every more accurate one by the profile's speed margin). Without a usable profile it takes the safe default (ONNX
 Runtime at the bundle's default precision, or the bundle's TensorRT engine where TensorRT runs) and says that a tune
 would help. A server decides once per classifier, before it opens the tower: the choice names the tower id.
 """
@@ -23,8 +24,12 @@ from .manifest import BundleError, Manifest
 from .tensorrt import tensorrt_unusable
 
 PROFILE = "tuning.json"
-PROFILE_SCHEMA = 1
+PROFILE_SCHEMA = 2  # 2: candidates' gates carry the measured logit error, the choice its rule (`select`)
 SERVE_RUNTIMES = ("auto", "onnx", "openvino", "tensorrt")
+# The speed-up a less accurate candidate must bring over every more accurate one to be chosen, per --prefer
+SPEED_MARGIN = {"speed": 1.0, "balanced": 1.15, "accuracy": float("inf")}
+ACCURACY_FACTOR = 1.5  # a measured logit error this many times smaller makes a candidate more accurate
+EXACT_LOGIT_ERROR = 1e-3  # the fp32 parity tolerance of logits: a smaller error is the reference's own logits
 
 
 @dataclass(frozen=True)
@@ -80,14 +85,54 @@ def mismatch(profile: dict, manifest: Manifest, host: dict[str, Any] | None = No
     return None
 
 
-def _fastest(profile: dict, runtime: str, precision: str | None) -> dict | None:
-    """The measured candidate with the most images/s at the profile's deciding batch size, narrowed to `runtime`
+def logit_error(candidate: dict) -> float:
+    """The candidate's measured logit error on this host (its parity gate's, export/parity.py), floored at
+    EXACT_LOGIT_ERROR: below it every variant computes the reference's logits."""
+    return max(candidate["gate"]["logit_error"], EXACT_LOGIT_ERROR)
+
+
+def more_accurate(a: dict, b: dict) -> bool:
+    return logit_error(a) * ACCURACY_FACTOR < logit_error(b)
+
+
+def select(candidates: list[dict], batch: int, prefer: str = "balanced") -> tuple[dict, str]:
+    """The tower to serve among measured candidates: the fastest one that is at least SPEED_MARGIN[prefer] times as
+    fast as every more accurate candidate (speed: the fastest; accuracy: the fastest of the most accurate), and why.
+
+    Each step down in accuracy must pay for itself in images/s at the deciding batch size; the candidates this
+    admits form a chain from the most accurate (always admitted) to the fastest that earned its loss."""
+    margin = SPEED_MARGIN[prefer]
+
+    def rate(c: dict) -> float:
+        return next(r["images_per_s"] for r in c["results"] if r["batch_size"] == batch)
+
+    def blocker(c: dict) -> dict | None:  # a more accurate candidate that c does not outrun by the margin
+        return next((d for d in sorted(candidates, key=rate, reverse=True)
+                     if more_accurate(d, c) and rate(c) < margin * rate(d)), None)
+
+    best = max((c for c in candidates if blocker(c) is None), key=rate)
+    why = [f"{best['name']}: {rate(best):.1f} images/s in batches of {batch}, logit error {logit_error(best):.3g}"]
+    for c in sorted(candidates, key=rate, reverse=True):
+        if rate(c) > rate(best):
+            d = blocker(c)
+            why.append(f"{c['name']} is faster ({rate(c):.1f}) but less accurate (logit error {logit_error(c):.3g}) "
+                       f"and not {margin:g}x as fast as {d['name']} ({rate(c) / rate(d):.2f}x)")
+        elif more_accurate(c, best):
+            why.append(f"{c['name']} is more accurate (logit error {logit_error(c):.3g}) but {best['name']} is "
+                       f"{rate(best) / rate(c):.2f}x as fast (at least {margin:g}x)")
+    rule = (f"--prefer {prefer}: the fastest candidate at least {margin:g}x as fast as every more accurate one (more "
+            f"accurate: a logit error {ACCURACY_FACTOR:g}x smaller; errors under {EXACT_LOGIT_ERROR:g} are exact)")
+    return best, "; ".join(why) + f" — {rule}"
+
+
+def _preferred(profile: dict, runtime: str, precision: str | None) -> dict | None:
+    """The candidate `select` picks, with the profile's own --prefer, among those measured that fit `runtime`
     (unless auto) and `precision` (unless None)."""
     batch = profile["choice"]["batch_size"]
     fits = [c for c in profile.get("candidates", [])
-            if (runtime == "auto" or c["runtime"] == runtime) and precision in (None, c["precision"])]
-    rated = [(r["images_per_s"], c) for c in fits for r in c.get("results", []) if r["batch_size"] == batch]
-    return max(rated, key=lambda t: t[0])[1] if rated else None
+            if (runtime == "auto" or c["runtime"] == runtime) and precision in (None, c["precision"])
+            and any(r["batch_size"] == batch for r in c.get("results", []))]
+    return select(fits, batch, profile["choice"]["prefer"])[0] if fits else None
 
 
 def check_request(manifest: Manifest, runtime: str, precision: str | None) -> None:
@@ -130,7 +175,8 @@ def choose(bundle_dir: Path, manifest: Manifest, runtime: str = "auto", precisio
             why_not = f"tuning profile malformed ({type(exc).__name__}: {exc}); run `fvgpt tune` again"
         except _NotMeasured as exc:
             why_not = str(exc)
-    hint = "; `fvgpt tune BUNDLE` measures every runtime × precision on this host and picks the fastest"
+    hint = ("; `fvgpt tune BUNDLE` measures every runtime × precision on this host and picks the fastest that is worth "
+            "its accuracy")
     chosen = precision or manifest.default_precision
     openvino = manifest.towers["image"].precisions("openvino")
     if runtime == "openvino" and precision is None and chosen not in openvino and openvino:
@@ -147,12 +193,12 @@ class _NotMeasured(Exception):
 
 
 def _from_profile(profile: dict, runtime: str, precision: str | None) -> Choice:
-    best = _fastest(profile, runtime, precision)
+    best = _preferred(profile, runtime, precision)
     wanted = " ".join(x for x in (runtime if runtime != "auto" else None, precision) if x)
     if best is None:
         raise _NotMeasured(f"the tuning profile measured no {wanted} candidate")
     batch = profile["choice"]["batch_size"]
-    which = "its choice" if best["name"] == profile["choice"]["name"] else f"its fastest {wanted} candidate"
+    which = "its choice" if best["name"] == profile["choice"]["name"] else f"its choice among {wanted} candidates"
     return Choice(best["runtime"], best["precision"], best["device"],
                   f"tuning profile of {profile.get('created', '?')}, {which}: {_rate(best, batch):.1f} images/s in "
                   f"batches of {batch}")

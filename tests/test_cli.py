@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -62,9 +64,10 @@ def test_train_then_eval_end_to_end(demo_data, tmp_path, capsys):
     assert set(metrics["models"]) == {"zero-shot", "kgcoop", "fvgpt"}
     row = metrics["models"]["fvgpt"]
     assert 0 <= row["base"] <= 100 and 0 <= row["new"] <= 100 and row["d_fg"]["tau1"] >= 0
-    # eval of two runs prints the paper's average row
+    # several runs print one row per method (the same run twice counts once)
     assert main(["eval", str(run), str(run), "--quiet"]) == 0
-    assert "average over 2 runs" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "counted once" in err and re.search(r"^\S+ +fvgpt\+kgcoop +1 ", out, re.MULTILINE), out
 
 
 def test_existing_run_dir_is_not_overwritten(tiny_run, demo_data, capsys):
@@ -174,12 +177,47 @@ def test_every_option_of_every_command_has_help():
     assert {"fvgpt train", "fvgpt eval", "fvgpt masks", "fvgpt export", "fvgpt serve"} <= commands
 
 
-def test_progress_is_plain_lines_in_a_log_and_a_bar_on_a_terminal(demo_data, tiny_run, tmp_path):
+def on_terminal(argv: list[str], env: dict | None = None, until=None, timeout: float = 300) -> tuple[int, bytes]:
+    """Run `python -m fvgpt ARGV` with stdout and stderr on a pseudo-terminal (100 columns, so tqdm draws its bar,
+    redrawn with carriage returns); `until(proc)`, if given, is called as output arrives (e.g. to send a signal).
+    Returns the exit status and everything the terminal showed."""
     import fcntl
     import os
     import pty
+    import select
     import struct
     import termios
+
+    deadline = time.monotonic() + timeout
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "fvgpt", *argv], stdout=follower, stderr=follower, env=env)
+    os.close(follower)
+    screen = b""
+    try:
+        while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"fvgpt {' '.join(argv)} still runs after {timeout} s: {screen[-2000:]!r}")
+            if until is not None:
+                until(proc)
+            if not select.select([leader], [], [], 0.02)[0]:
+                continue
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # the terminal closes when the process exits
+                break
+            if not chunk:
+                break
+            screen += chunk
+        return proc.wait(timeout=timeout), screen
+    finally:
+        os.close(leader)
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_progress_is_plain_lines_in_a_log_and_a_bar_on_a_terminal(demo_data, tiny_run, tmp_path):
+    import os
 
     env = os.environ | {"FVGPT_PROGRESS_EVERY_S": "0"}
     run = tmp_path / "run"
@@ -191,20 +229,135 @@ def test_progress_is_plain_lines_in_a_log_and_a_bar_on_a_terminal(demo_data, tin
     assert re.search(r"^prompt 1/1: 1/\d+ batch \(\d+ %\), \d+ s, loss \d", logged.stderr, re.M), logged.stderr
     assert "prompt epoch 1/1: loss" in logged.stdout and re.search(r"^eval: 1/1 batch", logged.stderr, re.M)
 
-    leader, follower = pty.openpty()  # a terminal (100 columns): tqdm's bar, redrawn with carriage returns
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-    proc = subprocess.Popen([sys.executable, "-m", "fvgpt", "eval", str(tiny_run), "--out", str(tmp_path / "m.json")],
-                            stdout=subprocess.DEVNULL, stderr=follower, env=env)
-    os.close(follower)
-    screen = b""
-    while True:
-        try:
-            chunk = os.read(leader, 4096)
-        except OSError:  # the terminal closes when the process exits
-            break
-        if not chunk:
-            break
-        screen += chunk
-    assert proc.wait(timeout=300) == 0
-    os.close(leader)
+    status, screen = on_terminal(["eval", str(tiny_run), "--out", str(tmp_path / "m.json")], env)
+    assert status == 0, screen
     assert re.search(rb"\reval: +\d+%\|", screen), screen  # not the terminal's own \r\n line ends
+
+
+TERMINAL_RUN = ["--model", "fvgpt-tiny", "--pretrained", "none", "--shots", "3", "--epochs", "2", "--plugin-epochs",
+                "6", "--lr", "0.02", "--no-eval"]
+
+
+@pytest.fixture(scope="module")
+def quiet_run(demo_data, tmp_path_factory):
+    """TERMINAL_RUN trained straight through with --quiet: what every other output mode must reproduce."""
+    out = tmp_path_factory.mktemp("quiet") / "run"
+    assert main(["train", "--data", str(demo_data), "--out", str(out), *TERMINAL_RUN, "--quiet"]) == 0
+    return out
+
+
+def _assert_equal(a, b, where: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def assert_same_training(a, b) -> None:
+    """Every learned weight, the optimiser's state (momentum) and every logged loss, bit for bit."""
+    for name in ("prompt.safetensors", "plugin.safetensors"):
+        _assert_equal(load_file(a / name), load_file(b / name), name)
+    for stage in ("prompt", "plugin"):
+        _assert_equal(*(torch.load(r / "state" / f"{stage}.pt", weights_only=True) for r in (a, b)), stage)
+    drop = ("seconds", "images_per_s")
+    losses = [[{k: v for k, v in json.loads(line).items() if k not in drop}
+               for line in (r / "train_log.jsonl").read_text().splitlines()] for r in (a, b)]
+    assert losses[0] == losses[1]
+
+
+def test_training_with_a_bar_on_a_terminal_equals_quiet_training(demo_data, quiet_run, tmp_path):
+    """Issue 21.1: a tqdm bar once changed the batch order (tqdm.auto iterated the DataLoader early, drawing from its
+    shuffle generator), so results depended on the output mode."""
+    run = tmp_path / "bar"
+    status, screen = on_terminal(["train", "--data", str(demo_data), "--out", str(run), *TERMINAL_RUN])
+    assert status == 0, screen
+    assert re.search(rb"\rprompt 1/2: +\d+%\|", screen) and re.search(rb"\rplugin 6/6: +\d+%\|", screen), screen
+    assert_same_training(quiet_run, run)
+
+
+def test_ctrl_c_names_the_resume_command_which_alone_finishes_the_run(demo_data, quiet_run, tmp_path):
+    """Issue 21.3 (and 21.1 across an interruption): a real SIGINT during training on a terminal prints the exact
+    command to continue; that command (no data options: config.json holds them) ends with the weights of the quiet,
+    uninterrupted run."""
+    import signal
+
+    run = tmp_path / "cut run"  # a space: the printed command must quote it
+    log = run / "train_log.jsonl"
+    sent = []
+
+    def interrupt_after_the_first_epoch(proc) -> None:
+        if not sent and log.is_file() and log.read_text().strip():
+            proc.send_signal(signal.SIGINT)
+            sent.append(True)
+
+    status, screen = on_terminal(["train", "--data", str(demo_data), "--out", str(run), *TERMINAL_RUN],
+                                 until=interrupt_after_the_first_epoch)
+    text = screen.decode()
+    assert status == 130 and sent, text
+    assert 1 <= len(log.read_text().splitlines()) < 8, "the run was not interrupted mid-way"
+    command = re.search(r"Continue with:\r?\n +(fvgpt train .*?)\r?\n", text)
+    assert command, text
+    argv = shlex.split(command.group(1))
+    assert argv == ["fvgpt", "train", "--out", str(run), "--resume", "--no-eval"]
+    status, screen = on_terminal(argv[1:])
+    assert status == 0, screen
+    assert_same_training(quiet_run, run)
+
+
+def test_resume_keeps_the_runs_settings_and_says_which_were_ignored(tiny_run, tmp_path, capsys):
+    import shutil
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "5", "--no-eval", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "ignored: --prompt-epochs 5 (the run has 2), --plugin-epochs 5 (the run has 2)" in err, err
+    assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # finished: nothing to redo
+    assert main(["train", "--out", str(tmp_path / "none"), "--resume", "--quiet"]) == 2
+    assert "--resume given but" in capsys.readouterr().err and not (tmp_path / "none").exists()
+
+
+def test_a_run_trained_with_relative_paths_works_from_any_directory(demo_data, tmp_path, monkeypatch, capsys):
+    """Issue 21.2: --data, --pretrained (a checkpoint file) and --out given relative to one folder; eval and export
+    from another. A run whose config still names its checkpoint relatively (older fvgpt) gets a clear error."""
+    import os
+
+    from safetensors.torch import save_file
+
+    from fvgpt.backbone import load_backbone
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    (work / "weights").mkdir(parents=True)
+    elsewhere.mkdir()
+    checkpoint = work / "weights" / "tiny.safetensors"
+    save_file(load_backbone("fvgpt-tiny", "none", init_seed=3).model.state_dict(), checkpoint)
+    monkeypatch.chdir(work)
+    assert main(["train", "--data", os.path.relpath(demo_data, work), "--pretrained", "weights/tiny.safetensors",
+                 "--out", "runs/r", *(a for a in TINY if a not in ("--pretrained", "none")), "--no-eval"]) == 0
+    run = work / "runs" / "r"
+    stored = json.loads((run / "config.json").read_text())
+    assert stored["train"]["pretrained"] == str(checkpoint)
+    assert stored["train"]["data"] == str(demo_data)
+
+    monkeypatch.chdir(elsewhere)
+    assert main(["eval", str(run), "--quiet"]) == 0
+    assert main(["export", str(run), "--out", "bundle", "--parity-images", "8"]) == 0
+    manifest = json.loads((elsewhere / "bundle" / "manifest.json").read_text())
+    assert manifest["backbone"]["pretrained"] == str(checkpoint)
+
+    stored["train"]["pretrained"] = "weights/tiny.safetensors"  # as older fvgpt wrote it
+    (run / "config.json").write_text(json.dumps(stored))
+    capsys.readouterr()
+    assert main(["eval", str(run), "--quiet", "--recompute"]) == 2
+    err = capsys.readouterr().err
+    assert "relative to the folder the run was trained in" in err and "absolute path" in err, err
+    monkeypatch.chdir(work)  # from the folder it was trained in, it still works
+    assert main(["eval", str(run), "--quiet", "--recompute"]) == 0

@@ -170,6 +170,44 @@ def test_the_profile_is_used_and_ignored_on_a_mismatch(tuned, tiny_openvino_bund
     assert "tuning profile malformed (KeyError" in choose(*bundle, profile=no_choice).reason
 
 
+def test_tune_weighs_speed_against_accuracy_on_every_candidate(tiny_openvino_bundle, tmp_path):
+    """Issue 21.5, one real tune over every candidate: the choice, and serve's choice narrowed to a runtime, are what
+    the rule gives on the profile's own figures (the rule restated here: the fastest candidate at least 1.15x as
+    fast as every candidate whose measured logit error is 1.5x smaller, errors under 1e-3 counting as 1e-3)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_openvino_bundle, copy)
+    (copy / PROFILE).unlink(missing_ok=True)
+    assert main(["tune", str(copy), "--batch-sizes", "1,2", "--iters", "2", "--warmup", "1", "--quiet"]) == 0
+    profile = read_profile(copy)
+    measured = profile["candidates"]
+    assert {c["name"] for c in measured} >= {"onnx-fp32", "onnx-int8", "openvino-fp32", "openvino-int8"}
+    for c in measured:  # every gate records the figures the rule ranks by, from the parity checks on this host
+        assert c["gate"]["passed"] and 0 <= c["gate"]["logit_error"] and 0 <= c["gate"]["mean_kl"]
+
+    def rate(c: dict) -> float:
+        return next(r["images_per_s"] for r in c["results"] if r["batch_size"] == 2)
+
+    def expected(cands: list[dict]) -> str:
+        error = {c["name"]: max(c["gate"]["logit_error"], 1e-3) for c in cands}
+        fine = [c for c in cands if all(rate(c) >= 1.15 * rate(d) for d in cands
+                                        if error[d["name"]] * 1.5 < error[c["name"]])]
+        return max(fine, key=rate)["name"]
+
+    choice = profile["choice"]
+    assert choice["name"] == expected(measured) and choice["prefer"] == "balanced"
+    assert choice["rule"] == {"speed_margin": 1.15, "accuracy_factor": 1.5, "exact_logit_error": 1e-3}
+    assert choice["why"].startswith(f"{choice['name']}: ") and "--prefer balanced" in choice["why"]
+    manifest = Manifest.read(copy)
+    served = choose(copy, manifest)
+    assert f"{served.runtime}-{served.precision}" == choice["name"] and "its choice" in served.reason
+    openvino = choose(copy, manifest, "openvino")
+    assert f"openvino-{openvino.precision}" == expected([c for c in measured if c["runtime"] == "openvino"])
+    assert main(["tune", str(copy), "--batch-sizes", "1,2", "--iters", "2", "--warmup", "1", "--quiet",
+                 "--prefer", "speed"]) == 0
+    fastest = read_profile(copy)
+    assert fastest["choice"]["name"] == max(fastest["candidates"], key=rate)["name"]
+
+
 def test_a_broken_profile_falls_back_to_the_safe_default(tiny_openvino_bundle, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(tiny_openvino_bundle, copy)
