@@ -158,12 +158,13 @@ class Engine:
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
                            AUTH_HEADERS)
 
-    async def answer(self, route: str, headers: Mapping[str, str], handler: Callable[[], Awaitable[BaseModel]],
-                     serialise: bool = False) -> Reply:
-        """A route's answer as JSON after the key check: ApiError → its status and message, anything else → a
-        logged 500. serialise=True times the answer's serialisation (the classify stage)."""
+    async def answer(self, route: str, handler: Callable[[], Awaitable[BaseModel]],
+                     headers: Mapping[str, str] | None = None, serialise: bool = False) -> Reply:
+        """A route's answer as JSON, after the key check when given the request's headers: ApiError → its status and
+        message, anything else → a logged 500. serialise=True times the answer's serialisation (a classify stage)."""
         try:
-            self.authorize(headers)
+            if headers is not None:
+                self.authorize(headers)
             answer = await handler()
         except ApiError as exc:
             return error_reply(exc.status, exc.message, exc.headers)
@@ -177,14 +178,15 @@ class Engine:
 
     async def classify_http(self, headers: Mapping[str, str], body: AsyncIterator[bytes]) -> Reply:
         """POST /classify: `headers` (lower-case names) and the body's chunks as they arrive."""
-        return await self.answer("POST /classify", headers, lambda: self.classify_body(headers, body), True)
 
-    async def classify_body(self, headers: Mapping[str, str], body: AsyncIterator[bytes]
-                            ) -> ClassifyResponse | MultiClassifyResponse:
-        request, reservation = await parse_classify(headers.get("content-type"), body, headers.get("content-length"),
-                                                    self.models, self.budget, self.metrics)
-        with reservation:  # the request's bytes count against FVGPT_MAX_INFLIGHT_BYTES until it is answered
-            return await self.classify(request, reservation)
+        async def handle() -> ClassifyResponse | MultiClassifyResponse:
+            request, reservation = await parse_classify(headers.get("content-type"), body,
+                                                        headers.get("content-length"), self.models, self.budget,
+                                                        self.metrics)
+            with reservation:  # the request's bytes count against FVGPT_MAX_INFLIGHT_BYTES until it is answered
+                return await self.classify(request, reservation)
+
+        return await self.answer("POST /classify", handle, headers, serialise=True)
 
     async def classify(self, request: ClassifyRequest, reservation: Reservation
                        ) -> ClassifyResponse | MultiClassifyResponse:
@@ -194,16 +196,16 @@ class Engine:
         return answer
 
     async def labels_http(self, headers: Mapping[str, str], model: str | None) -> Reply:
-        return await self.answer("GET /labels", headers, lambda: self.labels(model))
+        return await self.answer("GET /labels", lambda: self.labels(model), headers)
 
     async def models_http(self, headers: Mapping[str, str]) -> Reply:
-        return await self.answer("GET /models", headers, self.list_models)
+        return await self.answer("GET /models", self.list_models, headers)
 
     async def info_http(self, headers: Mapping[str, str], model: str | None) -> Reply:
-        return await self.answer("GET /info", headers, lambda: self.info(model))
+        return await self.answer("GET /info", lambda: self.info(model), headers)
 
     async def reload_http(self, headers: Mapping[str, str]) -> Reply:
-        return await self.answer("POST /admin/reload", headers, self.reload)
+        return await self.answer("POST /admin/reload", self.reload, headers)
 
     def selected(self, model: str | None) -> Classifier:
         """The classifier a GET route's ?model= names, or the only one."""

@@ -1,7 +1,13 @@
-"""API errors: one exception type carrying the HTTP status, rendered as {"error": "<message>"}; and the middleware
-that makes every other error answer of the server JSON too.
+"""The ASGI middleware around the whole BentoML service: every error answer is {"error": "<message>"}, and a path
+with a trailing slash is redirected without echoing the Host header.
 
-Our own JSONResponse, not BentoMLException: BentoML 1.4.40 renders 4xx BentoMLExceptions as a JSON list.
+* An error answer in text/plain (Starlette's and BentoML's 404 for an unknown path, 405 for a wrong method, /readyz's
+  503) becomes {"error": "<METHOD> <path>: <its text>"} with the same status and the headers a client needs; an
+  exception that escapes a route becomes a logged JSON 500 instead of uvicorn's plain "Internal Server Error".
+  Protocol errors, answered before any route runs, are shell/protocol.py's.
+* `POST /classify/`: Starlette would redirect to an absolute URL built from the request's Host header
+  (`Host: evil.example` → `http://evil.example/classify`). Here the answer is a 307 whose Location is the path alone
+  (`/classify`): clients resolve it against the URL they used.
 """
 from __future__ import annotations
 
@@ -10,17 +16,9 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-logger = logging.getLogger("bentoml.fvgpt")
+logger = logging.getLogger("fvgpt.shell")
 
 KEPT_HEADERS = (b"allow", b"retry-after", b"www-authenticate")  # what a client needs from a rewritten error
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -28,17 +26,19 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
 
 
 class JSONErrors:
-    """ASGI middleware around the whole service: an error answer in text/plain (Starlette's and BentoML's 404 for
-    an unknown path, 405 for a wrong method, /readyz's 503) becomes {"error": "<METHOD> <path>: <its text>"} with
-    the same status, and an exception that escapes a route becomes a logged JSON 500 instead of uvicorn's plain
-    "Internal Server Error". Protocol errors, answered before any route runs, are serving/protocol.py's."""
-
     def __init__(self, app: Any):
         self.app = app
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        path = scope["path"]
+        if len(path) > 1 and path.endswith("/"):
+            query = scope.get("query_string", b"").decode("latin-1")
+            location = path.rstrip("/") + (f"?{query}" if query else "")
+            response = error_response(307, f"{scope['method']} {path}: the route is {path.rstrip('/')}",
+                                      {"location": location})
+            return await response(scope, receive, send)
         held: dict | None = None  # the start of a plain-text error answer, until its body is complete
         body: list[bytes] = []
         started = False
@@ -55,7 +55,7 @@ class JSONErrors:
             if not message.get("more_body", False):
                 text = b"".join(body).decode("utf-8", "replace").strip()
                 headers = {k.decode(): v.decode() for k, v in held.get("headers", []) if k.lower() in KEPT_HEADERS}
-                response = error_response(held["status"], f"{scope['method']} {scope['path']}: {text}", headers)
+                response = error_response(held["status"], f"{scope['method']} {path}: {text}", headers)
                 started = True
                 await response(scope, receive, send)
 
@@ -64,7 +64,7 @@ class JSONErrors:
         except Exception:
             if started:
                 raise
-            logger.exception("%s %s failed", scope["method"], scope["path"])
+            logger.exception("%s %s failed", scope["method"], path)
             await error_response(500, "internal server error; the server log has the details")(scope, receive, send)
 
 
