@@ -34,6 +34,12 @@ from .routes import response, routes
 LIMITS = Limits.from_env()
 TIMEOUT_S = max(60, 3 * env_int(os.environ, Settings.ENV["max_latency_ms"], Settings.max_latency_ms) // 1000)
 ClassifyInput = classify_input(LIMITS)
+# The Bento's image (`bentoml build`, then `bentoml containerize`): the project's source is copied in before the
+# Python packages are installed, and installed from there with the `cpu` and `serve` extras (a GPU image takes `gpu`
+# instead of `cpu`, never both). No torch, no training weights (bentofile.yaml leaves them out).
+SOURCES = ("pyproject.toml", "README.md", "fvgpt", "runtime", "export", "serving")
+IMAGE = bentoml.images.Image(python_version="3.11", lock_python_packages=False).build_include(*SOURCES) \
+    .python_packages("--editable .[cpu,serve]")  # BentoML rewrites a plain ".[cpu,serve]" into an invalid line
 
 
 def with_status(reply: Reply, ctx: bentoml.Context) -> Response:
@@ -43,7 +49,7 @@ def with_status(reply: Reply, ctx: bentoml.Context) -> Response:
 
 
 @bentoml.asgi_app(routes, path="/")
-@bentoml.service(name="fvgpt", workers=1, traffic={"timeout": TIMEOUT_S})
+@bentoml.service(name="fvgpt", image=IMAGE, workers=1, traffic={"timeout": TIMEOUT_S})
 class FVGPT:
     """FVG-PT classifiers over HTTP: POST /classify, GET /models, /labels, /info, POST /admin/reload."""
 
