@@ -211,3 +211,11 @@ def assert_matches(bundle: Bundle, result: dict, data: bytes, labels: list[str] 
     assert result["head"] == head and result["model_id"] == bundle.model_id
     assert list(got) == sorted(probs, key=probs.get, reverse=True)[:len(got)]
     assert max(abs(got[k] - probs[k]) for k in got) <= 1e-5
+
+
+def truncated_multipart(headers: dict | None = None, **fields) -> dict:
+    """httpx keyword arguments of a multipart POST of two photos (and `fields`) cut before its closing boundary, in
+    the second photo's part."""
+    req = httpx.Request("POST", "http://x/classify", files=[("images", ("a.jpg", photo_bytes(0))),
+                                                            ("images", ("b.jpg", photo_bytes(1)))], data=fields)
+    return {"content": req.read()[:-100], "headers": (headers or {}) | {"content-type": req.headers["content-type"]}}

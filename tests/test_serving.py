@@ -19,7 +19,7 @@ from PIL import Image
 from fvgpt.photos import photo_paths
 from fvgpt_runtime.bundle import Bundle
 from serving_support import (assert_matches, b64, encode, engine_client, expected, photo_bytes, post_files, post_json,
-                             returned)
+                             returned, truncated_multipart)
 
 API_KEY = "test-key-123"
 LIMITS = {"FVGPT_MAX_IMAGE_PIXELS": "1000000", "FVGPT_MAX_IMAGES": "4", "FVGPT_MAX_LABELS": "8",
@@ -187,19 +187,11 @@ def truncated_jpeg() -> bytes:
     return data[: len(data) // 2]
 
 
-def truncated_multipart(c):
-    """Two images and top_k=1, cut before the closing boundary (in the second image's part)."""
-    req = httpx.Request("POST", "http://x/classify", files=[("images", ("a.jpg", photo_bytes(0))),
-                                                            ("images", ("b.jpg", photo_bytes(1)))],
-                        data={"top_k": "1"})
-    body = req.read()
-    return c.post("/classify", content=body[:-100], headers={"content-type": req.headers["content-type"]})
-
-
 BAD = {
     "non-image bytes": (lambda c: post_files(c, [b"hello, this is not an image"]), 400, "not an image"),
     "truncated JPEG": (lambda c: post_files(c, [truncated_jpeg()]), 400, "truncated"),
-    "truncated multipart body": (truncated_multipart, 400, "the multipart body is truncated"),
+    "truncated multipart body": (lambda c: c.post("/classify", **truncated_multipart(top_k="1")), 400,
+                                 "the multipart body is truncated"),
     "empty file": (lambda c: post_files(c, [b""]), 400, "empty"),
     "over the pixel limit": (lambda c: post_files(c, [encode(Image.new("L", (1100, 1000)))]), 413, "pixels"),
     "decompression bomb": (lambda c: post_files(c, [encode(Image.new("1", (4000, 4000)))]), 413, "pixels"),

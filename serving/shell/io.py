@@ -16,11 +16,12 @@ from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
 import bentoml
+from pydantic import BaseModel
 from starlette.requests import ClientDisconnect, Request
 
 from fvgpt_serving.engine.engine import Engine
 from fvgpt_serving.engine.errors import ApiError
-from fvgpt_serving.engine.models import ClassifyModels, ImageResults, Result
+from fvgpt_serving.engine.models import HEADS, ClassifyModels, Prediction, Result
 from fvgpt_serving.engine.parse import Disconnected, parse_classify
 from fvgpt_serving.engine.settings import Limits
 
@@ -77,12 +78,24 @@ def classify_input(limits: Limits) -> type[bentoml.IODescriptor]:
     return ClassifyInput
 
 
-class ClassifyOutput(bentoml.IODescriptor):
-    """POST /classify's answer as BentoML's schema states it: ClassifyResponse (`model`, or neither) or
-    MultiClassifyResponse (`models`), one field whose item type tells them apart. (BentoML 1.4.40's OpenAPI writer
-    fails on an output that is a union of models; GET /docs.json states both from the engine's models.)"""
+class ImageResult(BaseModel):
+    """One image's answer: with `model` (or neither) one classifier's (model ... predictions), with `models` one per
+    classifier (models)."""
 
-    results: list[Result] | list[ImageResults]
+    model: str | None = None
+    version: str | None = None
+    model_id: str | None = None
+    head: HEADS | None = None
+    predictions: list[Prediction] | None = None
+    models: list[Result] | None = None
+
+
+class ClassifyOutput(bentoml.IODescriptor):
+    """POST /classify's answer as BentoML's schema states it: ClassifyResponse and MultiClassifyResponse (the
+    engine's models, GET /docs.json) in one shape. BentoML's client keeps only the fields an answer's schema lists,
+    and BentoML 1.4.40's OpenAPI writer fails on an output that is a union of models."""
+
+    results: list[ImageResult]
 
     @classmethod
     def openapi_components(cls, name: str) -> dict[str, Any]:
