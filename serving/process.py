@@ -83,9 +83,28 @@ def kill_tree(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def rss_mib(server_pid: int) -> dict[str, float]:
+    """RSS of the API worker, the tower process and all the server's processes together, in MiB."""
+    import psutil
+
+    out = {"api": 0.0, "tower": 0.0, "total": 0.0}
+    root = psutil.Process(server_pid)
+    roles = {p.pid: role for role, procs in server_processes(server_pid).items() for p in procs}
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            rss = proc.memory_info().rss / 2**20
+        except psutil.NoSuchProcess:
+            continue
+        out["total"] += rss
+        if proc.pid in roles:
+            out[roles[proc.pid]] += rss
+    return out
+
+
 def server_processes(server_pid: int) -> dict[str, list]:
     """The processes (psutil.Process) of a server started by `bentoml serve` / `fvgpt serve`, by role: "api" (the
-    worker running the engine) and "tower" (the tower worker), told apart by their command lines."""
+    worker running the engine) and "tower" (the process running the towers: the tower worker; in servers before the
+    engine, the `fvgpt-encoder` BentoML worker), told apart by their command lines."""
     import psutil
 
     roles: dict[str, list] = {"api": [], "tower": []}
@@ -94,8 +113,8 @@ def server_processes(server_pid: int) -> dict[str, list]:
             cmd = proc.cmdline()
         except psutil.NoSuchProcess:
             continue
-        if API_WORKER in cmd:
-            roles["api"].append(proc)
-        elif TOWER_WORKER in cmd:
+        if TOWER_WORKER in cmd or (API_WORKER in cmd and "fvgpt-encoder" in cmd):
             roles["tower"].append(proc)
+        elif API_WORKER in cmd:
+            roles["api"].append(proc)
     return roles

@@ -63,7 +63,8 @@ class Reply:
 
 
 def json_reply(model: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> Reply:
-    return Reply(status, model.model_dump_json().encode(), JSON | (headers or {}))
+    """The answer as JSON; fields it was not given are left out (GET /info's classifier fields without one)."""
+    return Reply(status, model.model_dump_json(exclude_unset=True).encode(), JSON | (headers or {}))
 
 
 def error_reply(status: int, message: str, headers: dict[str, str] | None = None) -> Reply:
