@@ -219,3 +219,22 @@ def truncated_multipart(headers: dict | None = None, **fields) -> dict:
     req = httpx.Request("POST", "http://x/classify", files=[("images", ("a.jpg", photo_bytes(0))),
                                                             ("images", ("b.jpg", photo_bytes(1)))], data=fields)
     return {"content": req.read()[:-100], "headers": (headers or {}) | {"content-type": req.headers["content-type"]}}
+
+
+def raw_exchange(url: str, data: bytes, wait_s: float) -> tuple[bytes, float]:
+    """Send `data` on a fresh connection to http://HOST:PORT and read until the server closes it (or `wait_s`
+    passes): what came back, and the seconds it took."""
+    import socket
+    import time
+
+    host, port = url.removeprefix("http://").split(":")
+    t0 = time.perf_counter()
+    with socket.create_connection((host, int(port)), timeout=wait_s) as s:
+        s.sendall(data)
+        chunks = []
+        try:
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        except TimeoutError:
+            pass
+    return b"".join(chunks), time.perf_counter() - t0

@@ -11,7 +11,6 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image

@@ -28,8 +28,8 @@ from fvgpt.photos import photo_paths
 from fvgpt_runtime.bundle import Bundle
 from fvgpt_serving.cli import server_command
 from fvgpt_serving.process import free_port, server_processes, stop, wait_ready
-from serving_support import (Server, assert_matches, b64, big_gray_png, photo_bytes, post_files, post_json, running,
-                             truncated_multipart)
+from serving_support import (Server, assert_matches, b64, big_gray_png, photo_bytes, post_files, post_json,
+                             raw_exchange, running, truncated_multipart)
 
 pytestmark = pytest.mark.slow
 
@@ -50,21 +50,6 @@ def server(tiny_bundle, tmp_path_factory):
 @pytest.fixture(scope="module")
 def bundle(tiny_bundle) -> Bundle:
     return Bundle(tiny_bundle)
-
-
-def raw_exchange(url: str, data: bytes, wait_s: float) -> tuple[bytes, float]:
-    """Send `data` on a fresh connection and read until the server closes it (or `wait_s` passes)."""
-    host, port = url.removeprefix("http://").split(":")
-    t0 = time.perf_counter()
-    with socket.create_connection((host, int(port)), timeout=wait_s) as s:
-        s.sendall(data)
-        chunks = []
-        try:
-            while chunk := s.recv(65536):
-                chunks.append(chunk)
-        except TimeoutError:
-            pass
-    return b"".join(chunks), time.perf_counter() - t0
 
 
 def status_and_json(raw: bytes) -> tuple[int, dict]:

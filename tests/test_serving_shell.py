@@ -6,7 +6,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ import bentoml
 from fvgpt_serving.process import free_port
 from fvgpt_serving.shell import internals
 from fvgpt_serving.shell.protocol import MAX_HEAD_BYTES, GuardedH11Protocol
+from serving_support import raw_exchange
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -126,16 +126,8 @@ def protocol_server():
     thread.join(10)
 
 
-def exchange(port: int, data: bytes, wait_s: float = 5) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as s:
-        s.sendall(data)
-        chunks = []
-        try:
-            while chunk := s.recv(65536):
-                chunks.append(chunk)
-        except TimeoutError:
-            pass
-    return b"".join(chunks)
+def exchange(port: int, data: bytes) -> bytes:
+    return raw_exchange(f"http://127.0.0.1:{port}", data, 5)[0]
 
 
 def head_of(size: int) -> bytes:
