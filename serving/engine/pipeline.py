@@ -5,7 +5,7 @@
                one fair slice per image on the decode threads (engine/decode.py)
     features   one tower pass per image and tower, batched with concurrent requests (engine/towers.py)
     heads      every classifier's heads on its tower's features: label routing, new labels through the text graph
-               (fvgpt_runtime.bundle.Bundle.scores), in a worker thread
+               (fvgpt_runtime.bundle.Bundle.scores); in a worker thread when there are many
     rank       top-k per image and classifier (fvgpt_runtime.ranking), as the answer model
 
 The per-image work is fvgpt_runtime's (images, preprocess, bundle, ranking), so the Python API runs the same code.
@@ -36,6 +36,10 @@ from .settings import Settings
 from .towers import TowerPool
 
 
+INLINE_HEADS = 4  # classifiers whose heads run on the event loop (no new labels); more go to a worker thread
+INLINE_OPEN_BYTES = 1 << 20  # images opened (headers read) on the event loop; larger requests in a worker thread
+
+
 @dataclass(frozen=True)
 class Plan:
     """One classifier's part of a request."""
@@ -43,6 +47,11 @@ class Plan:
     classifier: Classifier
     labels: list[str] | None
     top_k: int
+
+    @property
+    def new_labels(self) -> bool:
+        """Labels outside the bundle's classes: their text rows may need the text graph (tens of ms)."""
+        return self.labels is not None and any(self.classifier.bundle.classes.find(lab) is None for lab in self.labels)
 
 
 class Pipeline:
@@ -94,6 +103,8 @@ class Pipeline:
             pixels = await self.pixels(images, names, {c.tower_id: c.bundle.preprocess for c in classifiers},
                                        reservation)
             features = dict(zip(pixels, await asyncio.gather(*(self.pool.features(t, p) for t, p in pixels.items()))))
+            if len(plans) <= INLINE_HEADS and not any(p.new_labels for p in plans):
+                return self.heads(plans, features)  # a few heads runs cost less than a hop to a thread and back
             return await asyncio.to_thread(self.heads, plans, features)
 
     async def pixels(self, images: list[bytes], names: list[str], towers: dict[str, Preprocess],
@@ -102,7 +113,9 @@ class Pipeline:
         decoding will hold added to the request's reservation, then each image decoded once and preprocessed once
         per distinct preprocessing, one fair decode slice per image, in the decode threads."""
         cfgs = list(dict.fromkeys(towers.values()))
-        opened = await asyncio.to_thread(open_images, images, names, cfgs, self.limits, self.settings.jpeg_draft)
+        args = (images, names, cfgs, self.limits, self.settings.jpeg_draft)
+        opened = open_images(*args) if sum(map(len, images)) <= INLINE_OPEN_BYTES else \
+            await asyncio.to_thread(open_images, *args)
         reservation.grow(reservation.size + decode_peak(opened, self.settings.decode_threads))
         slices = await self.decoder.run([lambda o=o: decode_slice(o, cfgs, self.metrics) for o in opened])
         by_cfg = {cfg: np.stack([s[k] for s in slices]) for k, cfg in enumerate(cfgs)}
