@@ -17,9 +17,9 @@ half-sent headers or a half-sent body open at all times. Faults are injected at 
 
 Reported: requests by kind and outcome; 5xx answers outside the faults' own windows (a fault's window runs from its
 injection until /readyz is 200 again; target 0) and 500s anywhere (target 0); p50/p99 latency of valid requests; the
-RSS of the API worker and the tower worker every second; batch-independence violations: every valid answer is compared with
-the bundle's answer for the same image computed alone in this process (same ranking, probabilities within 1e-5;
-target 0). Writes soak.json and soak.csv (the RSS series).
+RSS of the API worker and the tower worker every second; batch-independence violations: every valid answer is
+compared with the bundle's answer for the same image computed alone in this process (same ranking, probabilities
+within 1e-5; target 0). Writes soak.json and soak.csv (the RSS series).
 """
 from __future__ import annotations
 
@@ -303,17 +303,14 @@ def sample_rss(soak: Soak, server_pid_of, t_start: float) -> None:
 # ---- faults -----------------------------------------------------------------------------------------------------
 
 def wait_ready_again(url: str, timeout_s: float = 120) -> float:
-    import httpx
+    """When /readyz answered 200 again (time.time())."""
+    from fvgpt_serving.process import wait_ready
 
-    t0 = time.time()
-    while time.time() - t0 < timeout_s:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return time.time()
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise BenchError(f"{url} was not ready again within {timeout_s:.0f} s")
+    try:
+        wait_ready(None, url, timeout_s, every_s=0.2)
+    except RuntimeError as exc:
+        raise BenchError(f"{url}: {exc}") from None
+    return time.time()
 
 
 def kill_tower_worker(soak: Soak, server: Server) -> None:

@@ -38,20 +38,21 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
-def wait_ready(proc: subprocess.Popen, url: str, timeout_s: float) -> None:
-    """Until GET {url}/readyz answers 200; a RuntimeError if the server exits first or the time runs out."""
+def wait_ready(proc: subprocess.Popen | None, url: str, timeout_s: float, every_s: float = 0.25) -> None:
+    """Until GET {url}/readyz answers 200; a RuntimeError if the server (`proc`, when given) exits first or the time
+    runs out."""
     import httpx
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"the server exited with status {proc.returncode} before it was ready")
         try:
             if httpx.get(f"{url}/readyz", timeout=10).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(0.25)
+        time.sleep(every_s)
     raise RuntimeError(f"the server was not ready after {timeout_s:.0f} s")
 
 

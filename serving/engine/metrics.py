@@ -63,7 +63,8 @@ class Metrics:
         for stage, s in snap["stages"].items():
             lines += [f'fvgpt_stage_seconds_total{{stage="{stage}",clock="wall"}} {s["wall_s"]}',
                       f'fvgpt_stage_seconds_total{{stage="{stage}",clock="cpu"}} {s["cpu_s"]}']
-        lines += ["# HELP fvgpt_stage_calls_total Times each request stage ran.", "# TYPE fvgpt_stage_calls_total counter"]
+        lines += ["# HELP fvgpt_stage_calls_total Times each request stage ran.",
+                  "# TYPE fvgpt_stage_calls_total counter"]
         lines += [f'fvgpt_stage_calls_total{{stage="{stage}"}} {s["calls"]}' for stage, s in snap["stages"].items()]
         lines += ["# HELP fvgpt_tower_batches_total Tower batches run, by images in the batch.",
                   "# TYPE fvgpt_tower_batches_total counter"]
