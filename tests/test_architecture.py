@@ -105,8 +105,8 @@ def test_the_checker_sees_a_violation(tmp_path, monkeypatch):
     monkeypatch.setitem(PACKAGES, "fvgpt_runtime", fake)
     serving = tmp_path / "serving"
     shutil.copytree(REPO / "serving", serving)
-    (serving / "engine" / "bad.py").write_text("import bentoml\n\ndef f():\n    from starlette.requests import Request\n"
-                                               "    import uvicorn\n    from ..shell import service\n")
+    (serving / "engine" / "bad.py").write_text("import bentoml\n\ndef f():\n    from starlette.requests import "
+                                               "Request\n    import uvicorn\n    from ..shell import service\n")
     monkeypatch.setitem(PACKAGES, "fvgpt_serving", serving)
     found = violations()
     assert any("fvgpt_runtime.bad imports torch" in v for v in found)

@@ -1,7 +1,7 @@
-"""The real server on loopback (`bentoml serve` of the shell, `fvgpt serve`): what only a running server shows. BentoML's
-own client, the HTTP errors of every layer, the protocol limits, the OpenAPI document with real answers checked
-against it, a killed tower worker, SIGTERM, busy ports, per-server metrics, the smoke test. Everything else runs
-in-process against the engine (tests/test_serving.py and the rest).
+"""The real server on loopback (`bentoml serve` of the shell, `fvgpt serve`): what only a running server shows.
+BentoML's own client, the HTTP errors of every layer, the protocol limits, the OpenAPI document with real answers
+checked against it, a killed tower worker, SIGTERM, busy ports, per-server metrics, the smoke test. Everything else
+runs in-process against the engine (tests/test_serving.py and the rest).
 """
 from __future__ import annotations
 
@@ -199,7 +199,7 @@ def test_metrics_show_where_request_time_goes(server):
     assert "bentoml_service_request_total" in text  # BentoML's own metrics are still there
 
 
-# ---- a killed tower worker --------------------------------------------------------------------------------------------
+# ---- a killed tower worker ----------------------------------------------------------------------------------------
 def test_a_killed_tower_worker_costs_503s_and_readiness_at_once(server, bundle):
     """kill -9 of the tower worker under load: requests in flight get 503 + Retry-After (never a 500), /readyz
     answers 503 at once, also while a readiness canary was in flight when it died; a new worker is started, its

@@ -230,6 +230,7 @@ class ClassifyModels:
 
 def _classify_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
     label = Annotated[str, StringConstraints(min_length=1, max_length=limits.max_label_chars)]
+    ModelRefs = Annotated[list[ModelRef], Field(min_length=1, max_length=limits.max_models)]  # noqa: N806
 
     class ClassifyOptions(BaseModel):
         """What to score, and which classifiers answer; labels, top_k and mode apply to each classifier named."""
@@ -249,9 +250,9 @@ def _classify_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
         model: ModelRef | None = Field(None, description="one classifier, \"name\" or \"name@version\"; the answer "
                                                          "has one result per image. Optional when the server holds "
                                                          "one classifier. Not together with `models`.")
-        models: Annotated[list[ModelRef], Field(min_length=1, max_length=limits.max_models)] | Literal["*"] | None = Field(
+        models: ModelRefs | Literal["*"] | None = Field(
             None, description="several classifiers, or \"*\" for every one served; each image gets one result per "
-                        "classifier. Not together with `model`.")
+                              "classifier. Not together with `model`.")
 
         @model_validator(mode="before")
         @classmethod

@@ -202,7 +202,7 @@ def multipart_parts(body: bytes, content_type: str, max_files: int, max_fields: 
 
 def _as_json(text: str, kinds: tuple[type, ...]) -> object:
     """`text` as the JSON value it encodes, when it is one of `kinds` (a string, a list of strings); else None."""
-    if not text[:1] in ('"', "["):
+    if text[:1] not in ('"', "["):
         return None
     try:
         value = json.loads(text)
