@@ -5,7 +5,9 @@ Stages: read (the body arriving), parse (multipart or JSON into a typed request)
 decoding), preprocess (resize, crop, normalise), queue (waiting for a tower batch), transport (pixels into the
 tower's shared memory and the round trip to its worker, minus the tower's own time), tower (the tower graph, in the
 worker: its process CPU counts every runtime thread), heads (every classifier's heads and label routing), serialise
-(the answer to JSON). CPU seconds are the thread's (or, for the tower, the worker process's) CPU time over the stage.
+(the answer to JSON). CPU seconds are the thread's CPU time over the stage; the tower's are the worker process's (all
+its runtime threads), or with FVGPT_TOWER_WORKER=thread the batcher thread's alone (the runtime's own threads are not
+counted). queue, transport and tower count per image (a batch's time shared by its images).
 """
 from __future__ import annotations
 

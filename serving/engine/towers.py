@@ -54,6 +54,8 @@ class WorkerDied(Exception):
 class ProcessWorker:
     """The engine's side of one tower worker process (engine/tower_worker.py)."""
 
+    in_this_thread = False  # the towers' CPU time is the worker process's, not the batcher thread's
+
     def __init__(self, threads: int | None, max_batch: int):
         self.max_batch = max_batch
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -136,6 +138,8 @@ class ProcessWorker:
 
 class ThreadWorker:
     """The towers in this process, run by the batcher thread."""
+
+    in_this_thread = True  # the batcher thread's CPU time includes the towers' calls
 
     def __init__(self, threads: int | None, max_batch: int):
         self.threads = threads
@@ -433,7 +437,7 @@ class TowerPool:
         n = len(batch)
         tower_wall, tower_cpu = sum(s[0] for s in stats), sum(s[1] for s in stats)
         self.metrics.add("tower", tower_wall, tower_cpu, n)
-        self.metrics.add("transport", wall - tower_wall, cpu, n)
+        self.metrics.add("transport", wall - tower_wall, cpu - tower_cpu if worker.in_this_thread else cpu, n)
         self.metrics.add("queue", sum(start - p.queued for p, _, _ in batch), 0.0, n)
         self.metrics.batch({t: len(rows) for t, rows in groups.items()})
         per_image = wall / n
