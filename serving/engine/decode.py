@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from fvgpt_runtime.images import InputError, Opened, load, open_image, to_pixels
 
 from fvgpt.preprocess import Preprocess
+from fvgpt_runtime.images import InputError, Opened, load, open_image, to_pixels
 
 from .errors import ApiError
 from .metrics import Metrics

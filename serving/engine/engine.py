@@ -4,7 +4,7 @@ BentoML shell (serving/shell/) hands it request bodies and writes its replies; t
 
     engine = Engine(Settings.from_env())
     await engine.start()            # the tower worker, the first repository scan, then one every FVGPT_POLL_S
-    reply = await engine.classify_http(content_type, body_chunks, content_length)
+    reply = await engine.classify_http(headers, body_chunks)   # lower-case header names, the body as it arrives
     await engine.stop()
 
 Every route answers {"error": "<message>"} with its status for a bad request (ApiError), and a logged 500 for
@@ -18,30 +18,17 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
-from fvgpt_runtime.images import InputError, configure_pil
 from pydantic import BaseModel
+
+from fvgpt_runtime.images import InputError, configure_pil
 
 from .admission import InflightBudget, Reservation, tune_malloc
 from .decode import DecodeScheduler
 from .errors import ApiError
 from .metrics import Metrics
-from .models import (
-    Changes,
-    ClassifyModels,
-    ClassifyRequest,
-    ClassifyResponse,
-    ClassRecord,
-    Error,
-    InfoResponse,
-    LabelsResponse,
-    ModelsResponse,
-    MultiClassifyResponse,
-    ReloadResponse,
-    StageFigures,
-    TowerInfo,
-    TowerWorker,
-    check_ref,
-)
+from .models import (Changes, ClassifyModels, ClassifyRequest, ClassifyResponse, ClassRecord, Error, InfoResponse,
+                     LabelsResponse, ModelsResponse, MultiClassifyResponse, ReloadResponse, StageFigures, TowerInfo,
+                     TowerWorker, check_ref)
 from .parse import parse_classify
 from .pipeline import Pipeline
 from .readiness import Readiness

@@ -16,10 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from fvgpt_runtime.images import InputError, decode_base64
-from fvgpt_runtime.label_sets import MODES, normalize
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 from pydantic_core import PydanticCustomError
+
+from fvgpt_runtime.images import InputError, decode_base64
+from fvgpt_runtime.label_sets import MODES, normalize
 
 from .settings import Limits
 

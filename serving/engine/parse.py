@@ -18,9 +18,10 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 
-from fvgpt_runtime.images import InputError
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
+
+from fvgpt_runtime.images import InputError
 
 from .admission import InflightBudget, Reservation
 from .errors import ApiError

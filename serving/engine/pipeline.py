@@ -19,12 +19,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
+
+from fvgpt.preprocess import Preprocess
 from fvgpt_runtime.bundle import Scores
 from fvgpt_runtime.images import InputError
 from fvgpt_runtime.label_sets import resolve, top_k
 from fvgpt_runtime.ranking import ranked
-
-from fvgpt.preprocess import Preprocess
 
 from .admission import Reservation
 from .decode import DecodeScheduler, decode_peak, decode_slice, open_images
