@@ -261,8 +261,7 @@ def _classify_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
             if not isinstance(doc, dict):
                 raise refuse(f"the JSON body must be an object: {USAGE}")
             if unknown := [k for k in doc if k not in FIELDS]:
-                raise refuse(f"unknown field(s) {', '.join(map(repr, unknown))}: expected {', '.join(FIELDS)}; "
-                             f"{USAGE}")
+                raise refuse(f"unknown JSON field(s) {', '.join(map(repr, unknown))}: expected {', '.join(FIELDS)}")
             doc = {k: v for k, v in doc.items() if v is not None}
             if "images" not in doc:
                 raise refuse(f"'images' must be a non-empty list of base64 strings: {USAGE}")
