@@ -334,9 +334,9 @@ def test_concurrent_requests_are_batched_and_batch_independent(client, bundle):
 def test_an_overloaded_queue_is_refused_with_503(tiny_zero_shot_bundle):
     """FVGPT_MAX_LATENCY_MS=1: once the batcher has timed a batch, a request whose images ahead cannot run within
     1 ms is refused at once with 503 and Retry-After, and nothing else fails."""
-    with engine_client(tiny_zero_shot_bundle, FVGPT_MAX_LATENCY_MS="1", FVGPT_POLL_S="0") as c:
-        with ThreadPoolExecutor(8) as pool:
-            answers = list(pool.map(lambda _: post_files(c, [photo_bytes(0)] * 4), range(64)))
+    with engine_client(tiny_zero_shot_bundle, FVGPT_MAX_LATENCY_MS="1", FVGPT_POLL_S="0") as c, \
+            ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: post_files(c, [photo_bytes(0)] * 4), range(64)))
     statuses = [a.status_code for a in answers]
     assert set(statuses) <= {200, 503} and 503 in statuses, statuses
     refused = [a for a in answers if a.status_code == 503]

@@ -174,7 +174,7 @@ def test_bentoml_build_from_the_checkout(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("FVGPT_")} | {"BENTOML_HOME": str(home),
                                                                                 "BENTOML_DO_NOT_TRACK": "True"}
     proc = subprocess.run([sys.executable, "-m", "bentoml", "build"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     (bento,) = [p for p in (home / "bentos" / "fvgpt-serve").iterdir() if p.is_dir()]
     routes = json.loads((bento / "apis" / "schema.json").read_text())["routes"]
