@@ -28,6 +28,7 @@ from fvgpt.photos import photo_paths
 from fvgpt_runtime.bundle import Bundle
 from fvgpt_serving.cli import server_command
 from fvgpt_serving.process import free_port, server_processes, stop, wait_ready
+from test_serving import BAD
 from serving_support import (Server, assert_matches, b64, big_gray_png, photo_bytes, post_files, post_json,
                              raw_exchange, running, truncated_multipart)
 
@@ -107,6 +108,33 @@ def test_every_error_is_json(server, case):
     assert r.status_code == status, r.text
     assert r.headers["content-type"] == "application/json"
     assert message in r.json()["error"], r.json()
+
+
+class Authed:
+    """The module's server, every request sent with the key (the catalogues of tests/test_serving.py send none)."""
+
+    def __init__(self, server: Server):
+        self.server = server
+
+    def request(self, method: str, path: str, headers: dict | None = None, **kwargs) -> httpx.Response:
+        return self.server.request(method, path, headers=AUTH | (headers or {}), **kwargs)
+
+    def post(self, path: str, **kwargs) -> httpx.Response:
+        return self.request("POST", path, **kwargs)
+
+
+@pytest.mark.parametrize("case", [c for c in BAD if c not in ("too many images (multipart)", "too many images (JSON)",
+                                                              "too many labels", "overlong label",
+                                                              "over the pixel limit", "decompression bomb",
+                                                              "request too large",
+                                                              "extreme aspect ratio")])
+def test_the_hostile_catalogue_gets_the_same_answers_over_http(server, case):
+    """tests/test_serving.py's bad inputs through the real shell: the same status and message as in-process (the
+    cases that depend on that module's smaller limits left out)."""
+    send, status, message = BAD[case]
+    r = send(Authed(server))
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json" and message in r.json()["error"], r.text
 
 
 def test_probes_and_the_document_need_no_key(server):
