@@ -4,19 +4,26 @@
 
 Starts `fvgpt serve BUNDLE` on a free loopback port (from --checkout with its --python: another version of this
 repository, e.g. the code before the serving engine, measured on the same bundle and machine), sends one-photo
-multipart requests from --concurrency client threads (benchmarks/http_load's client) and, meanwhile, samples every
-Python thread of every process of the server with py-spy (`py-spy record --subprocesses --idle --format raw`, 100 Hz).
-A sample whose innermost frame is a wait (a thread pool's queue, a condition, the event loop's select, a pipe read)
-is idle and dropped; any other is counted to the stage of its innermost frame that names one (STAGES, in order: the
-first match wins). The CPU seconds each process used over the window (psutil) are then split: in the API process by
-the stages' shares of its busy samples; in the process running the towers (the tower worker, or the old encoder
-worker), whose runtime threads are native and never sampled, every stage but "tower" gets its samples × the sampling
-period and "tower" the rest. Each figure is divided by the images answered. py-spy pauses the process for each
-sample, so the run's images/s are lower than http_load's: the figures are where CPU goes, not speeds. py-spy needs
-ptrace rights over the server (root, or the same user with ptrace_scope 0).
+multipart requests from --concurrency client threads (benchmarks/http_load's client) for --seconds, measuring the CPU
+seconds of every process (psutil), then loads it as long again while py-spy samples every Python thread of every
+process of the server (`py-spy record --subprocesses --idle --format raw`, 100 Hz). A sample whose innermost frame
+is a wait (a thread pool's queue, a condition, the event loop's select, a pipe read) is idle and dropped; any other is
+counted to the stage of its innermost frame that names one (STAGES, in order: the first match wins). The CPU seconds
+each process used in the first, unsampled load are split: in the API process by the stages' shares of its busy
+samples; in the process running the towers (the tower worker, or the old encoder worker), whose runtime threads are
+native and never sampled, every stage but "tower" gets its samples × the sampling period and "tower" the rest. Each
+figure is divided by the images the first load answered (py-spy pauses the server for each sample, so the second
+load's CPU is not the server's own). py-spy needs ptrace rights over the server (root, or the same user with
+ptrace_scope 0).
 
-Writes cpu_breakdown.json (settings, per process: CPU seconds, samples, per stage share and ms per image) and
-cpu_breakdown.csv (one row per process and stage).
+Also: the CPU ms per image of all the server's processes together and of the client, and of the tower + heads alone
+(the tower `fvgpt serve` runs here, timed in this process after the load with process_time, every runtime thread
+counted). Their ratio, `cpu_efficiency` = tower + heads ÷ (server + client), is the share of the CPU that goes into
+the model: on a machine the run has to itself it bounds the HTTP images/s ÷ model-only images/s that http_load
+measures, and unlike that ratio it holds up when other work shares the machine.
+
+Writes cpu_breakdown.json (settings, per process: CPU seconds, samples, per stage share and ms per image; the CPU per
+image of server, client and model; cpu_efficiency) and cpu_breakdown.csv (one row per process and stage).
 """
 from __future__ import annotations
 
@@ -142,35 +149,45 @@ def run(args) -> dict:
         warm.join()
         procs = [psutil.Process(server.pid), *psutil.Process(server.pid).children(recursive=True)]
         roles = {p.pid: role_of(p.cmdline()) for p in procs}
-        tallies = [Tally() for _ in range(args.concurrency)]
-        deadline = time.perf_counter() + args.seconds + 2
-        counter = itertools.count()
-        threads = [threading.Thread(target=client, args=(target, bodies, counter, 10**9, deadline, 60, t))
-                   for t in tallies]
+        me = psutil.Process()
+
+        def load(seconds: float, spy_on: bool) -> tuple[int, int, dict[int, float], float, subprocess.CompletedProcess]:
+            """Load for `seconds` (py-spy sampling it, or not): images, errors, CPU s per process, client CPU s."""
+            tallies = [Tally() for _ in range(args.concurrency)]
+            counter, deadline = itertools.count(), time.perf_counter() + seconds
+            threads = [threading.Thread(target=client, args=(target, bodies, counter, 10**9, deadline, 60, t))
+                       for t in tallies]
+            before, client_before = cpu_seconds(procs), sum(me.cpu_times()[:2])
+            for t in threads:
+                t.start()
+            spied = None
+            if spy_on:
+                time.sleep(1)
+                spied = subprocess.run([str(spy), "record", "--pid", str(server.pid), "--subprocesses", "--idle",
+                                        "--format", "raw", "--rate", str(round(1 / PERIOD_S)), "--duration",
+                                        str(round(seconds - 2)), "--output", str(raw)],
+                                       capture_output=True, text=True, timeout=seconds + 120, check=False)
+            for t in threads:
+                t.join()
+            after = cpu_seconds(procs)
+            used = {pid: after[pid] - before.get(pid, 0.0) for pid in after}
+            return (sum(len(t.latencies) for t in tallies), sum(sum(t.errors.values()) for t in tallies), used,
+                    sum(me.cpu_times()[:2]) - client_before, spied)
+
         raw = work / "spy.txt"
-        before = cpu_seconds(procs)
-        for t in threads:
-            t.start()
-        time.sleep(1)
-        spied = subprocess.run([str(spy), "record", "--pid", str(server.pid), "--subprocesses", "--idle", "--format",
-                                "raw", "--rate", str(round(1 / PERIOD_S)), "--duration", str(args.seconds),
-                                "--output", str(raw)],
-                               capture_output=True, text=True, timeout=args.seconds + 120, check=False)
-        after = cpu_seconds(procs)
-        for t in threads:
-            t.join()
+        images, errors, used, client_cpu, _ = load(args.seconds, spy_on=False)  # CPU per image, undisturbed
+        _, _, _, _, spied = load(args.seconds, spy_on=True)  # where it goes: py-spy's samples
         if spied.returncode != 0 or not raw.is_file():
             raise BenchError(f"py-spy failed ({spied.returncode}): {spied.stderr.strip()[-500:]}")
         samples = parse_raw(raw.read_text())
     finally:
         stop(server)
-    images = sum(len(t.latencies) for t in tallies)
-    errors = sum(sum(t.errors.values()) for t in tallies)
-    window = args.seconds + 1  # the load ran about this long around the sampling window
+    server_cpu = sum(used.values())
+    model_cpu = model_only_cpu_ms(args.bundle, args.model_batch, args.model_iters)
     processes, rows = [], []
     for pid, counts in sorted(samples.items()):
         role = roles.get(pid, "unknown")
-        cpu = after.get(pid, 0.0) - before.get(pid, 0.0)
+        cpu = used.get(pid, 0.0)  # over the undisturbed load: split below by the sampled load's shares
         total = sum(counts.values())
         if role == "tower":  # native runtime threads are not sampled: the tower gets what the sampled rest leaves
             seconds = {stage: min(n * PERIOD_S, cpu) for stage, n in counts.items() if stage != "tower"}
@@ -188,8 +205,31 @@ def run(args) -> dict:
             "load_average": {"start": load_start, "end": load_average()}, "versions": library_versions(),
             "settings": {"bundle": str(Path(args.bundle).resolve()), "checkout": str(Path(args.checkout).resolve()),
                          "concurrency": args.concurrency, "seconds": args.seconds, "sampler": "py-spy raw, 100 Hz"},
-            "images": images, "errors": errors, "images_per_s_while_sampled": images / window,
+            "images": images, "errors": errors, "images_per_s": images / args.seconds,
+            "cpu_ms_per_image": {"server": 1e3 * server_cpu / images if images else None,
+                                 "client": 1e3 * client_cpu / images if images else None,
+                                 "model_only": model_cpu},
+            "cpu_efficiency": model_cpu * images / (1e3 * (server_cpu + client_cpu)) if images else None,
             "processes": processes, "rows": rows}
+
+
+def model_only_cpu_ms(bundle_dir: str, batch: int, iters: int) -> float:
+    """CPU ms per image of the tower + heads alone, the tower `fvgpt serve` runs here (http_load's reference),
+    measured in this process (process_time: every runtime thread)."""
+    from fvgpt_runtime.bundle import Bundle
+    from fvgpt_runtime.tuning import choose_tower
+
+    from benchmarks.common import decode_batch
+
+    bundle = Bundle(bundle_dir)
+    tower, _ = choose_tower(bundle.path, bundle.manifest)
+    pixels = decode_batch(photo_bytes(), batch, bundle.preprocess)
+    for _ in range(2):
+        bundle.scores(tower(pixels))
+    c0 = time.process_time()
+    for _ in range(iters):
+        bundle.scores(tower(pixels))
+    return 1e3 * (time.process_time() - c0) / (batch * iters)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--python", default=sys.executable, help="its interpreter (default: this one)")
     p.add_argument("--concurrency", type=int, default=8, help="client threads (default 8)")
     p.add_argument("--seconds", type=int, default=20, help="seconds sampled (default 20)")
+    p.add_argument("--model-batch", type=int, default=8, help="batch of the model-only CPU reference (default 8)")
+    p.add_argument("--model-iters", type=int, default=10, help="timed batches of the model-only reference (default 10)")
     p.add_argument("--out", default="runs/benchmarks", help="folder for cpu_breakdown.json and .csv")
     return p
 
@@ -214,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         for stage, s in proc["stages"].items():
             ms = "—" if s["cpu_ms_per_image"] is None else f"{s['cpu_ms_per_image']:.2f} ms/image"
             print(f"  {stage:32s} {100 * s['share']:5.1f} %  {ms}")
+    c = report["cpu_ms_per_image"]
+    print(f"CPU ms per image: server {c['server']:.1f}, client {c['client']:.1f}, tower + heads alone "
+          f"{c['model_only']:.1f}: CPU efficiency {report['cpu_efficiency']:.2f}")
     print(f"{report['images']} images, {report['errors']} errors; wrote {json_path}, {csv_path}")
     return 0
 
