@@ -133,7 +133,7 @@ def run(args) -> dict:
     port = free_port()
     work = Path(tempfile.mkdtemp(prefix="fvgpt-cpu-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("FVGPT_")} | {
-        "BENTOML_HOME": str(work / "home"), "BENTOML_DO_NOT_TRACK": "True"}
+        "BENTOML_HOME": str(work / "home"), "BENTOML_DO_NOT_TRACK": "True"} | dict(args.set)
     cmd = [args.python, "-m", "fvgpt.cli", "serve", str(Path(args.bundle).resolve()), "--port", str(port)]
     with open(work / "server.log", "w") as log:
         server = subprocess.Popen(cmd, cwd=args.checkout, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -204,6 +204,7 @@ def run(args) -> dict:
     return {"benchmark": "cpu_breakdown", "created": utc_now(), "command": command_line(), "machine": machine_info(),
             "load_average": {"start": load_start, "end": load_average()}, "versions": library_versions(),
             "settings": {"bundle": str(Path(args.bundle).resolve()), "checkout": str(Path(args.checkout).resolve()),
+                         "server_settings": dict(args.set),
                          "concurrency": args.concurrency, "seconds": args.seconds, "sampler": "py-spy raw, 100 Hz"},
             "images": images, "errors": errors, "images_per_s": images / args.seconds,
             "cpu_ms_per_image": {"server": 1e3 * server_cpu / images if images else None,
@@ -232,6 +233,13 @@ def model_only_cpu_ms(bundle_dir: str, batch: int, iters: int) -> float:
     return 1e3 * (time.process_time() - c0) / (batch * iters)
 
 
+def setting(text: str) -> tuple[str, str]:
+    name, eq, value = text.partition("=")
+    if not eq or not name.startswith("FVGPT_"):
+        raise argparse.ArgumentTypeError(f"expected FVGPT_NAME=VALUE, got {text!r}")
+    return name, value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.cpu_breakdown", description=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -241,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--python", default=sys.executable, help="its interpreter (default: this one)")
     p.add_argument("--concurrency", type=int, default=8, help="client threads (default 8)")
     p.add_argument("--seconds", type=int, default=20, help="seconds sampled (default 20)")
+    p.add_argument("--set", action="append", default=[], metavar="FVGPT_VAR=VALUE", type=setting,
+                   help="a server setting (repeatable), e.g. FVGPT_TOWER_WORKER=thread")
     p.add_argument("--model-batch", type=int, default=8, help="batch of the model-only CPU reference (default 8)")
     p.add_argument("--model-iters", type=int, default=10, help="timed batches of the model-only reference (default 10)")
     p.add_argument("--out", default="runs/benchmarks", help="folder for cpu_breakdown.json and .csv")
