@@ -53,10 +53,12 @@ STAGES = [
     ("heads", r"\bscores \(.*bundle\.py|label_features|encode_text"),
     ("transport", r"aiohttp|_bentoml_impl/client|serde\.py|towers\.py|multiprocessing/connection|encoder_link|"
                   r"marshal/dispatcher|AutoContainer|numpy_prepare|TensorSchema"),
+    ("serialise", r"json/encoder|model_dump_json|responses\.py.*render|JSONResponse"),
     ("multipart/JSON parse", r"python_multipart|formparsers|engine/parse\.py|engine/models\.py|request\.py|"
                              r"pydantic|json/decoder|base64"),
-    ("serialise", r"json/encoder|model_dump_json|responses\.py.*render|JSONResponse"),
     ("HTTP parsing (uvicorn, h11)", r"h11|uvicorn/protocols|protocol\.py"),
+    ("the server's routing and answers", r"serving/engine/|serving/shell/|serving/app\.py|serving/service\.py|"
+                                          r"serving/repository\.py|ranking\.py|label_sets\.py"),
     ("BentoML and ASGI middleware", r"bentoml|opentelemetry|prometheus|starlette|_bentoml_sdk|errors\.py|"
                                     r"contextvars|anyio"),
     ("event loop, sockets, thread wake-ups", r"asyncio|selectors|socket\.py"),
