@@ -45,7 +45,8 @@ if not __package__:  # `python benchmarks/cpu_breakdown.py`: make the repo impor
 from benchmarks.common import (BenchError, command_line, library_versions, load_average, machine_info, photo_bytes,
                                run_and_write, utc_now)
 
-# (stage, pattern on a frame "function (file:line)"); the innermost frame matching one decides
+# (stage, pattern on a frame "function (file:line)"); the innermost frame matching one decides, the first pattern that
+# matches it names the stage
 STAGES = [
     ("tower", r"TowerRunner|openvino|tensorrt|\bencode \(.*service\.py|tower_worker\.py"),
     ("decode", r"PIL/ImageFile|PIL/JpegImagePlugin|PIL/PngImagePlugin|\bload \(.*images\.py|decode_slice"),
@@ -54,6 +55,7 @@ STAGES = [
     ("transport", r"aiohttp|_bentoml_impl/client|serde\.py|towers\.py|multiprocessing/connection|encoder_link|"
                   r"marshal/dispatcher|AutoContainer|numpy_prepare|TensorSchema"),
     ("serialise", r"json/encoder|model_dump_json|responses\.py.*render|JSONResponse"),
+    ("the server's routing and answers", r"model_construct"),  # the engine building its answer models
     ("multipart/JSON parse", r"python_multipart|formparsers|engine/parse\.py|engine/models\.py|request\.py|"
                              r"pydantic|json/decoder|base64"),
     ("HTTP parsing (uvicorn, h11)", r"h11|uvicorn/protocols|protocol\.py"),
