@@ -108,8 +108,8 @@ class Pipeline:
             return await asyncio.to_thread(self.heads, plans, features)
 
     async def pixels(self, images: list[bytes], names: list[str], towers: dict[str, Preprocess],
-                     reservation: Reservation) -> dict[str, np.ndarray]:
-        """tower id → (N, 3, S, S) pixels: each image opened and checked (the request's pixel budget too), what
+                     reservation: Reservation) -> dict[str, list[np.ndarray]]:
+        """tower id → N (3, S, S) pixel arrays: each image opened and checked (the request's pixel budget too), what
         decoding will hold added to the request's reservation, then each image decoded once and preprocessed once
         per distinct preprocessing, one fair decode slice per image, in the decode threads."""
         cfgs = list(dict.fromkeys(towers.values()))
@@ -118,7 +118,7 @@ class Pipeline:
             await asyncio.to_thread(open_images, *args)
         reservation.grow(reservation.size + decode_peak(opened, self.settings.decode_threads))
         slices = await self.decoder.run([lambda o=o: decode_slice(o, cfgs, self.metrics) for o in opened])
-        by_cfg = {cfg: np.stack([s[k] for s in slices]) for k, cfg in enumerate(cfgs)}
+        by_cfg = {cfg: [s[k] for s in slices] for k, cfg in enumerate(cfgs)}  # stacked once, in the tower's batch
         return {tower_id: by_cfg[cfg] for tower_id, cfg in towers.items()}
 
     def heads(self, plans: list[Plan], features: dict[str, np.ndarray]) -> list[Scores]:

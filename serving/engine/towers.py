@@ -338,8 +338,8 @@ class TowerPool:
         return True
 
     # ---- batches --------------------------------------------------------------------------------------------------
-    async def features(self, tower_id: str, pixels: np.ndarray) -> np.ndarray:
-        """(N, 3, S, S) pixels → (N, D) features, the images joining the batches of concurrent requests."""
+    async def features(self, tower_id: str, pixels: list[np.ndarray]) -> np.ndarray:
+        """N (3, S, S) pixel arrays → (N, D) features, the images joining the batches of concurrent requests."""
         n = len(pixels)
         loop = asyncio.get_running_loop()
         with self._cond:
