@@ -28,6 +28,7 @@ image of server, client and model; cpu_efficiency) and cpu_breakdown.csv (one ro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import re
@@ -52,17 +53,17 @@ STAGES = [
     ("decode", r"PIL/ImageFile|PIL/JpegImagePlugin|PIL/PngImagePlugin|\bload \(.*images\.py|decode_slice"),
     ("preprocess", r"preprocess\.py"),
     ("heads", r"\bscores \(.*bundle\.py|label_features|encode_text"),
-    ("transport", r"aiohttp|_bentoml_impl/client|serde\.py|towers\.py|multiprocessing/connection|encoder_link|"
-                  r"marshal/dispatcher|AutoContainer|numpy_prepare|TensorSchema"),
+    ("transport", (r"aiohttp|_bentoml_impl/client|serde\.py|towers\.py|multiprocessing/connection|encoder_link|"
+                   r"marshal/dispatcher|AutoContainer|numpy_prepare|TensorSchema")),
     ("serialise", r"json/encoder|model_dump_json|responses\.py.*render|JSONResponse"),
     ("the server's routing and answers", r"model_construct"),  # the engine building its answer models
-    ("multipart/JSON parse", r"python_multipart|formparsers|engine/parse\.py|engine/models\.py|request\.py|"
-                             r"pydantic|json/decoder|base64"),
+    ("multipart/JSON parse", (r"python_multipart|formparsers|engine/parse\.py|engine/models\.py|request\.py|"
+                              r"pydantic|json/decoder|base64")),
     ("HTTP parsing (uvicorn, h11)", r"h11|uvicorn/protocols|protocol\.py"),
-    ("the server's routing and answers", r"serving/engine/|serving/shell/|serving/app\.py|serving/service\.py|"
-                                          r"serving/repository\.py|ranking\.py|label_sets\.py"),
-    ("BentoML and ASGI middleware", r"bentoml|opentelemetry|prometheus|starlette|_bentoml_sdk|errors\.py|"
-                                    r"contextvars|anyio"),
+    ("the server's routing and answers", (r"serving/engine/|serving/shell/|serving/app\.py|serving/service\.py|"
+                                           r"serving/repository\.py|ranking\.py|label_sets\.py")),
+    ("BentoML and ASGI middleware", (r"bentoml|opentelemetry|prometheus|starlette|_bentoml_sdk|errors\.py|"
+                                     r"contextvars|anyio")),
     ("event loop, sockets, thread wake-ups", r"asyncio|selectors|socket\.py"),
     ("logging", r"logging"),
 ]
@@ -113,11 +114,9 @@ def role_of(cmdline: list[str]) -> str:
 def cpu_seconds(procs) -> dict[int, float]:
     out = {}
     for p in procs:
-        try:
+        with contextlib.suppress(Exception):  # a process that went away counts nothing
             t = p.cpu_times()
             out[p.pid] = t.user + t.system
-        except Exception:  # noqa: BLE001 - a process that went away counts nothing
-            pass
     return out
 
 

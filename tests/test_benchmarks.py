@@ -298,3 +298,22 @@ def test_model_repository_generates_valid_bundles_and_measures_a_server(generate
     assert report["results"][0]["rss_per_added_classifier_mib"] is None
     assert report["results"][1]["rss_per_added_classifier_mib"] is not None
     assert report["repository"]["tower_id"] == base.tower_id and "| K |" in res.stdout
+
+
+def test_cpu_breakdown_counts_samples_to_stages_per_process():
+    """py-spy's raw lines → samples per stage per sampled process: the innermost frame naming a stage decides, an
+    innermost wait is idle (dropped), the process is the last of the chain, and a frame naming nothing is "other"."""
+    from benchmarks.cpu_breakdown import OTHER, parse_raw
+
+    api = "process 10:bentoml serve;process 11:python -m _bentoml_impl.worker.service"
+    tower = "process 10:bentoml serve;process 12:python -m fvgpt_serving.engine.tower_worker --fd 3"
+    raw = "\n".join([
+        (f"{api};run (asyncio/events.py:80);decode_slice (serving/engine/decode.py:90);"
+         "preprocess (runtime/preprocess.py:40) 7"),
+        f"{api};run (asyncio/events.py:80);decode_slice (serving/engine/decode.py:90) 3",
+        f"{api};_worker (concurrent/futures/thread.py:90);get (queue.py:171) 50",  # a waiting thread: dropped
+        f"{api};main (mine.py:1);helper (mine.py:2) 2",
+        f"{tower};main (tower_worker.py:150);recv (multiprocessing/connection.py:250) 4",
+        "garbage line without a count",
+    ])
+    assert parse_raw(raw) == {11: {"preprocess": 7, "decode": 3, OTHER: 2}, 12: {"transport": 4}}
