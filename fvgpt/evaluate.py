@@ -102,7 +102,8 @@ def evaluate(model: FVGPTModel, index: DatasetIndex, batch_size: int = 100, prog
                                                  "base_with_mask": int(masked.sum()), "unreadable": int(dropped)}}
     if model.plugin is not None:
         metrics["gates"] = {"frg": _frg_statistics(model, on_base.z_full[masked], on_base_fg.z_full,
-                                                   area[is_base][masked], target[is_base][masked]),
+                                                   area[is_base][masked], target[is_base][masked])
+                            if model.cfg.fdc else None,  # no base branch (ablation): no foreground teacher
                             "brg": {"base": _brg_statistics(on_base, target[is_base]),
                                     "new": _brg_statistics(on_new, target[~is_base]) if on_new is not None else None}}
     return metrics
