@@ -349,6 +349,9 @@ class TaskSpec:
     distractors: float = option(1.0, "fraction of images (training and test) with a distractor: a smaller object of "
                                      "a kind that is no class of the task, under the labelled object, outside its "
                                      "mask (0: world v1's single objects)", "task")
+    light: float = option(0.0, "warmth of the light the task's images are taken in: a colour cast over the whole "
+                               "image that pretraining never showed (0: pretraining's white light; 1: green × 0.8, "
+                               "blue × 0.55)", "task")
 
     def __post_init__(self) -> None:
         problems = []
@@ -356,6 +359,8 @@ class TaskSpec:
             problems.append(f"split must be one of {', '.join(SPLITS)}, not {self.split!r}")
         if not 0 <= self.distractors <= 1:
             problems.append(f"distractors must be in [0, 1], not {self.distractors}")
+        if not 0 <= self.light <= 1:
+            problems.append(f"light must be in [0, 1], not {self.light}")
         if not 2 <= self.classes <= len(ALL_KINDS):
             problems.append(f"classes must be in [2, {len(ALL_KINDS)}], not {self.classes}")
         if not 0 <= self.correlation <= 1:
@@ -440,6 +445,14 @@ def balanced_scenes(count: int, rng: np.random.Generator) -> list[str]:
     return [cycle[(i + start) % count] for i in rng.permutation(count)] if count else []
 
 
+def warm_light(image: np.ndarray, light: float) -> np.ndarray:
+    """The image under a warm light: green × (1 − 0.2·light), blue × (1 − 0.45·light), a tungsten-like cast."""
+    if light == 0:
+        return image
+    cast = np.array([1.0, 1 - 0.2 * light, 1 - 0.45 * light])
+    return np.clip(np.round(image * cast), 0, 255).astype(np.uint8)
+
+
 def _write(root: Path, rel: Path, image: np.ndarray, mask: np.ndarray) -> None:
     for folder, arr in ((root, image), (root / MASK_DIR, np.repeat(mask[..., None] * 255, 3, axis=2))):
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -481,6 +494,7 @@ def make_task(root: str | Path, spec: TaskSpec, progress: bool = False) -> Path:
             for i, ((scene, correlated), other) in enumerate(zip(scenes, others)):
                 seed = (spec.world_seed, split, draw, ci, i)
                 image, mask = render(cls.kind, scene, spec.image_size, seed, other)
+                image = warm_light(image, spec.light)
                 rel = Path(label) / cls.kind.folder / f"{i:04d}.png"
                 _write(root, rel, image, mask)
                 records.append({"path": str(rel), "class": cls.kind.name, "scene": scene, "correlated": correlated,
@@ -504,7 +518,8 @@ def describe(root: str | Path) -> str:
     doc = json.loads((Path(root) / "task.json").read_text())
     s = doc["spec"]
     head = (f"world {s['world_seed']}: {s['classes']} classes split {s['split']}, {s['shots']} shots, correlation "
-            f"{s['correlation']}, distractors {s['distractors']}, {s['image_size']} px, draw {s['draw']}")
+            f"{s['correlation']}, distractors {s['distractors']}, light {s['light']}, {s['image_size']} px, "
+            f"draw {s['draw']}")
     lines = [head]
     for c in doc["classes"]:
         lines.append(f"  {'base' if c['base'] else 'new '}  {display_name(c['name']):<26} favours {c['scene']}")
