@@ -83,14 +83,14 @@ class TrainConfig:
     lambda_d: float = option(10.0, "weight λ_d of the foreground distillation L_dist (E8)", "plugin")
     lambda_rg: float = option(1.0, "weight λ_RG of the FRG's BCE L_FRG (E8)", "plugin")
     lambda_new: float = option(1.0, "weight λ_new of the Prior Calibration loss L_PC (E14)", "plugin")
-    fdc: bool = option(True, "the base branch: Foreground Distillation Compensation with its gate; --no-fdc "
-                             "(ablation, the paper's \"PC only\") keeps no adapters and no FRG: the base head is "
-                             "z_full and only Prior Calibration trains", "plugin")
+    fdc: bool = option(True, "the base branch: Foreground Distillation Compensation with its gate; off (ablation, "
+                             "the paper's \"PC only\"): no adapters and no FRG, the base head is z_full and only "
+                             "Prior Calibration trains", "plugin")
     frg: bool = option(True, "the Foreground Reliability Gate; --no-frg (ablation) trusts every usable "
                              "foreground view (r ≡ 1 in E7) and drops L_FRG", "plugin")
-    prior_calibration: bool = option(True, "the new branch: Prior Calibration; --no-prior-calibration (ablation, "
-                                           "the paper's rows without PC) routes new classes through the FDC "
-                                           "adapters too (b ≡ 0) and drops L_PC", "plugin")
+    prior_calibration: bool = option(True, "the new branch: Prior Calibration; off (ablation, the paper's rows "
+                                           "without PC): new classes go through the FDC adapters too (b ≡ 0) and "
+                                           "L_PC is dropped", "plugin")
     pc_kl: bool = option(True, "add KL(p_CLIP ‖ p_PC) to L_PC (E12)", "plugin")
     delta: float = option(0.0, "margin δ in the trust target r* = 1[CE_fg + δ < CE_full] (E3)", "plugin")
     area_min: float = option(0.02, "foreground area below which a mask is unusable (r := 0)", "plugin")
