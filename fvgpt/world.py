@@ -349,7 +349,7 @@ class TaskSpec:
     distractors: float = option(1.0, "fraction of images (training and test) with a distractor: a smaller object of "
                                      "a kind that is no class of the task, under the labelled object, outside its "
                                      "mask (0: world v1's single objects)", "task")
-    light: float = option(0.0, "warmth of the light the task's images are taken in: a colour cast over the whole "
+    light: float = option(0.6, "warmth of the light the task's images are taken in: a colour cast over the whole "
                                "image that pretraining never showed (0: pretraining's white light; 1: green × 0.8, "
                                "blue × 0.55)", "task")
 

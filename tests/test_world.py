@@ -159,7 +159,7 @@ def test_distractors_are_other_kinds_at_the_given_rate(task, tmp_path):
     none = _doc(make_task(tmp_path / "none", replace(SMALL, distractors=0.0, shots=2, test_images=2)))
     assert all(r["distractor"] is None for r in none["images"])
     warm = make_task(tmp_path / "warm", replace(SMALL, light=0.6, shots=2, test_images=2))
-    cold = make_task(tmp_path / "cold", replace(SMALL, shots=2, test_images=2))
+    cold = make_task(tmp_path / "cold", replace(SMALL, light=0.0, shots=2, test_images=2))
     for rec in _doc(warm)["images"]:
         image, plain = (np.asarray(Image.open(root / rec["path"])) for root in (warm, cold))
         assert np.array_equal(image, warm_light(plain, 0.6))
