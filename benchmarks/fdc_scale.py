@@ -155,15 +155,16 @@ def run(args) -> dict:
                          "validation_nll": float(np.mean([v["nll"] for v in val])),
                          "entropy_p_fdc": float(np.mean([v["entropy_p_fdc"] for v in val])),
                          **{f"test_{k}": float(np.mean([t[k] for t in test])) for k in ("base", "new", "hm")}}
-    best = max(scales, key=lambda n: summary[n]["validation_base"])
+    best = max((n for n in scales if n != "s"), key=lambda n: summary[n]["validation_base"])
     diff = summary[best]["validation_base"] - summary["s"]["validation_base"]
     se_diff = math.hypot(summary[best]["validation_base_se"], summary["s"]["validation_base_se"])
     choice = best if diff > se_diff else "s"
     teachers = {k: float(np.mean([per_seed[s]["teachers"][k] for s in args.seeds]))
                 for k in per_seed[args.seeds[0]]["teachers"]}
     return {"summary": summary, "teachers": teachers,
-            "choice": {"S": choice, "validation_difference": diff, "se_of_difference": se_diff,
-                       "rule": "the S with the best validation Base replaces s only if ahead by more than the SE"},
+            "choice": {"S": choice, "best_other": best, "validation_difference": diff, "se_of_difference": se_diff,
+                       "rule": "the best other S replaces s only if its validation Base is ahead by more than the SE "
+                               "of the difference"},
             "per_seed": per_seed, "settings": {**vars(spec), "seeds": args.seeds, "steps": steps,
                                                "val_shots": args.val_shots, "pretrained": str(ckpt)},
             "command": command_line(), "started_utc": utc_now(), "seconds": round(time.perf_counter() - t_start, 1),
@@ -182,8 +183,8 @@ def markdown(report: dict) -> str:
               f"{t['entropy_p_fg']:.3f}, H(p_CLIP) {t['entropy_p_clip']:.3f} (uniform {t['uniform_entropy']:.3f}); "
               f"NLL-optimal scale of CoOp's cosines {t['nll_optimal_scale_coop']:.1f}, of zero-shot's "
               f"{t['nll_optimal_scale_zero_shot']:.1f}",
-              "", f"choice: S = {report['choice']['S']} (validation difference {report['choice']['validation_difference']:+.2f}, "
-              f"SE {report['choice']['se_of_difference']:.2f})"]
+              "", f"choice: S = {report['choice']['S']} (validation Base of S = {report['choice']['best_other']} minus "
+              f"S = s: {report['choice']['validation_difference']:+.2f}, SE {report['choice']['se_of_difference']:.2f})"]
     return "\n".join(lines)
 
 
