@@ -31,18 +31,15 @@ if not __package__:  # `python benchmarks/fdc_scale.py`
 
 import numpy as np
 
-from benchmarks.common import BenchError, command_line, library_versions, load_average, machine_info, utc_now
-from benchmarks.method import binomial_se, checkpoint, seed_list
+from benchmarks.common import (BenchError, command_line, library_versions, load_average, machine_info,
+                               run_reporting_errors, utc_now)
+from benchmarks.method import binomial_se, checkpoint, seed_list, world_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fvgpt.world import STAGE_STEPS, TaskSpec, add_options
+    from fvgpt.world import STAGE_STEPS
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.fdc_scale", description=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("the world's tasks")
-    add_options(g, TaskSpec, skip=("draw",))
-    g = p.add_argument_group("the measurement")
+    p, g = world_parser("python -m benchmarks.fdc_scale", __doc__, "the measurement")
     g.add_argument("--seeds", type=seed_list, default=[1, 2, 3], help="seeds (default: 1,2,3)")
     g.add_argument("--scales", default="100", help="values of S besides the backbone's s (default: 100)")
     g.add_argument("--val-shots", type=int, default=64, help="validation images per base class (default: 64)")
@@ -179,23 +176,19 @@ def markdown(report: dict) -> str:
     for name, s in report["summary"].items():
         lines.append(f"| {name} | {s['validation_base']:.2f} ({s['validation_base_se']:.2f}) | {s['validation_nll']:.3f} "
                      f"| {s['entropy_p_fdc']:.3f} | {s['test_base']:.2f} | {s['test_new']:.2f} | {s['test_hm']:.2f} |")
-    lines += ["", f"teachers on the validation images (τ = 2): H(p_full) {t['entropy_p_full']:.3f}, H(p_fg) "
-              f"{t['entropy_p_fg']:.3f}, H(p_CLIP) {t['entropy_p_clip']:.3f} (uniform {t['uniform_entropy']:.3f}); "
-              f"NLL-optimal scale of CoOp's cosines {t['nll_optimal_scale_coop']:.1f}, of zero-shot's "
-              f"{t['nll_optimal_scale_zero_shot']:.1f}",
-              "", f"choice: S = {report['choice']['S']} (validation Base of S = {report['choice']['best_other']} minus "
-              f"S = s: {report['choice']['validation_difference']:+.2f}, SE {report['choice']['se_of_difference']:.2f})"]
+    c = report["choice"]
+    lines += ["", (f"teachers on the validation images (τ = 2): H(p_full) {t['entropy_p_full']:.3f}, H(p_fg) "
+                   f"{t['entropy_p_fg']:.3f}, H(p_CLIP) {t['entropy_p_clip']:.3f} (uniform "
+                   f"{t['uniform_entropy']:.3f}); NLL-optimal scale of CoOp's cosines "
+                   f"{t['nll_optimal_scale_coop']:.1f}, of zero-shot's {t['nll_optimal_scale_zero_shot']:.1f}"),
+              "", (f"choice: S = {c['S']} (validation Base of S = {c['best_other']} minus S = s: "
+                   f"{c['validation_difference']:+.2f}, SE {c['se_of_difference']:.2f})")]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fvgpt.errors import FVGPTError
-
     args = build_parser().parse_args(argv)
-    try:
-        report = run(args)
-    except (BenchError, FVGPTError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    if (report := run_reporting_errors(run, args)) is None:
         return 2
     out = Path(args.out)
     (out / "fdc_scale.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -113,14 +113,21 @@ def method_list(text: str) -> list[str]:
     return [n for n in METHODS if n in names]  # the table's order
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from fvgpt.world import STAGE_STEPS, TaskSpec, add_options
+def world_parser(prog: str, doc: str, title: str) -> tuple[argparse.ArgumentParser, argparse._ArgumentGroup]:
+    """A parser described by `doc` (after its first paragraph) with every world task option (fvgpt.world.TaskSpec's
+    fields but the draw, which the seeds set), and an empty argument group `title` for the script's own."""
+    from fvgpt.world import TaskSpec, add_options
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.method", description=__doc__.split("\n\n", 1)[1],
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("the world's tasks")
-    add_options(g, TaskSpec, skip=("draw",))
-    g = p.add_argument_group("the benchmark")
+    add_options(p.add_argument_group("the world's tasks"), TaskSpec, skip=("draw",))
+    return p, p.add_argument_group(title)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fvgpt.world import STAGE_STEPS
+
+    p, g = world_parser("python -m benchmarks.method", __doc__, "the benchmark")
     g.add_argument("--seeds", type=seed_list, default=[1, 2, 3, 4, 5],
                    help="seeds: each draws its own K-shot images and seeds training (default: 1,2,3,4,5)")
     g.add_argument("--sensitivity", type=float_list, default=[0.0, 0.5],

@@ -2,6 +2,9 @@
 
     python -m tests.mutation.score --run     # build .mutation/, run mutmut on the method's scope, then report
     python -m tests.mutation.score           # report the last run again
+    python -m tests.mutation.score --run --only 'fvgpt.losses.x_plugin_objective__mutmut_*,...'
+                                             # only these mutants (mutmut's names, globs): the functions a change
+                                             # touched; the report then counts only them
 
 Scope: fvgpt/plugin.py, losses.py, stats.py, metrics.py, model.py, evaluate.py, and the stage-2 part of train.py
 (train_plugin and what it runs: _run_stage, _lr_at, _base_loader, _seed, _set_progress); the tests are the method
@@ -166,20 +169,20 @@ def prepare() -> None:
         path.write_text(undecorate(path.read_text()))
 
 
-def run() -> float:
+def run(scope: list[str]) -> float:
     prepare()
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # one core per mutant; fork-safe torch
     t0 = time.perf_counter()
-    subprocess.run(["mutmut", "run", "--max-children", os.environ.get("MUTATION_WORKERS", "2"), *SCOPE], cwd=WORK,
+    subprocess.run(["mutmut", "run", "--max-children", os.environ.get("MUTATION_WORKERS", "2"), *scope], cwd=WORK,
                    env=env, check=True)
     return time.perf_counter() - t0
 
 
-def results() -> dict[str, int | None]:
+def results(scope: list[str]) -> dict[str, int | None]:
     out = {}
     for meta in (WORK / "mutants" / "fvgpt").glob("*.py.meta"):
         for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
-            if any(fnmatch.fnmatch(name, pattern) for pattern in SCOPE):
+            if any(fnmatch.fnmatch(name, pattern) for pattern in scope):
                 out[name] = code
     return out
 
@@ -191,11 +194,11 @@ def mutated_line(name: str) -> str:
     return " → ".join(" / ".join(line[1:].strip() for line in changed if line[0] == sign) for sign in "-+")
 
 
-def report(seconds: float | None) -> int:
+def report(seconds: float | None, scope: list[str]) -> int:
     from mutmut.stats import status_by_exit_code
 
     by_status: dict[str, list[str]] = {}
-    for name, code in sorted(results().items()):
+    for name, code in sorted(results(scope).items()):
         by_status.setdefault(status_by_exit_code[code], []).append(name)
     if not by_status:
         print("no results: run `python -m tests.mutation.score --run` first")
@@ -221,7 +224,8 @@ def report(seconds: float | None) -> int:
 
 
 def main(argv: list[str]) -> int:
-    return report(run() if "--run" in argv else None)
+    scope = [p for p in argv[argv.index("--only") + 1].split(",") if p] if "--only" in argv else SCOPE
+    return report(run(scope) if "--run" in argv else None, scope)
 
 
 if __name__ == "__main__":
