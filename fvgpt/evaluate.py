@@ -44,8 +44,7 @@ class EvalFeatures:
 
 
 @torch.no_grad()
-def eval_features(model: FVGPTModel, index: DatasetIndex, batch_size: int = 100,
-                  progress: bool = True) -> EvalFeatures:
+def eval_features(model: FVGPTModel, index: DatasetIndex, batch_size: int, progress: bool) -> EvalFeatures:
     """One pass of the frozen tower over the test images and their foreground views (model.cfg.fg_fill)."""
     bb = model.backbone
     dataset = FewShotDataset(index.test, v2.Compose(eval_geometry(bb.preprocess)), image_transform=bb.eval_transform)

@@ -31,7 +31,7 @@ from fvgpt.backbone import load_backbone
 from fvgpt.classes import ClassSplit
 from fvgpt.config import TrainConfig
 from fvgpt.data import DataError, Sample, load_index
-from fvgpt.evaluate import evaluate, format_table, model_rows
+from fvgpt.evaluate import eval_features, evaluate, format_table, model_rows
 from fvgpt.model import FVGPTModel
 from fvgpt.prompts import PromptLearner
 from fvgpt.rundir import RunDirError, read_tensors
@@ -567,7 +567,8 @@ def test_evaluation_reports_every_row_from_the_right_head(backbone, index, tmp_p
 
 
 def test_gate_statistics_without_the_frg(backbone, index):
-    """The FRG ablation: evaluation reports the r ≡ 1 that training used, and r > ½ agrees exactly where r* = 1."""
+    """The FRG ablation: evaluation reports the r ≡ 1 that training used, and r > ½ agrees exactly where r* = 1;
+    without the base branch (PC only) there is no foreground teacher, so no FRG statistics at all."""
     classes = base_split(index.classnames)
     model = FVGPTModel(backbone, classes, TrainConfig(data="unused", frg=False),
                        PromptLearner(context(5)).requires_grad_(False))
@@ -576,6 +577,22 @@ def test_gate_statistics_without_the_frg(backbone, index):
     frg = evaluate(model, dataclasses.replace(index, test=test), progress=False)["gates"]["frg"]
     assert frg["r"] == {"mean": 1.0, "std": 0.0, "n": 4}
     assert frg["agreement"] == frg["r_star_rate"]
+    model.cfg = TrainConfig(data="unused", fdc=False)
+    gates = evaluate(model, dataclasses.replace(index, test=test), progress=False)["gates"]
+    assert gates["frg"] is None and gates["brg"]["base"]["b"]["n"] == 4
+
+
+def test_evaluation_scores_the_features_it_is_given(backbone, index):
+    """evaluate(features=eval_features(...)) scores those features, never the index's images again: features of a
+    subset give the subset's counts and numbers."""
+    classes = base_split(index.classnames)
+    model = FVGPTModel(backbone, classes, TrainConfig(data="unused"), PromptLearner(context(5)).requires_grad_(False))
+    perturb(model.new_plugin(S_FDC), 3)
+    subset = dataclasses.replace(index, test=index.test[::2])
+    given = evaluate(model, index, progress=False, features=eval_features(model, subset, 4, False))
+    alone = evaluate(model, subset, progress=False)
+    assert given["test_images"] == alone["test_images"] != evaluate(model, index, progress=False)["test_images"]
+    assert given["models"] == alone["models"]
 
 
 @pytest.mark.parametrize("switches", [{}, {"fdc": False}, {"prior_calibration": False}], ids=["full", "pc_only",

@@ -46,8 +46,8 @@ EQUIVALENT: dict[tuple[str, str], str] = {
     ("fvgpt.evaluate.x_eval_features", 'loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, '
      'collate_fn=collate, → loader = torch.utils.data.DataLoader(dataset, collate_fn=collate,'): BATCH,
     ("fvgpt.evaluate.x_evaluate", "def evaluate(model: FVGPTModel, index: DatasetIndex, batch_size: int = 100, "
-     "progress: bool = True) -> dict: → def evaluate(model: FVGPTModel, index: DatasetIndex, batch_size: int = 101, "
-     "progress: bool = True) -> dict:"): BATCH,
+     "progress: bool = True, → def evaluate(model: FVGPTModel, index: DatasetIndex, batch_size: int = 101, "
+     "progress: bool = True,"): BATCH,
     ("fvgpt.evaluate.x_eval_features", 'img = batch["img"].to(bb.device) → img = batch["img"].to(None)'): CPU,
     ("fvgpt.evaluate.x_eval_features", 'x_fg = foreground_view(img, batch["mask"].to(bb.device), bb.preprocess, '
      'model.cfg.fg_fill) → x_fg = foreground_view(img, batch["mask"].to(None), bb.preprocess, model.cfg.fg_fill)'): CPU,
@@ -122,19 +122,14 @@ EQUIVALENT: dict[tuple[str, str], str] = {
     ("fvgpt.evaluate.x__brg_statistics", "full_right, clip_right = heads.z_full.argmax(-1) == target, "
      "heads.z_clip.argmax(-1) == target → full_right, clip_right = heads.z_full.argmax(-1) == target, "
      "heads.z_clip.argmax(+1) == target"): TWO_D,
-    ("fvgpt.model.xǁFVGPTModelǁ_calibrate", "return z_full.float(), torch.zeros(z_full.shape[0], device=z_full.device) "
-     "→ return z_full.float(), torch.zeros(z_full.shape[0], device=None)"): CPU,
-    ("fvgpt.model.xǁFVGPTModelǁ_calibrate", "return z_full.float(), torch.zeros(z_full.shape[0], device=z_full.device) "
-     "→ return z_full.float(), torch.zeros(z_full.shape[0], )"): CPU,
-    ("fvgpt.losses.x_plugin_objective", "r, l_frg = usable.float(), torch.zeros((), device=labels.device) → "
-     "r, l_frg = usable.float(), torch.zeros((), device=None)"): CPU,
-    ("fvgpt.losses.x_plugin_objective", "r, l_frg = usable.float(), torch.zeros((), device=labels.device) → "
-     "r, l_frg = usable.float(), torch.zeros((), )"): CPU,
-    ("fvgpt.losses.x_plugin_objective", "else torch.zeros((), device=labels.device))  # ablation: the new head is "
-     "z_full, nothing to train → else torch.zeros((), device=None))  # ablation: the new head is z_full, nothing to "
-     "train"): CPU,
-    ("fvgpt.losses.x_plugin_objective", "else torch.zeros((), device=labels.device))  # ablation: the new head is "
-     "z_full, nothing to train → else torch.zeros((), ))  # ablation: the new head is z_full, nothing to train"): CPU,
+    ("fvgpt.model.xǁFVGPTModelǁ_new_head", "return z_fdc.float(), torch.zeros(z_fdc.shape[0], device=z_fdc.device) "
+     "→ return z_fdc.float(), torch.zeros(z_fdc.shape[0], device=None)"): CPU,
+    ("fvgpt.model.xǁFVGPTModelǁ_new_head", "return z_fdc.float(), torch.zeros(z_fdc.shape[0], device=z_fdc.device) "
+     "→ return z_fdc.float(), torch.zeros(z_fdc.shape[0], )"): CPU,
+    ("fvgpt.losses.x_plugin_objective", "zero = torch.zeros((), device=labels.device) → "
+     "zero = torch.zeros((), device=None)"): CPU,
+    ("fvgpt.losses.x_plugin_objective", "zero = torch.zeros((), device=labels.device) → "
+     "zero = torch.zeros((), )"): CPU,
     ("fvgpt.train.x_train_plugin", 'return model.plugin_loss(batch["img"].to(dev), batch["mask"].to(dev), '
      'batch["has_mask"].to(dev), → return model.plugin_loss(batch["img"].to(None), batch["mask"].to(dev), '
      'batch["has_mask"].to(dev),'): CPU,
