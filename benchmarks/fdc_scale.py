@@ -128,7 +128,7 @@ def run(args) -> dict:
     spec = from_args(TaskSpec, args, **quick)
     steps = 1 if args.quick else args.steps
     scales = {"s": None} | {f"{float(v):g}": float(v) for v in args.scales.split(",") if v.strip()}
-    t_start, load_start = time.perf_counter(), load_average()
+    t_start, load_start, started = time.perf_counter(), load_average(), utc_now()
     per_seed = {}
     for seed in args.seeds:
         task = make_task(out / "tasks" / f"seed{seed}", replace(spec, draw=seed))
@@ -164,7 +164,7 @@ def run(args) -> dict:
                                "of the difference"},
             "per_seed": per_seed, "settings": {**vars(spec), "seeds": args.seeds, "steps": steps,
                                                "val_shots": args.val_shots, "pretrained": str(ckpt)},
-            "command": command_line(), "started_utc": utc_now(), "seconds": round(time.perf_counter() - t_start, 1),
+            "command": command_line(), "started_utc": started, "seconds": round(time.perf_counter() - t_start, 1),
             "load_average": {"start": load_start, "end": load_average()}, "machine": machine_info(),
             "versions": library_versions()}
 

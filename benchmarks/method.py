@@ -449,7 +449,7 @@ def run(args) -> dict:
     settings = world_train_settings(main_spec, args.steps)
     if args.epochs:
         settings |= {"prompt_epochs": args.epochs, "plugin_epochs": args.epochs}
-    load_start, t_start = load_average(), time.perf_counter()
+    load_start, t_start, started = load_average(), time.perf_counter(), utc_now()
     per_rate: dict[str, dict[int, dict[str, dict]]] = {}
     for rate in rates:
         names = [n for n in args.methods if rate == main_spec.correlation or METHODS[n].every_rate]
@@ -484,7 +484,7 @@ def run(args) -> dict:
                      "se": "binomial standard error of the mean accuracy on the split's test images (shared by the "
                            "seeds); HM's by the delta method",
                      "d_fg": "KL(p_full ‖ p_fg) at τ = 1 of each row's base head, mean over base test images"},
-        "reused_runs": reused, "command": command_line(), "started_utc": utc_now(), "seconds": round(seconds, 1),
+        "reused_runs": reused, "command": command_line(), "started_utc": started, "seconds": round(seconds, 1),
         "load_average": {"start": load_start, "end": load_average()}, "machine": machine_info(),
         "versions": library_versions(),
     }

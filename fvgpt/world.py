@@ -331,8 +331,8 @@ SPLITS = ("random", *SPLIT_ATTRIBUTES)
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """A base-to-new few-shot task in the world. The test set depends only on (world_seed, classes, test_images,
-    image_size); correlation, shots and draw change only the training images."""
+    """A base-to-new few-shot task in the world. The test set depends only on (world_seed, classes, split, distractors,
+    light, test_images, image_size); correlation, shots and draw change only the training images."""
 
     world_seed: int = option(0, "picks the classes, the scene each favours, and the test images", "task")
     classes: int = option(10, "object classes; the first half (in the world's order) are base, the rest new", "task")
