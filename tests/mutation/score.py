@@ -2,6 +2,9 @@
 
     python -m tests.mutation.score --run     # build .mutation/, run mutmut on the method's scope, then report
     python -m tests.mutation.score           # report the last run again
+    python -m tests.mutation.score --run --only 'fvgpt.losses.x_plugin_objective__mutmut_*,...'
+                                             # only these mutants (mutmut's names, globs): the functions a change
+                                             # touched; the report then counts only them
 
 Scope: fvgpt/plugin.py, losses.py, stats.py, metrics.py, model.py, evaluate.py, and the stage-2 part of train.py
 (train_plugin and what it runs: _run_stage, _lr_at, _base_loader, _seed, _set_progress); the tests are the method
@@ -40,25 +43,25 @@ BATCH = ("evaluation is per image: the batch size only sets how many images go t
 TWO_D = "the logits are 2-D (images × classes): axis 1 is the last axis"
 # (function, "original → mutated" line as `mutmut show` prints it) → why no test on this host can kill it
 EQUIVALENT: dict[tuple[str, str], str] = {
-    ("fvgpt.evaluate.x__features", 'loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, '
+    ("fvgpt.evaluate.x_eval_features", 'loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, '
      'collate_fn=collate, → loader = torch.utils.data.DataLoader(dataset, collate_fn=collate,'): BATCH,
     ("fvgpt.evaluate.x_evaluate", "def evaluate(model: FVGPTModel, index: DatasetIndex, batch_size: int = 100, "
-     "progress: bool = True) -> dict: → def evaluate(model: FVGPTModel, index: DatasetIndex, batch_size: int = 101, "
-     "progress: bool = True) -> dict:"): BATCH,
-    ("fvgpt.evaluate.x__features", 'img = batch["img"].to(bb.device) → img = batch["img"].to(None)'): CPU,
-    ("fvgpt.evaluate.x__features", 'x_fg = foreground_view(img, batch["mask"].to(bb.device), bb.preprocess, '
+     "progress: bool = True, → def evaluate(model: FVGPTModel, index: DatasetIndex, batch_size: int = 101, "
+     "progress: bool = True,"): BATCH,
+    ("fvgpt.evaluate.x_eval_features", 'img = batch["img"].to(bb.device) → img = batch["img"].to(None)'): CPU,
+    ("fvgpt.evaluate.x_eval_features", 'x_fg = foreground_view(img, batch["mask"].to(bb.device), bb.preprocess, '
      'model.cfg.fg_fill) → x_fg = foreground_view(img, batch["mask"].to(None), bb.preprocess, model.cfg.fg_fill)'): CPU,
-    ("fvgpt.evaluate.x__features", 'labels.append(batch["label"].to(bb.device)) → '
+    ("fvgpt.evaluate.x_eval_features", 'labels.append(batch["label"].to(bb.device)) → '
      'labels.append(batch["label"].to(None))'): CPU,
-    ("fvgpt.evaluate.x__features", 'has_mask.append(batch["has_mask"].to(bb.device)) → '
+    ("fvgpt.evaluate.x_eval_features", 'has_mask.append(batch["has_mask"].to(bb.device)) → '
      'has_mask.append(batch["has_mask"].to(None))'): CPU,
-    ("fvgpt.evaluate.x__features", 'areas.append(batch["mask"].to(bb.device).mean(dim=(1, 2, 3))) → '
+    ("fvgpt.evaluate.x_eval_features", 'areas.append(batch["mask"].to(bb.device).mean(dim=(1, 2, 3))) → '
      'areas.append(batch["mask"].to(None).mean(dim=(1, 2, 3)))'): CPU,
     ("fvgpt.train.x__base_loader", "collate_fn=collate, num_workers=cfg.workers, drop_last=False) → "
      "collate_fn=collate, drop_last=False)"):
         "the tests load in the main process (workers = 0, the config's default and DataLoader's); what a worker "
         "process reads is the same",
-    ("fvgpt.evaluate.x__features", "num_workers=model.cfg.workers) → )"):
+    ("fvgpt.evaluate.x_eval_features", "num_workers=model.cfg.workers) → )"):
         "the tests load in the main process (workers = 0, the config's default and DataLoader's); what a worker "
         "process reads is the same",
     ("fvgpt.evaluate.x_evaluate", "is_base = torch.tensor(split.base, device=f.device)[labels] → "
@@ -119,19 +122,14 @@ EQUIVALENT: dict[tuple[str, str], str] = {
     ("fvgpt.evaluate.x__brg_statistics", "full_right, clip_right = heads.z_full.argmax(-1) == target, "
      "heads.z_clip.argmax(-1) == target → full_right, clip_right = heads.z_full.argmax(-1) == target, "
      "heads.z_clip.argmax(+1) == target"): TWO_D,
-    ("fvgpt.model.xǁFVGPTModelǁ_calibrate", "return z_full.float(), torch.zeros(z_full.shape[0], device=z_full.device) "
-     "→ return z_full.float(), torch.zeros(z_full.shape[0], device=None)"): CPU,
-    ("fvgpt.model.xǁFVGPTModelǁ_calibrate", "return z_full.float(), torch.zeros(z_full.shape[0], device=z_full.device) "
-     "→ return z_full.float(), torch.zeros(z_full.shape[0], )"): CPU,
-    ("fvgpt.losses.x_plugin_objective", "r, l_frg = usable.float(), torch.zeros((), device=labels.device) → "
-     "r, l_frg = usable.float(), torch.zeros((), device=None)"): CPU,
-    ("fvgpt.losses.x_plugin_objective", "r, l_frg = usable.float(), torch.zeros((), device=labels.device) → "
-     "r, l_frg = usable.float(), torch.zeros((), )"): CPU,
-    ("fvgpt.losses.x_plugin_objective", "else torch.zeros((), device=labels.device))  # ablation: the new head is "
-     "z_full, nothing to train → else torch.zeros((), device=None))  # ablation: the new head is z_full, nothing to "
-     "train"): CPU,
-    ("fvgpt.losses.x_plugin_objective", "else torch.zeros((), device=labels.device))  # ablation: the new head is "
-     "z_full, nothing to train → else torch.zeros((), ))  # ablation: the new head is z_full, nothing to train"): CPU,
+    ("fvgpt.model.xǁFVGPTModelǁ_new_head", "return z_fdc.float(), torch.zeros(z_fdc.shape[0], device=z_fdc.device) "
+     "→ return z_fdc.float(), torch.zeros(z_fdc.shape[0], device=None)"): CPU,
+    ("fvgpt.model.xǁFVGPTModelǁ_new_head", "return z_fdc.float(), torch.zeros(z_fdc.shape[0], device=z_fdc.device) "
+     "→ return z_fdc.float(), torch.zeros(z_fdc.shape[0], )"): CPU,
+    ("fvgpt.losses.x_plugin_objective", "zero = torch.zeros((), device=labels.device) → "
+     "zero = torch.zeros((), device=None)"): CPU,
+    ("fvgpt.losses.x_plugin_objective", "zero = torch.zeros((), device=labels.device) → "
+     "zero = torch.zeros((), )"): CPU,
     ("fvgpt.train.x_train_plugin", 'return model.plugin_loss(batch["img"].to(dev), batch["mask"].to(dev), '
      'batch["has_mask"].to(dev), → return model.plugin_loss(batch["img"].to(None), batch["mask"].to(dev), '
      'batch["has_mask"].to(dev),'): CPU,
@@ -166,20 +164,20 @@ def prepare() -> None:
         path.write_text(undecorate(path.read_text()))
 
 
-def run() -> float:
+def run(scope: list[str]) -> float:
     prepare()
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # one core per mutant; fork-safe torch
     t0 = time.perf_counter()
-    subprocess.run(["mutmut", "run", "--max-children", os.environ.get("MUTATION_WORKERS", "2"), *SCOPE], cwd=WORK,
+    subprocess.run(["mutmut", "run", "--max-children", os.environ.get("MUTATION_WORKERS", "2"), *scope], cwd=WORK,
                    env=env, check=True)
     return time.perf_counter() - t0
 
 
-def results() -> dict[str, int | None]:
+def results(scope: list[str]) -> dict[str, int | None]:
     out = {}
     for meta in (WORK / "mutants" / "fvgpt").glob("*.py.meta"):
         for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
-            if any(fnmatch.fnmatch(name, pattern) for pattern in SCOPE):
+            if any(fnmatch.fnmatch(name, pattern) for pattern in scope):
                 out[name] = code
     return out
 
@@ -191,11 +189,11 @@ def mutated_line(name: str) -> str:
     return " → ".join(" / ".join(line[1:].strip() for line in changed if line[0] == sign) for sign in "-+")
 
 
-def report(seconds: float | None) -> int:
+def report(seconds: float | None, scope: list[str]) -> int:
     from mutmut.stats import status_by_exit_code
 
     by_status: dict[str, list[str]] = {}
-    for name, code in sorted(results().items()):
+    for name, code in sorted(results(scope).items()):
         by_status.setdefault(status_by_exit_code[code], []).append(name)
     if not by_status:
         print("no results: run `python -m tests.mutation.score --run` first")
@@ -221,7 +219,8 @@ def report(seconds: float | None) -> int:
 
 
 def main(argv: list[str]) -> int:
-    return report(run() if "--run" in argv else None)
+    scope = [p for p in argv[argv.index("--only") + 1].split(",") if p] if "--only" in argv else SCOPE
+    return report(run(scope) if "--run" in argv else None, scope)
 
 
 if __name__ == "__main__":
