@@ -7,6 +7,7 @@ and `serving` packages through the `fvgpt.commands` entry-point group, so this p
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -166,8 +167,6 @@ def _add_eval(sub) -> None:
 
 
 def _eval_many(args) -> int:
-    import json
-
     from .evaluate import format_table
     from .rundir import read_config
     from .summary import RunResult, format_summary, summarise, summary_csv
@@ -282,7 +281,7 @@ def _masks(args) -> int:
 
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the whole pipeline in the generated world with the committed micro-CLIP "
-                                    "(offline, about a minute)",
+                                    "(offline, about a minute on 2 cores)",
                        description="The embedded default: generates a few-shot task in the generated world "
                                    "(fvgpt.world v2 with its default settings: 10 object classes with distractors, "
                                    "16 shots whose scenes follow the class 90 %% of the time, 300 test images per "
@@ -292,8 +291,9 @@ def _add_demo(sub) -> None:
                                    "already in --out.")
     p.add_argument("--out", default="demo", help="working folder (task/, run/, bundle/)")
     p.add_argument("--no-serve", action="store_true", help="stop after export")
-    p.add_argument("--quick", action="store_true", help="a 4-class task with 20 test images per split and one "
-                                                        "epoch per stage: checks the pipeline in seconds (tests)")
+    p.add_argument("--quick", action="store_true", help="the same ten classes with 4 shots, 20 test images per "
+                                                        "split and one step per stage: checks the pipeline in "
+                                                        "seconds (tests)")
     p.set_defaults(func=_demo)
 
 
@@ -307,7 +307,7 @@ def _demo(args) -> int:
     weights = verified_checkpoint()
     # the world's task at 300 test images per split and 200 steps per stage (the benchmark's 1,000 and 1,500 take
     # minutes): a look at the pipeline, not a measurement (benchmarks.method is one)
-    spec = TaskSpec(classes=4, shots=4, test_images=20) if args.quick else TaskSpec(test_images=300)
+    spec = TaskSpec(shots=4, test_images=20) if args.quick else TaskSpec(test_images=300)
     make_task(task, spec, progress=True)
     print(describe(task))
     settings = world_train_settings(spec, steps=1 if args.quick else 200)
@@ -321,7 +321,10 @@ def _demo(args) -> int:
     if "validate" in commands:
         steps.append(["validate", str(bundle)])
     if "serve" in commands and not args.no_serve:
-        steps.append(["serve", str(bundle), "--smoke-test"])
+        doc = json.loads((task / "task.json").read_text())
+        new_class = next(c["name"] for c in doc["classes"] if not c["base"])  # an image the classifier knows
+        steps.append(["serve", str(bundle), "--smoke-test", "--smoke-image",
+                      str(task / "test" / new_class / "0000.png")])
     for step in steps:
         print(f"\n$ fvgpt {' '.join(step)}", flush=True)
         if (rc := main(step)) != 0:
@@ -366,8 +369,6 @@ def _world_task(args) -> int:
 
 
 def _world_pretrain(args) -> int:
-    import json
-
     from .world import PretrainConfig, from_args
     from .world_clip import pretrain_world_clip
 

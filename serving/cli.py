@@ -66,7 +66,10 @@ def register(sub) -> None:
                    help=f"on SIGTERM/SIGINT: seconds the requests in flight may take to finish before they are "
                         f"cancelled; new connections are refused at once (default {D.drain_s:g})")
     p.add_argument("--smoke-test", action="store_true",
-                   help="start on a free loopback port, classify one bundled photo, print the JSON, stop")
+                   help="start on a free loopback port, classify one image (--smoke-image), print the JSON, stop")
+    p.add_argument("--smoke-image", metavar="FILE",
+                   help="--smoke-test: the image to classify (default: a photo shipped with the package; a "
+                        "classifier of other things answers it with its nearest class)")
     p.add_argument("--ready-timeout", type=float, default=300.0,
                    help="--smoke-test: seconds to wait for /readyz (default 300)")
     p.set_defaults(func=_serve)
@@ -83,6 +86,8 @@ def _serve(args) -> int:
         raise ValueError("--max-latency-ms and --threads must be positive")
     if not 0 <= args.poll_interval <= 86_400:
         raise ValueError("--poll-interval must be between 0 and 86400 seconds")
+    if args.smoke_image is not None and not Path(args.smoke_image).is_file():
+        raise ValueError(f"--smoke-image {args.smoke_image}: no such file")
     if not args.smoke_test and port_in_use(args.host, args.port):
         raise ValueError(f"port {args.port} on {args.host} is in use (another server?): stop it or choose another "
                          f"with --port")
@@ -104,7 +109,7 @@ def _serve(args) -> int:
     with tempfile.TemporaryDirectory(prefix="fvgpt-serve-") as home:
         env["BENTOML_HOME"] = home  # BentoML keeps its metrics under its home, and clears them at start
         if args.smoke_test:
-            return _smoke_test(env, args.ready_timeout)
+            return _smoke_test(env, args.ready_timeout, args.smoke_image)
         return _run_forwarding_signals(server_command(args.host, args.port), env, f"http://{args.host}:{args.port}")
 
 
@@ -160,7 +165,7 @@ def _run_forwarding_signals(cmd: list[str], env: dict[str, str], url: str) -> in
     return 128 - rc if rc < 0 else rc
 
 
-def _smoke_test(env: dict[str, str], timeout_s: float) -> int:
+def _smoke_test(env: dict[str, str], timeout_s: float, image: str | None = None) -> int:
     import httpx
 
     from fvgpt.photos import photo_paths
@@ -176,9 +181,9 @@ def _smoke_test(env: dict[str, str], timeout_s: float) -> int:
             wait_ready(proc, url, timeout_s)
             ready = [m for m in httpx.get(f"{url}/models", headers=headers, timeout=30).json()["models"]
                      if m["state"] == "ready" and m["default"]]
-            photo = photo_paths()[1]
+            photo = Path(image) if image else photo_paths()[1]
             with open(photo, "rb") as fh:
-                resp = httpx.post(f"{url}/classify", files=[("images", (photo.name, fh, "image/jpeg"))],
+                resp = httpx.post(f"{url}/classify", files=[("images", (photo.name, fh, "application/octet-stream"))],
                                   data={"model": ready[0]["name"]}, headers=headers, timeout=120)
             print(f"POST {url}/classify ({photo.name}) → {resp.status_code}")
             print(json.dumps(resp.json(), indent=2))

@@ -284,14 +284,23 @@ def test_a_killed_tower_worker_costs_503s_and_readiness_at_once(server, bundle):
 
 
 # ---- fvgpt serve ----------------------------------------------------------------------------------------------------
-def test_smoke_test_command(tiny_bundle):
+def test_smoke_test_command(tiny_bundle, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("FVGPT_")}
-    proc = subprocess.run([sys.executable, "-m", "fvgpt.cli", "serve", str(tiny_bundle), "--smoke-test"],
-                          check=False, capture_output=True, text=True, timeout=180, env=env)
+    image = shutil.copy(photo_paths()[0], tmp_path / "mine.jpg")  # not the default photo
+    proc = subprocess.run([sys.executable, "-m", "fvgpt.cli", "serve", str(tiny_bundle), "--smoke-test",
+                           "--smoke-image", str(image)], check=False, capture_output=True, text=True, timeout=180,
+                          env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "smoke test passed" in proc.stdout
+    assert "smoke test passed" in proc.stdout and "/classify (mine.jpg) → 200" in proc.stdout
     doc = json.loads(proc.stdout[proc.stdout.index("{"):proc.stdout.rindex("}") + 1])
     assert len(doc["results"]) == 1 and doc["results"][0]["predictions"]
+
+
+def test_a_missing_smoke_image_exits_2_with_one_line(tiny_bundle, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fvgpt.cli", "serve", str(tiny_bundle), "--smoke-test",
+                           "--smoke-image", str(tmp_path / "nope.png")], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: --smoke-image {tmp_path / 'nope.png'}: no such file"
 
 
 def test_fvgpt_serve_on_a_busy_port_exits_2_with_one_line(tiny_bundle):
