@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from .images import InputError
     from .ranking import Prediction
 
-__all__ = ["load", "Classifier", "Result", "Info", "Prediction", "InputError"]
+__all__ = ["Classifier", "Info", "InputError", "Prediction", "Result", "load"]
 _HOME = {"load": "classifier", "Classifier": "classifier", "Result": "classifier", "Info": "classifier",
          "Prediction": "ranking", "InputError": "images"}
 

@@ -76,14 +76,14 @@ class Classifier:
     """A loaded bundle and the tower this host runs for it. Thread-safe for classify (ONNX Runtime sessions are)."""
 
     def __init__(self, found: Found, runtime: str = "auto", precision: str | None = None, threads: int | None = None,
-                 verify: bool = True, limits: PixelLimits = PixelLimits(), jpeg_draft: bool = True,
+                 verify: bool = True, limits: PixelLimits | None = None, jpeg_draft: bool = True,
                  max_image_bytes: int = MAX_IMAGE_BYTES):
         self.name, self.version = found.name, found.version
         self.bundle = Bundle(found.path, verify=verify, threads=1)
         check_request(self.bundle.manifest, runtime, precision)
         self.choice: Choice = choose(found.path, self.bundle.manifest, runtime, precision)
         self.tower_id = self.bundle.manifest.image_tower(self.choice.runtime, self.choice.precision).id
-        self.threads, self.limits, self.jpeg_draft = threads, limits, jpeg_draft
+        self.threads, self.limits, self.jpeg_draft = threads, limits or PixelLimits(), jpeg_draft
         self.max_image_bytes = max_image_bytes
 
     @property

@@ -8,15 +8,15 @@ import re
 import shutil
 from pathlib import Path
 
+import fvgpt_runtime as fr
 import numpy as np
 import pytest
-from PIL import Image
-
-import fvgpt_runtime as fr
-from fvgpt.photos import photo_paths
 from fvgpt_runtime.bundle import Bundle
 from fvgpt_runtime.manifest import BundleError
 from fvgpt_runtime.preprocess import preprocess
+from PIL import Image
+
+from fvgpt.photos import photo_paths
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
