@@ -33,7 +33,7 @@ from .stages import ERROR_KINDS, Model, Towers, decode_batch
 
 DECODE_CPUS = 0.5  # per decode task: with actors at 1 CPU each, a 2-CPU node still runs two decode tasks
 DECODE_BATCH = 16  # images per decode task call
-BLOCK_ITEMS = 64  # items per input block: the unit Ray schedules decode tasks over
+BLOCK_ITEMS = 64  # items per input block at most: the unit Ray schedules decode tasks over
 
 
 @dataclass
@@ -109,7 +109,8 @@ def _dataset(ray: Any, items: Items, models: list[Model], record: JobRecord, pen
         if cfg not in cfgs:
             cfgs.append(cfg)
     actors = settings.actors or len([n for n in ray.nodes() if n["Alive"]])
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / BLOCK_ITEMS)))
+    blocks = min(len(rows), max(4 * actors, math.ceil(len(rows) / BLOCK_ITEMS)))  # enough to keep every actor fed
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
     ds = ds.map_batches(decode_batch, batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=DECODE_CPUS,
                         fn_kwargs={"cfgs": cfgs, "limits": settings.limits, "jpeg_draft": settings.jpeg_draft,
                                    "max_bytes": settings.max_image_bytes, "column": items.column})
