@@ -22,6 +22,7 @@ pytest.importorskip("ray", reason="`fvgpt classify` needs the `batch` extra (Ray
 import fvgpt_runtime as fr
 import psutil
 import pyarrow as pa
+import pyarrow.csv  # noqa: F401 - pa.csv
 import pyarrow.parquet as pq
 
 from fvgpt.photos import photo_paths
@@ -168,3 +169,26 @@ def test_sigint_leaves_no_ray_process_and_the_rerun_completes(tiny_bundle, tmp_p
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"skipping {kept} shard(s) already written ({kept * 25} of {n} images)" in done.stderr
     assert [r["index"] for r in read_rows(out)] == list(range(n))
+
+
+def test_inputs_expand_in_a_fixed_order_and_csv_shards_hold_json_lists(tmp_path):
+    from fvgpt_batch.inputs import InputsError, expand
+    from fvgpt_batch.shards import write_atomic
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / ".hidden").mkdir()
+    for name in ("a/z.JPG", "a/b/y.png", "a/x.txt", "a/.h.png", "a/.hidden/w.png", "c.webp"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "list.csv").write_text("path,other\na/x.txt,1\n/abs/q.png,2\n")
+    items = expand([str(tmp_path / "a"), str(tmp_path / "*.webp"), str(tmp_path / "list.csv")])
+    assert items.paths == [str(tmp_path / "a/z.JPG"), str(tmp_path / "a/b/y.png"), str(tmp_path / "c.webp"),
+                           str(tmp_path / "a/x.txt"), "/abs/q.png"]
+    assert items.digest() == expand([str(tmp_path / "a"), str(tmp_path / "*.webp"),
+                                     str(tmp_path / "list.csv")]).digest() != expand([str(tmp_path / "a")]).digest()
+    with pytest.raises(InputsError, match="has no column 'image'"):
+        expand([str(tmp_path / "list.csv")], column="image")
+    table = pa.table({"path": ["p"], "labels": pa.array([["a cat", "b,c"]]), "probabilities": [[0.75, 0.25]]})
+    write_atomic(table, tmp_path / "part-00000.csv", "csv", {})
+    lines = (tmp_path / "part-00000.csv").read_text().splitlines()
+    assert json.loads(pa.csv.read_csv(tmp_path / "part-00000.csv").column("labels")[0].as_py()) == ["a cat", "b,c"]
+    assert len(lines) == 2 and not list(tmp_path.glob(".*tmp"))
