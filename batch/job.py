@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fvgpt_runtime.images import PixelLimits
+from fvgpt_runtime.manifest import Manifest
 
 from fvgpt.preprocess import Preprocess
 
@@ -103,8 +104,6 @@ def _dataset(ray: Any, items: Items, models: list[Model], record: JobRecord, pen
             for s in pending for i in range(s * size, min((s + 1) * size, record.items))]
     cfgs: list[Preprocess] = []
     for m in models:
-        from fvgpt_runtime.manifest import Manifest
-
         cfg = Manifest.read(m.path).preprocess
         if cfg not in cfgs:
             cfgs.append(cfg)
