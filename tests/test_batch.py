@@ -88,7 +88,8 @@ def test_rows_shards_errors_and_summary(job):
     errors = {Path(r["path"]).name: (r["error_kind"], r["error"]) for r in rows if r["error"]}
     assert set(errors) == {"corrupt.jpg", "huge.png", "gone.jpg"}
     assert errors["corrupt.jpg"][0] == "unreadable" and "corrupt.jpg could not be read (Truncated" in errors["corrupt.jpg"][1]
-    assert errors["huge.png"][0] == "oversized" and "800×800 = 640000 pixels; the limit is 500000" in errors["huge.png"][1]
+    assert errors["huge.png"][0] == "oversized"
+    assert "800×800 = 640000 pixels; the limit is 500000" in errors["huge.png"][1]
     assert errors["gone.jpg"] == ("missing", f"{job['root'] / 'images' / 'gone.jpg'} does not exist")
     assert all(r["labels"] is None and r["probabilities"] is None for r in rows if r["error"])
     summary = json.loads(job["stdout"].strip().splitlines()[-1])

@@ -14,12 +14,11 @@ pytest.importorskip("ray", reason="`fvgpt classify` needs the `batch` extra (Ray
                                   "lacks: pip install '.[cpu,serve,dev,batch]'")
 import fvgpt_runtime as fr
 import pyarrow.parquet as pq
-from ray.cluster_utils import Cluster
-
 from fvgpt_batch.inputs import expand
 from fvgpt_batch.job import Settings, run
 from fvgpt_batch.shards import JobRecord
 from fvgpt_batch.stages import Model
+from ray.cluster_utils import Cluster
 
 pytestmark = pytest.mark.slow
 
