@@ -28,9 +28,18 @@ from pathlib import Path
 if not __package__:  # `python benchmarks/batch.py`: make the repo importable like `python -m` does
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (BenchError, command_line, library_versions, machine_info, photo_bytes,
-                               run_reporting_errors, utc_now, write_outputs)
 from fvgpt_runtime.host import load_average
+
+from benchmarks.common import (
+    BenchError,
+    command_line,
+    library_versions,
+    machine_info,
+    photo_bytes,
+    run_reporting_errors,
+    utc_now,
+    write_outputs,
+)
 
 
 class RssSampler:
@@ -134,8 +143,9 @@ def run_ray(args, folder: Path, out: Path, every_s: float) -> tuple[dict, list]:
 
 
 def run_http(args, n: int) -> dict:
-    from benchmarks.http_load import multipart, parse_target, run_level
     from fvgpt_serving.process import free_port, stop, wait_ready
+
+    from benchmarks.http_load import multipart, parse_target, run_level
 
     port = free_port()
     cmd = [sys.executable, "-m", "fvgpt", "serve", args.bundle, "--port", str(port), "--runtime", args.runtime]

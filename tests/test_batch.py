@@ -87,7 +87,8 @@ def test_rows_shards_errors_and_summary(job):
     assert len(list(out.glob("part-*.parquet"))) == 3 and not list(out.glob(".*tmp"))
     errors = {Path(r["path"]).name: (r["error_kind"], r["error"]) for r in rows if r["error"]}
     assert set(errors) == {"corrupt.jpg", "huge.png", "gone.jpg"}
-    assert errors["corrupt.jpg"][0] == "unreadable" and "corrupt.jpg could not be read (Truncated" in errors["corrupt.jpg"][1]
+    assert errors["corrupt.jpg"][0] == "unreadable"
+    assert "corrupt.jpg could not be read (Truncated" in errors["corrupt.jpg"][1]
     assert errors["huge.png"][0] == "oversized"
     assert "800×800 = 640000 pixels; the limit is 500000" in errors["huge.png"][1]
     assert errors["gone.jpg"] == ("missing", f"{job['root'] / 'images' / 'gone.jpg'} does not exist")
