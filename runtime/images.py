@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ MEDIA_TYPES = {"image/jpeg": "JPEG", "image/jpg": "JPEG", "image/pjpeg": "JPEG",
 BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2}  # PIL's storage; other modes: 4
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I", "F")  # made 8-bit grey through a float64 array
 KEPT_MODES = ("RGB", "L")  # preprocessed as they are; other modes get an RGB copy first
+MAX_IMAGE_BYTES = 64 << 20  # an image file read by the Python API or batch (the server bounds whole bodies instead)
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
@@ -158,10 +160,41 @@ def load(opened: Opened) -> None:
 def to_pixels(opened: Opened, cfgs: list[Preprocess]) -> list[np.ndarray]:
     """A loaded image preprocessed once per preprocessing in `cfgs`: (3, S, S) float32 each; the image is closed at
     the end."""
-    image = opened.image
+    try:
+        return preprocessed(opened.image, opened.name, cfgs)
+    finally:
+        opened.image.close()
+
+
+def preprocessed(image: Image.Image, name: str, cfgs: list[Preprocess]) -> list[np.ndarray]:
+    """A decoded image (left open) preprocessed once per preprocessing in `cfgs`."""
     try:
         return [preprocess(image, cfg) for cfg in cfgs]
     except (ValueError, OSError) as exc:  # e.g. a LAB TIFF: PIL has no conversion to RGB
-        raise InputError(f"{opened.name} (mode {image.mode}) cannot be made RGB ({exc})") from None
-    finally:
-        image.close()
+        raise InputError(f"{name} (mode {image.mode}) cannot be made RGB ({exc})") from None
+
+
+def decode(data: bytes, name: str, limits: PixelLimits, cfgs: list[Preprocess], jpeg_draft: bool = True
+           ) -> list[np.ndarray]:
+    """Untrusted bytes → pixels in one call (what the server does in steps, with its budgets in between): opened and
+    checked, decoded, preprocessed once per preprocessing in `cfgs`."""
+    opened = open_image(data, name, limits, cfgs, jpeg_draft)
+    load(opened)
+    return to_pixels(opened, cfgs)
+
+
+def read_file(path: str | os.PathLike, max_bytes: int) -> bytes:
+    """An image file's bytes; an InputError when it is missing, unreadable or larger than `max_bytes` (checked before
+    reading)."""
+    try:
+        size = os.stat(path).st_size
+        if size > max_bytes:
+            raise InputError(f"{path} is {size} bytes; the limit is {max_bytes}", too_large=True)
+        with open(path, "rb") as f:
+            return f.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise InputError(f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise InputError(f"{path} is a folder, not an image file") from None
+    except OSError as exc:
+        raise InputError(f"{path} cannot be read ({exc.strerror or exc})") from None

@@ -16,6 +16,8 @@ from fvgpt.classes import ClassSplit
 from .images import InputError
 
 MODES = ("open", "subset")
+MAX_LABEL_CHARS = 100  # CLIP's context is 77 tokens; longer labels would be silently truncated
+DEFAULT_TOP_K = 5
 NOT_TEXT = ("Cc", "Cs", "Cn")  # control characters, lone surrogates, unassigned code points
 
 
@@ -36,6 +38,15 @@ def normalize(label: str, where: str, max_chars: int) -> str:
     if not is_text(text):
         raise InputError(f"{where} contains control characters (or lone surrogates, or unassigned code points)")
     return text
+
+
+def requested(labels: list[str] | None, mode: str, classes: ClassSplit, max_chars: int = MAX_LABEL_CHARS
+              ) -> list[str] | None:
+    """Labels as a caller gives them (not yet normalised) → the label set scored: normalise each, then resolve."""
+    if labels is not None and (isinstance(labels, str) or not all(isinstance(lab, str) for lab in labels)):
+        raise InputError("labels must be a list of strings")
+    normal = None if labels is None else [normalize(lab, f"labels[{i}]", max_chars) for i, lab in enumerate(labels)]
+    return resolve(normal, mode, classes)
 
 
 def resolve(labels: list[str] | None, mode: str, classes: ClassSplit) -> list[str] | None:

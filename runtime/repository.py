@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .manifest import MANIFEST
+from .manifest import MANIFEST, BundleError
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 VERSION = re.compile(r"^[0-9]{1,9}$")
@@ -91,3 +91,39 @@ def split_ref(ref: str) -> tuple[str, str | None]:
     """"NAME" → (NAME, None): its default version; "NAME@VERSION" → (NAME, VERSION)."""
     name, at, version = ref.partition("@")
     return name, version if at else None
+
+
+def latest(found: list[Found], name: str) -> Found | None:
+    """NAME's highest version among those a scan found without a problem."""
+    ok = [f for f in found if f.name == name and f.problem is None]
+    return max(ok, key=lambda f: version_order(f.version)) if ok else None
+
+
+def pick(source: Path, ref: str) -> Found:
+    """"NAME" (its highest version) or "NAME@VERSION" in the repository `source`; a BundleError names what there is.
+    What a process that loads classifiers itself (the Python API, batch) means by a reference; a server uses only
+    versions that loaded (its snapshot)."""
+    found = scan(source, single=False)
+    name, version = split_ref(ref)
+    mine = [f for f in found if f.name == name]
+    if not mine:
+        names = sorted({f.name for f in found})
+        raise BundleError(f"{source} has no classifier named {name!r} (it has: {', '.join(names) or 'none'})")
+    chosen = latest(mine, name) if version is None else next((f for f in mine if f.version == version), None)
+    if chosen is None:
+        raise BundleError(f"{source}/{name} has no {'usable version' if version is None else f'version {version!r}'}"
+                          f" (versions: {', '.join(f.version + (f' ({f.problem})' if f.problem else '') for f in mine)})")
+    if chosen.problem:
+        raise BundleError(f"{chosen.path}: {chosen.problem}")
+    return chosen
+
+
+def locate(ref: str | os.PathLike) -> Found:
+    """A bundle folder, or "REPOSITORY/NAME[@VERSION]", → the version folder to load."""
+    path = Path(ref)
+    if (path / MANIFEST).is_file():
+        return Found(path.name, SINGLE_VERSION, path)
+    if not path.parent.is_dir():
+        raise BundleError(f"{ref} is neither a bundle folder (with {MANIFEST}) nor REPOSITORY/NAME[@VERSION] in an "
+                          f"existing repository folder")
+    return pick(path.parent, path.name)

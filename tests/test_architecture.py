@@ -19,11 +19,11 @@ from fvgpt_serving.process import free_port, stop, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = {"fvgpt": REPO / "fvgpt", "fvgpt_runtime": REPO / "runtime", "fvgpt_export": REPO / "export",
-            "fvgpt_serving": REPO / "serving", "benchmarks": REPO / "benchmarks"}
+            "fvgpt_serving": REPO / "serving", "fvgpt_batch": REPO / "batch", "benchmarks": REPO / "benchmarks"}
 TORCH_FREE_CORE = {"fvgpt", "fvgpt.errors", "fvgpt.labels", "fvgpt.classes", "fvgpt.preprocess", "fvgpt.config",
                    "fvgpt.datasets", "fvgpt.photos", "fvgpt.progress", "fvgpt.world"}
 TORCH = {"torch", "torchvision", "open_clip"}
-FOLDER_NAMES = {"export", "serving", "runtime"}  # never importable names of installed code
+FOLDER_NAMES = {"export", "serving", "runtime", "batch"}  # never importable names of installed code
 # benchmark scripts on the serving hot path: they measure the runtime, so they may not pull torch in
 TORCH_FREE_BENCHMARKS = {"benchmarks.common", "benchmarks.http_load", "benchmarks.graph_overhead"}
 # web frameworks: only the shell around the serving engine (fvgpt_serving.shell) may import them
@@ -71,20 +71,22 @@ def violations() -> list[str]:
             rules = {
                 "imports a folder name, not the installed module": top in FOLDER_NAMES,
                 "fvgpt imports a package built on it": package == "fvgpt" and top in
-                    {"fvgpt_runtime", "fvgpt_export", "fvgpt_serving", "benchmarks"},
+                    {"fvgpt_runtime", "fvgpt_export", "fvgpt_serving", "fvgpt_batch", "benchmarks"},
                 "imports torch/open_clip on the torch-free path": top in TORCH and (
-                    package in ("fvgpt_runtime", "fvgpt_serving") or module in TORCH_FREE_CORE
+                    package in ("fvgpt_runtime", "fvgpt_serving", "fvgpt_batch") or module in TORCH_FREE_CORE
                     or module in TORCH_FREE_BENCHMARKS),
                 "imports fvgpt beyond its torch-free core": top == "fvgpt" and fvgpt_part not in TORCH_FREE_CORE and (
-                    package in ("fvgpt_runtime", "fvgpt_serving") or module in TORCH_FREE_CORE
+                    package in ("fvgpt_runtime", "fvgpt_serving", "fvgpt_batch") or module in TORCH_FREE_CORE
                     or module in TORCH_FREE_BENCHMARKS),
                 "imports the exporter or serving from the runtime": package == "fvgpt_runtime" and top in
-                    {"fvgpt_export", "fvgpt_serving", "benchmarks"},
+                    {"fvgpt_export", "fvgpt_serving", "fvgpt_batch", "benchmarks"},
+                "imports the exporter or serving from batch": package == "fvgpt_batch" and top in
+                    {"fvgpt_export", "fvgpt_serving"},
                 "imports the exporter from serving": package == "fvgpt_serving" and top in {"fvgpt_export",
                                                                                           "benchmarks"},
                 "imports benchmarks from the library": package != "benchmarks" and top == "benchmarks",
                 "imports a web framework outside the serving shell": top in WEB and (
-                    package in ("fvgpt", "fvgpt_runtime", "fvgpt_export") or module.startswith("fvgpt_serving.engine")),
+                    package in ("fvgpt", "fvgpt_runtime", "fvgpt_export", "fvgpt_batch") or module.startswith("fvgpt_serving.engine")),
                 "imports the serving shell from the engine": module.startswith("fvgpt_serving.engine")
                     and name.startswith("fvgpt_serving.shell"),
             }

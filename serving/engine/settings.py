@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from fvgpt_runtime.images import PixelLimits
+from fvgpt_runtime.label_sets import DEFAULT_TOP_K, MAX_LABEL_CHARS
 
 BUNDLE_ENV = "FVGPT_BUNDLE"
 REPOSITORY_ENV = "FVGPT_REPOSITORY"
@@ -59,9 +60,9 @@ class Limits:
     max_aspect_ratio: int = 32  # long side / short side: the short-side resize of a 1×N image would be S×(S·N)
     max_images: int = 16
     max_labels: int = 64
-    max_label_chars: int = 100  # CLIP's context is 77 tokens; longer labels would be silently truncated
+    max_label_chars: int = MAX_LABEL_CHARS
     max_models: int = 1024  # classifiers one request may name (also what "models": "*" may expand to)
-    default_top_k: int = 5
+    default_top_k: int = DEFAULT_TOP_K
 
     ENV: ClassVar[dict[str, str]] = {
         "max_request_bytes": "FVGPT_MAX_REQUEST_BYTES",

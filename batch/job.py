@@ -1,0 +1,179 @@
+"""The driver of `fvgpt classify`: Ray (local, or the cluster at --address / RAY_ADDRESS), the dataset of the items
+still to do, the two stages (stages.py), and the shards written as their rows arrive (shards.py).
+
+Resources: tower actors take --actor-cpus each (default 1, fractional allowed) and decode tasks DECODE_CPUS, so on a
+small node the decode tasks always find a CPU next to the actors (actors holding every CPU stall the pipeline for
+good: docs/batch.md, "Pitfalls"). Actors are spread over nodes, one per node by default. Ctrl-C (or SIGTERM) stops
+the pipeline, shuts Ray down (a local instance with every actor and worker process; on a cluster the job's actors,
+which die with their driver) and keeps the shards already written: the same command continues.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fvgpt_runtime.images import PixelLimits
+from fvgpt_runtime.manifest import Manifest
+
+from fvgpt.preprocess import Preprocess
+
+from .inputs import Items
+from .progress import Counter
+from .shards import SUMMARY, JobRecord, prepare, shard_name, write_atomic
+from .stages import ERROR_KINDS, Model, Towers, decode_batch
+
+DECODE_CPUS = 0.5  # per decode task: with actors at 1 CPU each, a 2-CPU node still runs two decode tasks
+DECODE_BATCH = 16  # images per decode task call
+BLOCK_ITEMS = 64  # items per input block at most: the unit Ray schedules decode tasks over
+
+
+@dataclass
+class Settings:
+    """How the job runs (what it computes is in JobRecord)."""
+
+    address: str | None = None
+    actors: int | None = None  # default: one per node
+    actor_cpus: float = 1.0
+    threads: int | None = None  # tower threads per actor (default: ONNX Runtime's, one per core)
+    batch_size: int = 32
+    limits: PixelLimits = field(default_factory=PixelLimits)
+    jpeg_draft: bool = True
+    max_image_bytes: int = 64 << 20
+    progress: bool = True
+
+
+def _interrupt(signum, frame):  # SIGTERM ends the job as Ctrl-C does: shards kept, Ray shut down
+    raise KeyboardInterrupt
+
+
+def _start_ray(address: str | None) -> Any:
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")  # Ray Data's execution reports; errors still raise
+    import ray
+
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # ours counts images and shards; Ray's would interleave with it
+    ctx.print_on_execution_start = False
+    return ray
+
+
+def run(items: Items, models: list[Model], record: JobRecord, out: Path, settings: Settings) -> dict[str, Any]:
+    """Classify the items not yet in a shard of `out`; a summary of this run (also written to out/summary.json)."""
+    t0 = time.perf_counter()
+    done = prepare(out, record)
+    pending = [s for s in range(record.shards) if s not in done]
+    skipped = sum(min(record.shard_size, record.items - s * record.shard_size) for s in done)
+    if done:
+        print(f"skipping {len(done)} shard(s) already written ({skipped} of {record.items} images)", file=sys.stderr)
+    summary: dict[str, Any] = {"images": 0, "skipped": skipped, "rows": 0, "errors": dict.fromkeys(ERROR_KINDS, 0),
+                               "shards_written": 0, "out": str(out)}
+    if not pending:
+        return _finish(summary, out, t0, None, None, 0)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    ray = None
+    try:
+        ray = _start_ray(settings.address)
+        ds, metadata = _dataset(ray, items, models, record, pending, settings)
+        t_started = time.perf_counter()
+        summary |= _collect(ds, models, record, out, pending, metadata, settings, summary)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {summary['shards_written']} shard(s) written this run are kept; run the same command "
+              f"to continue", file=sys.stderr)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if ray is not None:
+            ray.shutdown()
+    return _finish(summary, out, t0, t_started, summary.pop("first_s", None), summary.pop("first_images", 0))
+
+
+def _dataset(ray: Any, items: Items, models: list[Model], record: JobRecord, pending: list[int],
+             settings: Settings) -> tuple[Any, dict]:
+    size = record.shard_size
+    rows = [{"index": i, "path": items.paths[i], "table": items.tables[i], "row": items.rows[i]}
+            for s in pending for i in range(s * size, min((s + 1) * size, record.items))]
+    cfgs: list[Preprocess] = []
+    for m in models:
+        cfg = Manifest.read(m.path).preprocess
+        if cfg not in cfgs:
+            cfgs.append(cfg)
+    actors = settings.actors or len([n for n in ray.nodes() if n["Alive"]])
+    blocks = min(len(rows), max(4 * actors, math.ceil(len(rows) / BLOCK_ITEMS)))  # enough to keep every actor fed
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    ds = ds.map_batches(decode_batch, batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=DECODE_CPUS,
+                        fn_kwargs={"cfgs": cfgs, "limits": settings.limits, "jpeg_draft": settings.jpeg_draft,
+                                   "max_bytes": settings.max_image_bytes, "column": items.column})
+    with warnings.catch_warnings():  # max_restarts: Ray names the keyword deprecated, and offers no other way
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ds = ds.map_batches(Towers, batch_size=settings.batch_size, batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=settings.actor_cpus,
+                            fn_constructor_kwargs={"models": models, "cfgs": cfgs, "batch_size": settings.batch_size,
+                                                   "threads": settings.threads,
+                                                   "all_probabilities": record.all_probabilities},
+                            max_restarts=0)  # a crashed actor fails the job (shards kept); a restart could not
+        # find its constructor arguments again (ray#53727)
+    metadata = {"job": asdict(record), "models": [asdict(m) for m in models], "batch_size": settings.batch_size,
+                "actors": actors, "jpeg_draft": settings.jpeg_draft,
+                "note": "int8 towers quantise activations per batch: their probabilities depend on batch_size"}
+    return ds, metadata
+
+
+def _collect(ds: Any, models: list[Model], record: JobRecord, out: Path, pending: list[int], metadata: dict,
+             settings: Settings, summary: dict) -> dict:
+    """Rows as they arrive → a shard written as soon as all its rows are there."""
+    import pyarrow as pa
+
+    size, per_image = record.shard_size, len(models)
+    expected = {s: per_image * (min((s + 1) * size, record.items) - s * size) for s in pending}
+    parts: dict[int, list] = defaultdict(list)
+    counts: dict[int, int] = defaultdict(int)
+    total = sum(expected.values()) // per_image
+    first_s, first_images = None, 0
+    with Counter(total, "classify", "img", settings.progress) as progress:
+        t0 = time.perf_counter()
+        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if first_s is None:
+                first_s, first_images = time.perf_counter() - t0, table.num_rows // per_image
+            shard_of = pa.compute.divide(table.column("index"), size).to_numpy()
+            for s in set(shard_of.tolist()):
+                part = table.filter(pa.array(shard_of == s))
+                parts[s].append(part)
+                counts[s] += part.num_rows
+                if counts[s] == expected[s]:
+                    whole = pa.concat_tables(parts.pop(s)).sort_by([("index", "ascending"), ("model", "ascending"),
+                                                                     ("version", "ascending")])
+                    write_atomic(whole, out / shard_name(s, record.format), record.format, metadata)
+                    summary["shards_written"] += 1
+            kinds = table.column("error_kind").to_pylist()
+            summary["rows"] += table.num_rows
+            for kind in kinds:
+                if kind:
+                    summary["errors"][kind] += 1
+            summary["images"] += table.num_rows // per_image
+            progress.update(table.num_rows // per_image, shards=summary["shards_written"])
+    summary["errors"] = {k: v // per_image for k, v in summary["errors"].items()}
+    return {"first_s": first_s, "first_images": first_images}
+
+
+def _finish(summary: dict, out: Path, t0: float, t_started: float | None, first_s: float | None,
+            first_images: int) -> dict:
+    """Wall time split into start-up (Ray, the actors loading, the first rows back) and the steady rate after it."""
+    wall = time.perf_counter() - t0
+    summary["wall_s"] = round(wall, 3)
+    if t_started is not None and first_s is not None:
+        startup = t_started - t0 + first_s
+        summary["startup_s"] = round(startup, 3)
+        steady = wall - startup
+        summary["images_per_s_steady"] = round((summary["images"] - first_images) / steady, 3) if steady > 0 else None
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

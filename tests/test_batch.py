@@ -1,0 +1,196 @@
+"""`fvgpt classify` run as a user runs it (the real CLI, a local Ray instance), its rows held to the Python API and to
+the real server's POST /classify (same numbers, ≤ 1e-6, fp32 towers, any batch size), its error rows, usage errors,
+and a real SIGINT: no Ray process left behind, finished shards kept, the re-run skips them and completes the job."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("ray", reason="`fvgpt classify` needs the `batch` extra (Ray Data, pyarrow), which this install "
+                                  "lacks: pip install '.[cpu,serve,dev,batch]'")
+import fvgpt_runtime as fr
+import psutil
+import pyarrow as pa
+import pyarrow.csv  # noqa: F401 - pa.csv
+import pyarrow.parquet as pq
+
+from fvgpt.photos import photo_paths
+from tests.serving_support import Server, running
+
+pytestmark = pytest.mark.slow
+BATCH = 3  # tower batches of 3: other groupings than the API's 1 and 32 below
+
+
+def classify(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = os.environ | {"FVGPT_PROGRESS_EVERY_S": "0"}
+    return subprocess.run([sys.executable, "-m", "fvgpt", "classify", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def read_rows(out: Path) -> list[dict]:
+    return pq.read_table(sorted(out.glob("part-*.parquet"))).to_pylist()
+
+
+@pytest.fixture(scope="module")
+def job(tiny_bundle, tiny_bundle_seed2, tmp_path_factory):
+    """Two classifiers on one tower over a folder (photos, a generated PNG, a corrupt file, a too-large image), a
+    Parquet list of paths (one missing) and a Parquet column of image bytes."""
+    root = tmp_path_factory.mktemp("batch")
+    repo = root / "repo"
+    shutil.copytree(tiny_bundle, repo / "pets" / "1")
+    shutil.copytree(tiny_bundle_seed2, repo / "shapes" / "1")
+    images = root / "images"
+    (images / "sub").mkdir(parents=True)
+    for i, p in enumerate(photo_paths()[:4]):
+        shutil.copy(p, images / ("sub" if i % 2 else "") / p.name)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 80, 3), np.uint8)).save(images / "noise.png")
+    Image.new("L", (800, 800)).save(images / "huge.png")  # 640,000 pixels: over --max-image-pixels
+    (images / "corrupt.jpg").write_bytes(photo_paths()[0].read_bytes()[:300])
+    pq.write_table(pa.table({"path": ["images/noise.png", "images/gone.jpg"]}), root / "list.parquet")
+    buf = io.BytesIO()
+    Image.open(photo_paths()[2]).convert("RGB").save(buf, format="PNG")
+    pq.write_table(pa.table({"image": pa.array([buf.getvalue(), photo_paths()[3].read_bytes()], pa.binary())}),
+                   root / "bytes.parquet")
+    out = root / "out"
+    t0 = time.perf_counter()
+    done = classify("--repository", str(repo), "--input", str(images), str(root / "list.parquet"),
+                    str(root / "bytes.parquet"), "--out", str(out), "--shard-size", "4", "--batch-size", str(BATCH),
+                    "--max-image-pixels", "500000")
+    assert done.returncode == 0, done.stderr[-3000:]
+    print(f"fvgpt classify: {time.perf_counter() - t0:.1f} s")
+    return {"root": root, "repo": repo, "out": out, "stdout": done.stdout, "stderr": done.stderr,
+            "rows": read_rows(out)}
+
+
+def source_bytes(path: str) -> bytes:
+    if "#" in path and path.split("#")[0].endswith(".parquet"):
+        table, row = path.rsplit("#", 1)
+        return pq.read_table(table).column("image")[int(row)].as_py()
+    return Path(path).read_bytes()
+
+
+def test_rows_shards_errors_and_summary(job):
+    rows, out = job["rows"], job["out"]
+    images = 4 + 3 + 2 + 2  # the folder (sorted: 2 photos, corrupt, huge, noise, sub/2 photos), the list, the bytes
+    assert [(r["index"], r["model"]) for r in rows] == [(i, m) for i in range(images) for m in ("pets", "shapes")]
+    assert len(list(out.glob("part-*.parquet"))) == 3 and not list(out.glob(".*tmp"))
+    errors = {Path(r["path"]).name: (r["error_kind"], r["error"]) for r in rows if r["error"]}
+    assert set(errors) == {"corrupt.jpg", "huge.png", "gone.jpg"}
+    assert errors["corrupt.jpg"][0] == "unreadable"
+    assert "corrupt.jpg could not be read (Truncated" in errors["corrupt.jpg"][1]
+    assert errors["huge.png"][0] == "oversized"
+    assert "800×800 = 640000 pixels; the limit is 500000" in errors["huge.png"][1]
+    assert errors["gone.jpg"] == ("missing", f"{job['root'] / 'images' / 'gone.jpg'} does not exist")
+    assert all(r["labels"] is None and r["probabilities"] is None for r in rows if r["error"])
+    summary = json.loads(job["stdout"].strip().splitlines()[-1])
+    assert summary["images"] == images and summary["rows"] == 2 * images
+    assert summary["errors"] == {"missing": 1, "oversized": 1, "unreadable": 1}
+    towers = {r["tower_id"] for r in rows}
+    assert len(towers) == 1  # one backbone: one tower variant for both classifiers
+    meta = json.loads(pq.read_schema(out / "part-00000.parquet").metadata[b"fvgpt"])
+    assert meta["batch_size"] == BATCH and {m["precision"] for m in meta["models"]} == {"fp32"}
+
+
+def test_same_numbers_as_the_python_api_at_any_batch_size(job):
+    rows = [r for r in job["rows"] if not r["error"]]
+    for model in ("pets", "shapes"):
+        clf = fr.load(job["repo"] / model)
+        mine = [r for r in rows if r["model"] == model]
+        data = [source_bytes(r["path"]) for r in mine]
+        for batch_size in (1, 32):
+            api = clf.classify(data, batch_size=batch_size)
+            for r, a in zip(mine, api, strict=True):
+                assert r["labels"] == [p.label for p in a.predictions] and r["head"] == a.head
+                assert np.max(np.abs(np.array(r["probabilities"]) - [p.probability for p in a.predictions])) <= 1e-6
+
+
+def test_same_numbers_as_post_classify(job, tmp_path):
+    rows = [r for r in job["rows"] if not r["error"]]
+    paths = sorted({r["path"] for r in rows})
+    server = Server(job["repo"], tmp_path / "server.log", repository=True)
+    with running(server):
+        files = [("images", (f"img{i}", source_bytes(p), "application/octet-stream")) for i, p in enumerate(paths)]
+        answer = server.post("/classify", files=files, data={"models": ["pets", "shapes"]})
+    assert answer.status_code == 200, answer.text
+    by_key = {(r["path"], r["model"]): r for r in rows}
+    for path, image in zip(paths, answer.json()["results"], strict=True):
+        for result in image["models"]:
+            r = by_key[(path, result["model"])]
+            assert r["labels"] == [p["label"] for p in result["predictions"]] and r["head"] == result["head"]
+            assert max(abs(a - p["probability"]) for a, p in zip(r["probabilities"], result["predictions"])) <= 1e-6
+
+
+def test_usage_errors_exit_2_before_ray_starts(job):
+    out, repo = job["out"], job["repo"]
+    changed = classify("--repository", str(repo), "--input", str(job["root"] / "images"), "--out", str(out),
+                       "--top-k", "2", "--max-image-pixels", "500000", "--shard-size", "4")
+    assert changed.returncode == 2 and "holds another job (it differs in: digest, items, top_k)" in changed.stderr
+    for args, message in [(["--input", "/nonexistent/*.jpg"], "matches no file"),
+                          (["--input", str(job["root"]), "--labels", "a,a"], "labels[1] 'a' repeats labels[0]"),
+                          (["--input", str(job["root"] / "bytes.parquet"), "--column", "nope"], "has no column")]:
+        done = classify("--repository", str(repo), *args, "--out", str(job["root"] / "other"))
+        assert done.returncode == 2 and message in done.stderr and "error: " in done.stderr, done.stderr[-2000:]
+
+
+def test_sigint_leaves_no_ray_process_and_the_rerun_completes(tiny_bundle, tmp_path):
+    images = tmp_path / "many"
+    images.mkdir()
+    rng = np.random.default_rng(1)
+    n = 600
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), np.uint8)).save(images / f"{i:05d}.png")
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "fvgpt", "classify", str(tiny_bundle), "--input", str(images), "--out", str(out),
+            "--shard-size", "25", "--batch-size", "2"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not list(out.glob("part-*.parquet")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    ray_processes = psutil.Process(proc.pid).children(recursive=True)
+    assert any("raylet" in p.name() for p in ray_processes)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in stderr and "run the same command to continue" in stderr
+    _, alive = psutil.wait_procs(ray_processes, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]
+    kept = len(list(out.glob("part-*.parquet")))
+    assert 1 <= kept < n // 25 and not list(out.glob(".*tmp"))
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"skipping {kept} shard(s) already written ({kept * 25} of {n} images)" in done.stderr
+    assert [r["index"] for r in read_rows(out)] == list(range(n))
+
+
+def test_inputs_expand_in_a_fixed_order_and_csv_shards_hold_json_lists(tmp_path):
+    from fvgpt_batch.inputs import InputsError, expand
+    from fvgpt_batch.shards import write_atomic
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / ".hidden").mkdir()
+    for name in ("a/z.JPG", "a/b/y.png", "a/x.txt", "a/.h.png", "a/.hidden/w.png", "c.webp"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "list.csv").write_text("path,other\na/x.txt,1\n/abs/q.png,2\n")
+    items = expand([str(tmp_path / "a"), str(tmp_path / "*.webp"), str(tmp_path / "list.csv")])
+    assert items.paths == [str(tmp_path / "a/z.JPG"), str(tmp_path / "a/b/y.png"), str(tmp_path / "c.webp"),
+                           str(tmp_path / "a/x.txt"), "/abs/q.png"]
+    assert items.digest() == expand([str(tmp_path / "a"), str(tmp_path / "*.webp"),
+                                     str(tmp_path / "list.csv")]).digest() != expand([str(tmp_path / "a")]).digest()
+    with pytest.raises(InputsError, match="has no column 'image'"):
+        expand([str(tmp_path / "list.csv")], column="image")
+    table = pa.table({"path": ["p"], "labels": pa.array([["a cat", "b,c"]]), "probabilities": [[0.75, 0.25]]})
+    write_atomic(table, tmp_path / "part-00000.csv", "csv", {})
+    lines = (tmp_path / "part-00000.csv").read_text().splitlines()
+    assert json.loads(pa.csv.read_csv(tmp_path / "part-00000.csv").column("labels")[0].as_py()) == ["a cat", "b,c"]
+    assert len(lines) == 2 and not list(tmp_path.glob(".*tmp"))
