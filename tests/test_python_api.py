@@ -1,6 +1,6 @@
 """The Python API (fvgpt_runtime.load(...).classify(...)): every input kind, label routing, ranking, batch-size
 independence, repository references and errors, against references computed from the bundle's graphs directly
-(preprocess → Bundle.classify → softmax → sort), and the README's example run as written."""
+(preprocess → Bundle.classify → softmax → sort); the README's example runs in tests/test_docs_examples.py."""
 from __future__ import annotations
 
 import io
@@ -17,9 +17,6 @@ from fvgpt_runtime.preprocess import preprocess
 from PIL import Image
 
 from fvgpt.photos import photo_paths
-
-README = Path(__file__).resolve().parents[1] / "README.md"
-
 
 def reference(bundle_dir: Path, images: list[Image.Image], labels: list[str] | None = None):
     """(labels in score order, probabilities (N, C), head) straight from the graphs, without the API."""
@@ -124,15 +121,3 @@ def test_repository_references_and_info(tiny_bundle, tiny_bundle_seed2, tmp_path
         fr.load(f"{repo}/pets@3")
     with pytest.raises(BundleError, match="neither a bundle folder"):
         fr.load(tmp_path / "nowhere" / "x")
-
-
-def test_readme_example_runs_as_written(tiny_bundle, photos, monkeypatch, capsys):
-    """The README's Python block, with its bundle and images replaced by the test's."""
-    text = README.read_text()
-    code = re.search(r"```python\n(import fvgpt_runtime.*?)```", text, re.S).group(1)
-    assert len(code.strip().splitlines()) <= 5
-    code = code.replace('"bundles/pets"', repr(str(tiny_bundle))).replace('"cat.jpg"', repr(str(photos[0])))
-    code = code.replace('"dog.jpg"', repr(str(photos[1])))
-    exec(compile(code, "README.md", "exec"), {})
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2 and all(re.fullmatch(r".+ [\d.e-]+ (new|base|zero-shot)", line) for line in lines)
