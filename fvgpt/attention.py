@@ -109,10 +109,11 @@ def evaluate_attention(model: FVGPTModel, index: DatasetIndex, batch_size: int =
                 scores = alignment(label_maps(tokens, directions[table][target]), fractions)
                 for k, v in scores.items():
                     per[m][row][k].append(v.cpu())
-        for i in range(min(figure_images - len(figure), len(img))):
-            figure.append({"pixels": img[i].cpu(), "mask_area": float(mask[i].float().mean()),
-                           "maps": {row: label_maps(contrib[i:i + 1], directions[table][target[i:i + 1]])[0].cpu()
-                                    for row, table in rows.items()}})
+        for i in range(len(img)):  # the figure: the first image of each class, up to figure_images
+            if len(figure) < figure_images and int(target[i]) not in {f["class"] for f in figure}:
+                figure.append({"class": int(target[i]), "pixels": img[i].cpu(), "maps": {
+                    row: label_maps(contrib[i:i + 1], directions[table][target[i:i + 1]])[0].cpu()
+                    for row, table in rows.items()}})
     if not areas:
         raise DataError(f"{index.root}: no base-class test image has a foreground mask; `fvgpt masks` writes them")
     values = {m: {r: {k: torch.cat(v).numpy() for k, v in d.items()} for r, d in rs.items()} for m, rs in per.items()}

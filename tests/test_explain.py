@@ -111,7 +111,7 @@ def test_exported_explain_graphs_equal_torch_and_leave_the_tower_alone(explain_b
         f, c = run(pixels[:batch])
         assert np.abs(f - torch_f[:batch].detach().numpy()).max() <= 1e-5
         assert np.abs(c - torch_c[:batch].detach().numpy()).max() <= 1e-5
-    f8, c8 = bundle.explainer("int8")(pixels)
+    _, c8 = bundle.explainer("int8")(pixels)
     rows = bundle.directions(["cat", "dog"], "zero-shot")
     for i in range(len(pixels)):  # int8 maps keep fp32's shape: correlation per image and label
         for row in rows:

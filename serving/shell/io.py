@@ -74,8 +74,8 @@ def request_input(limits: Limits, explain: bool = False) -> type[bentoml.IODescr
                 return cls.model_construct(images=[])
             setattr(request.state, STATE, parsed)
             req = parsed[0]
-            fields = dict(images=req.images, labels=req.labels, top_k=req.top_k, mode=req.mode, model=req.model,
-                          models=req.models)
+            fields = {"images": req.images, "labels": req.labels, "top_k": req.top_k, "mode": req.mode,
+                      "model": req.model, "models": req.models}
             return cls.model_construct(**fields, **({"targets": req.targets} if explain else {}))
 
     RequestInput.__name__ = RequestInput.__qualname__ = name
