@@ -20,6 +20,8 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-ne
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                 reason="needs the system Chromium: apt-get install -y chromium (.ci/run does)")
 TIMEOUT_MS = 60_000
+KEY = "playground-key"
+AUTH = {"X-API-Key": KEY}
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,7 @@ def server(tiny_explain_bundle, tiny_zero_shot_bundle, tmp_path_factory):
     root = tmp_path_factory.mktemp("playground")
     shutil.copytree(tiny_explain_bundle, root / "repo" / "shapes" / "1")
     shutil.copytree(tiny_zero_shot_bundle, root / "repo" / "pets" / "1")
-    s = Server(root / "repo", root / "server.log", repository=True, FVGPT_POLL_S="0")
+    s = Server(root / "repo", root / "server.log", repository=True, FVGPT_POLL_S="0", FVGPT_API_KEY=KEY)
     with running(s):
         yield s
 
@@ -54,6 +56,15 @@ def page(browser, server):
     assert not outside, f"the page fetched from other hosts: {outside}"  # it must work offline
 
 
+def open_page(page, server) -> None:
+    """The playground, its key given when it asks for it (the server has one), the classifiers listed."""
+    page.goto(server.url + "/")
+    page.wait_for_selector("#keybox:not([hidden])")  # GET /models answered 401: the page asks for the key
+    page.fill("#apikey", KEY)
+    page.dispatch_event("#apikey", "change")
+    page.wait_for_selector("#models input")
+
+
 def classify_in_page(page, files: list[Path]) -> None:
     page.set_input_files("#files", [str(f) for f in files])
     page.click("#go")
@@ -61,8 +72,7 @@ def classify_in_page(page, files: list[Path]) -> None:
 
 
 def test_the_page_classifies_an_image_and_draws_its_heatmap(page, server):
-    page.goto(server.url + "/")
-    page.wait_for_selector("#models input")
+    open_page(page, server)
     refs = page.eval_on_selector_all("#models input", "els => els.map(e => e.value)")
     assert refs == ["pets", "shapes"] and page.is_checked("#models input[value=pets]")  # the first is ticked
     page.uncheck("#models input[value=pets]")
@@ -71,7 +81,7 @@ def test_the_page_classifies_an_image_and_draws_its_heatmap(page, server):
     classify_in_page(page, [photo])
     first = "shapes"
     direct = server.post("/classify", files=[("images", (photo.name, photo.read_bytes()))],
-                         data={"model": first}).json()["results"][0]
+                         data={"model": first}, headers=AUTH).json()["results"][0]
     shown = page.eval_on_selector_all(".image .bar .name", "els => els.map(e => e.textContent)")
     assert shown == [p["label"] for p in direct["predictions"]]
     assert page.inner_text(".classifier h3").startswith(f"{first}@1")
@@ -84,8 +94,7 @@ def test_the_page_classifies_an_image_and_draws_its_heatmap(page, server):
 
 
 def test_a_classifier_picked_from_the_list_is_used(page, server):
-    page.goto(server.url + "/")
-    page.wait_for_selector("#models input")
+    open_page(page, server)
     page.check("#models input[value=pets]")
     page.uncheck("#models input[value=shapes]")
     classify_in_page(page, [photo_paths()[0]])
@@ -100,9 +109,8 @@ def test_a_non_image_shows_the_servers_error(page, server, tmp_path):
     text = tmp_path / "notes.txt"
     text.write_bytes(b"not an image at all")
     expected = server.post("/classify", files=[("images", ("notes.txt", text.read_bytes()))],
-                           data={"model": "shapes"}).json()["error"]
-    page.goto(server.url + "/")
-    page.wait_for_selector("#models input")
+                           data={"model": "shapes"}, headers=AUTH).json()["error"]
+    open_page(page, server)
     page.uncheck("#models input[value=pets]")
     page.check("#models input[value=shapes]")
     classify_in_page(page, [text])
@@ -115,6 +123,11 @@ def test_swagger_try_it_out_works_with_its_defaults(page, server, content_type):
     """Swagger UI at /docs, POST /classify, Try it out, only a file attached (multipart) or the example body as it
     is (JSON), Execute: a 200 with results (no "null" strings sent for the fields left alone)."""
     page.goto(server.url + "/docs")
+    page.click("button.authorize")  # the server has a key: Swagger UI's Authorize, the X-API-Key scheme
+    scheme = page.locator(".auth-container").filter(has_text="X-API-Key")
+    scheme.locator("input").fill(KEY)
+    scheme.locator("button.authorize").click()
+    page.click("button.btn-done")
     op = page.locator("#operations-Service_APIs-post_classify")
     op.locator(".opblock-summary").click()
     op.locator("button.try-out__btn").click()
