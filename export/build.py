@@ -33,8 +33,8 @@ from fvgpt_runtime.manifest import (MANIFEST, TOWER_RUNTIMES, BackboneInfo, Grap
 from fvgpt_runtime.tokenizer import VOCAB_FILE
 
 from .graphs import TRACE_BATCH, CosineHeadsGraph, ExplainGraph, FVGPTHeadsGraph, TextGraph, export_graph
-from .parity import (PARITY_REFERENCE, calibration_pixels, check_bundle, check_explain, check_variant, explain_reference,
-                     gate, parity_pixels, run_in_batches)
+from .parity import (PARITY_REFERENCE, calibration_pixels, check_bundle, check_explain, check_variant,
+                     explain_reference, gate, parity_pixels, run_in_batches)
 from .precision import convert_fp16, quantize_int8, quantize_openvino_int8
 from .tensorrt_build import ENGINE_DIR, build_engine
 

@@ -28,8 +28,8 @@ from .errors import ApiError
 from .explain import Explainer
 from .metrics import Metrics
 from .models import (Changes, ClassifyModels, ClassifyRequest, ClassifyResponse, ClassRecord, Error, ExplainResponse,
-                     InfoResponse, LabelsResponse, ModelsResponse, MultiClassifyResponse, ReloadResponse, StageFigures, TowerInfo,
-                     TowerWorker, check_ref)
+                     InfoResponse, LabelsResponse, ModelsResponse, MultiClassifyResponse, ReloadResponse, StageFigures,
+                     TowerInfo, TowerWorker, check_ref)
 from .parse import parse_classify
 from .pipeline import Pipeline
 from .readiness import Readiness

@@ -26,7 +26,8 @@ SECURITY = [{"bearer": []}, {"apiKey": []}, {}]  # {}: no key needed when the se
 SECURITY_SCHEMES = {"bearer": {"type": "http", "scheme": "bearer", "description": "FVGPT_API_KEY"},
                     "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "FVGPT_API_KEY"}}
 # a 16×16 PNG (a red square on white): the JSON example Swagger UI's Try-it-out sends as it is
-EXAMPLE_PNG = ("iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAIAAACQkWg2AAAAK0lEQVR42mP8//8/AymAiYFEQHsNLCg8RkbsqpD8OQj9MBw0sOAK7yHkBwAQrAcfuhJLBQAAAABJRU5ErkJggg==")
+EXAMPLE_PNG = ("iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAIAAACQkWg2AAAAK0lEQVR42mP8//8/AymAiYFEQHsNLCg8RkbsqpD8OQj9MBw0sOAK"
+               "7yHkBwAQrAcfuhJLBQAAAABJRU5ErkJggg==")
 MODEL_PARAMETER = {"name": "model", "in": "query", "required": False, "schema": {"type": "string", "minLength": 1},
                    "description": "\"name\" or \"name@version\"; optional when the server has one classifier"}
 

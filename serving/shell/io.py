@@ -1,4 +1,5 @@
-"""POST /classify's (and POST /explain's) input as a BentoML IODescriptor: the engine's request model, read by the engine's own parser.
+"""POST /classify's (and POST /explain's) input as a BentoML IODescriptor: the engine's request model, read by the
+engine's own parser.
 
 BentoML reads an API's input through its input spec's `from_http_request`; its default would parse multipart with
 Starlette (dropping a truncated body's last part), fetch URLs sent in file fields (server-side request forgery) and
