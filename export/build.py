@@ -32,9 +32,9 @@ from fvgpt_runtime.manifest import (MANIFEST, TOWER_RUNTIMES, BackboneInfo, Grap
                                     Tower, TowerGraph, sha256_file, short_id)
 from fvgpt_runtime.tokenizer import VOCAB_FILE
 
-from .graphs import TRACE_BATCH, CosineHeadsGraph, FVGPTHeadsGraph, TextGraph, export_graph
-from .parity import (PARITY_REFERENCE, calibration_pixels, check_bundle, check_variant, gate, parity_pixels,
-                     run_in_batches)
+from .graphs import TRACE_BATCH, CosineHeadsGraph, ExplainGraph, FVGPTHeadsGraph, TextGraph, export_graph
+from .parity import (PARITY_REFERENCE, calibration_pixels, check_bundle, check_explain, check_variant,
+                     explain_reference, gate, parity_pixels, run_in_batches)
 from .precision import convert_fp16, quantize_int8, quantize_openvino_int8
 from .tensorrt_build import ENGINE_DIR, build_engine
 
@@ -58,6 +58,7 @@ class ExportOptions:
     opset: int = 23
     tensorrt: bool = False
     openvino: bool = False
+    explain: bool = False
     force: bool = False
     parity_images: int = 96
     calibration_images: int = 64
@@ -224,6 +225,8 @@ def _write_bundle(out: Path, opts: ExportOptions, model: FVGPTModel, pretrained:
         with _timed(opts, "parity: fp32 graphs vs torch"):
             pixels = parity_pixels(bb.preprocess, opts.parity_images)
             reference = _reference(model, pixels)
+            if opts.explain:
+                reference |= explain_reference(ExplainGraph(model).eval(), pixels)
             save_file(reference, str(tmp / PARITY_REFERENCE))  # lets `fvgpt validate` re-check without torch
             manifest.write(tmp)
             engines = {"onnx": ["fp32"]}
@@ -235,6 +238,8 @@ def _write_bundle(out: Path, opts: ExportOptions, model: FVGPTModel, pretrained:
             variants.add(tower_graph("onnx", opts.precision),
                          lambda g: convert(tmp / "tower.fp32.onnx", tmp / g.file), required=True)
             manifest.default_precision = opts.precision
+        if opts.explain:
+            _explain_graphs(tmp, model, manifest, opts, pixels, reference, reports, tower_graph)
         if opts.openvino:
             _openvino_variants(variants, tower_graph, bb.preprocess, tmp)
         if opts.tensorrt:
@@ -288,6 +293,34 @@ class _Variants:
         self.manifest.write(self.tmp)
         self.refused[graph.key] = {k: c["failures"] for k, c in checks.items() if not c["passed"]}
         _say(self.opts, f"  {graph.key} refused by the parity gate, not written: {self.refused[graph.key]}")
+
+
+def _explain_graphs(tmp: Path, model: FVGPTModel, manifest: Manifest, opts: ExportOptions, pixels: np.ndarray,
+                    reference: dict[str, np.ndarray], reports: dict,
+                    tower_graph: Callable[[str, str], TowerGraph]) -> None:
+    """tower.explain.fp32.onnx and, for --precision int8/fp16, that precision's explain graph (converted like the
+    tower), each gated against torch (parity.check_explain); a failing explain graph fails the export."""
+    bb = model.backbone
+    explain = manifest.towers["image"].explain
+    for precision in dict.fromkeys(["fp32", opts.precision]):
+        tower = tower_graph("onnx", precision)
+        graph = TowerGraph(f"tower.explain.{precision}.onnx", tower.id.replace("tower-", "explain-", 1), "onnx",
+                           precision)
+        with _timed(opts, f"explain graph ({precision})"):
+            if precision == "fp32":
+                export_graph(ExplainGraph(model), {"pixels": torch.randn(TRACE_BATCH, 3, bb.preprocess.size,
+                                                                         bb.preprocess.size)},
+                             tmp / graph.file, ["features", "patch_contrib"], {"pixels": {0: "batch"}}, opts.opset,
+                             {"batch": opts.max_batch})
+            else:
+                convert = quantize_int8 if precision == "int8" else convert_fp16
+                convert(tmp / explain["onnx-fp32"].file, tmp / graph.file)
+        explain[graph.key] = graph
+        manifest.files[graph.file] = None
+        manifest.write(tmp)
+        with _timed(opts, f"parity: {precision} explain graph vs torch"):
+            reports[f"explain_{precision}"] = check_explain(Bundle(tmp, verify=False), precision, pixels, reference)
+            gate(reports)
 
 
 def _openvino_variants(variants: _Variants, tower_graph: Callable[[str, str], TowerGraph], pre, tmp: Path) -> None:

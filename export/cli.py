@@ -36,6 +36,9 @@ def register_export(sub) -> None:
     p.add_argument("--max-batch", type=int, default=64, help="largest batch the graphs/engines are built for")
     p.add_argument("--opset", type=int, default=23, help="ONNX opset (≥ 23 exports fused Attention and Gelu ops)")
     p.add_argument("--tensorrt", action="store_true", help="also build a TensorRT engine (GPU host with tensorrt)")
+    p.add_argument("--explain", action="store_true",
+                   help="also write the tower's explain graph (per-patch heatmaps for POST /explain) in fp32 and the "
+                        "--precision, each parity-gated against torch; /classify never runs it")
     p.add_argument("--parity-images", type=int, default=96, help="generated images in the parity set (plus 4 photos)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     g = p.add_argument_group("zero-shot bundles (plain CLIP, no training)")
@@ -50,7 +53,7 @@ def _export(args) -> int:
     from .build import ExportError, ExportOptions, export_run, export_zero_shot
 
     opts = ExportOptions(precision=args.precision, max_batch=args.max_batch, opset=args.opset,
-                         tensorrt=args.tensorrt, openvino=args.openvino, force=args.force,
+                         tensorrt=args.tensorrt, openvino=args.openvino, explain=args.explain, force=args.force,
                          parity_images=args.parity_images, calibration_images=args.calibration_images)
     if args.zero_shot:
         if args.run:

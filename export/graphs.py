@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from onnxscript import opset23
 from torch import nn
 
+from fvgpt.explain import ExplainTower
 from fvgpt.model import FVGPTModel
 
 TRACE_BATCH = 2
@@ -86,6 +87,18 @@ def fused_attention(module: nn.Module) -> Iterator[None]:
     finally:
         for parent, name, child in swapped:
             setattr(parent, name, child)
+
+
+class ExplainGraph(nn.Module):
+    """pixels (B, 3, S, S) → features (B, D) and patch_contrib (B, P, D): the tower's explain graph
+    (fvgpt.explain.ExplainTower); its last block is written out for the CLS query, the others keep fused attention."""
+
+    def __init__(self, model: FVGPTModel):
+        super().__init__()
+        self.explain = ExplainTower(model.backbone.model.visual)
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.explain(pixels)
 
 
 class TextGraph(nn.Module):

@@ -38,6 +38,8 @@ LOGIT_ERROR_QUANTILE = 0.95  # the variant's measured logit error: this quantile
 MAX_MEAN_KL = 0.01  # nats: mean KL(p_reference ‖ p_variant) of the served probabilities, every logits output
 REDUCED_MIN_COSINE = 0.95  # reduced-precision tower features, every image: a backstop against a broken graph
 BATCH_PROBABILITY_TOLERANCE = 1e-5
+EXPLAIN_MAX_ABS = 1e-4  # fp32 explain maps (units of a cosine) against torch
+EXPLAIN_MIN_CORRELATION = 0.95  # reduced-precision explain maps: per-image correlation with torch's
 FULL_BATCH = 16  # the batch the probes are placed in (at most the bundle's max batch)
 BATCH_PROBES = 4
 
@@ -252,6 +254,47 @@ def check_bundle(bundle_dir: Path, pixels: np.ndarray, reference: dict[str, np.n
         for precision in precisions:
             reports |= check_variant(bundle, runtime, precision, pixels, reference)
     return reports
+
+
+def explain_reference(graph: Callable, pixels: np.ndarray) -> dict[str, np.ndarray]:
+    """The torch explain graph's map of every parity image along its own feature (B, P): a class-agnostic summary of
+    patch_contrib small enough to store in the parity reference, so `fvgpt validate` can recheck it without torch."""
+    import torch
+
+    def run(x: np.ndarray) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            features, contrib = graph(torch.from_numpy(x))
+        return {"explain_map": explain_map(features.numpy(), contrib.numpy())}
+
+    return run_in_batches(run, pixels)
+
+
+def explain_map(features: np.ndarray, contrib: np.ndarray) -> np.ndarray:
+    return np.einsum("bpd,bd->bp", contrib.astype(np.float64), features.astype(np.float64)).astype(np.float32)
+
+
+def check_explain(bundle: Bundle, precision: str, pixels: np.ndarray, reference: dict[str, np.ndarray]) -> dict:
+    """An explain graph against torch: its features as the tower's (fp32: max |Δ| ≤ 1e-4; reduced: min cosine), and
+    its maps along the reference features — fp32: max |Δ| ≤ EXPLAIN_MAX_ABS; reduced precision: every image's map
+    correlates ≥ EXPLAIN_MIN_CORRELATION with torch's (a map is read for where it is high, not for its exact values)."""
+    run = bundle.explainer(precision)
+    out = run_in_batches(lambda x: dict(zip(("features", "contrib"), run(x))), pixels)
+    strict = precision == "fp32"
+    report = compare(reference, {"features": out["features"]},
+                     Limits(FEATURES_MAX_ABS if strict else None, None, None if strict else REDUCED_MIN_COSINE))
+    maps, ref = explain_map(reference["features"], out["contrib"]), reference["explain_map"]
+    diff = float(np.abs(maps - ref).max())
+    a, b = maps - maps.mean(-1, keepdims=True), ref - ref.mean(-1, keepdims=True)
+    corr = (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
+    report["max_abs_diff"]["explain_map"], report["min_map_correlation"] = diff, float(corr.min())
+    report["limits"] |= {"map_max_abs": EXPLAIN_MAX_ABS if strict else None,
+                         "min_map_correlation": None if strict else EXPLAIN_MIN_CORRELATION}
+    if strict and diff > EXPLAIN_MAX_ABS:
+        report["failures"].append(f"explain_map max |Δ| {diff:.3g} > {EXPLAIN_MAX_ABS:g}")
+    if not strict and corr.min() < EXPLAIN_MIN_CORRELATION:
+        report["failures"].append(f"explain_map min correlation {corr.min():.4f} < {EXPLAIN_MIN_CORRELATION:g}")
+    report["passed"] = not report["failures"]
+    return report
 
 
 def gate(reports: dict[str, dict]) -> None:

@@ -12,7 +12,7 @@ from fvgpt_runtime.manifest import BundleError, Manifest
 from fvgpt_runtime.openvino import OpenVINOUnavailable
 from fvgpt_runtime.tensorrt import TensorRTUnavailable
 
-from .parity import check_bundle, check_name, check_variant, parity_pixels
+from .parity import check_bundle, check_explain, check_name, check_variant, parity_pixels
 
 
 def validate_bundle(path: str | Path) -> dict:
@@ -39,6 +39,8 @@ def validate_bundle(path: str | Path) -> dict:
             report["checks"] |= check_variant(bundle, runtime, precision, pixels, reference)
         except (TensorRTUnavailable, OpenVINOUnavailable) as exc:  # not runnable on this host
             report["skipped"][check_name(runtime, precision)] = str(exc)
+    for precision in [g.precision for g in tower.explain.values()]:
+        report["checks"][f"explain_{precision}"] = check_explain(bundle, precision, pixels, reference)
     report["passed"] = all(r["passed"] for r in report["checks"].values())
     return report
 

@@ -163,6 +163,15 @@ def _add_eval(sub) -> None:
     p.add_argument("--out", help="metrics JSON path (default: RUN/metrics.json; one run only)")
     p.add_argument("--device", help="cpu or cuda (default: the run's)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    g = p.add_argument_group("foreground alignment (--attention)")
+    g.add_argument("--attention", action="store_true",
+                   help="instead of accuracy: where each row's class-conditional map of the true class lies, on the "
+                        "masked base-class test images — fg_mass (share of the ReLU'd map inside the mask) and the "
+                        "pointing-game hit rate, for the last-layer decomposition and MaskCLIP maps, with paired "
+                        "bootstrap 95%% CIs of FVG-PT minus its prompt and the prompt minus zero-shot. Writes "
+                        "RUN/attention.json (or --out)")
+    g.add_argument("--figure", help="with --attention: a PNG of a few test images and each row's map over them")
+    g.add_argument("--figure-images", type=int, default=4, help="images in --figure (default 4)")
     p.set_defaults(func=_eval_many)
 
 
@@ -171,8 +180,12 @@ def _eval_many(args) -> int:
     from .rundir import read_config
     from .summary import RunResult, format_summary, summarise, summary_csv
 
-    if len(args.runs) > 1 and (args.data or args.dataset or args.root or args.out):
-        raise ValueError("--data, --dataset, --root and --out apply to a single run")
+    if len(args.runs) > 1 and (args.data or args.dataset or args.root or args.out or args.attention):
+        raise ValueError("--data, --dataset, --root, --out and --attention apply to a single run")
+    if args.figure and not args.attention:
+        raise ValueError("--figure draws the maps of --attention: add --attention")
+    if args.attention:
+        return _attention(args)
     runs = list(dict.fromkeys(Path(r).resolve() for r in args.runs))
     if len(runs) < len(args.runs):
         print(f"note: {len(args.runs) - len(runs)} run dir(s) given twice, counted once", file=sys.stderr)
@@ -193,32 +206,46 @@ def _eval_many(args) -> int:
     return 0
 
 
-def _evaluate(run_dir: Path, quiet: bool, device: str | None = None, out: str | None = None, data: str | None = None,
-              dataset: str | None = None, root: str | None = None, recompute: bool = True) -> tuple[dict, str]:
-    """The run's metrics and where they came from: its metrics.json when that holds the metrics of the run's current
-    weights on the data asked for (unless `recompute`), else a fresh evaluation, written to `out` or
-    RUN/metrics.json."""
+def _attention(args) -> int:
+    """fvgpt eval --attention: fvgpt.attention on one run's test split."""
+    from .attention import draw_figure, evaluate_attention, format_attention
+    from .rundir import atomic_write_json, load_run
+
+    run_dir = Path(args.runs[0])
+    cfg, index = _test_index(run_dir, args.data, args.dataset, args.root)
+    run = load_run(run_dir, args.device or cfg.device)
+    result = evaluate_attention(run.model, index, cfg.eval_batch, progress=not args.quiet,
+                                figure_images=args.figure_images if args.figure else 0)
+    if args.figure:
+        pre = run.model.backbone.preprocess
+        draw_figure(result, pre.mean, pre.std, args.figure)
+    del result["figure"]
+    atomic_write_json(Path(args.out) if args.out else run_dir / "attention.json", result)
+    print(format_attention(result))
+    return 0
+
+
+def _pointed_config(run_dir: Path, data: str | None, dataset: str | None, root: str | None):
+    """The run's config, pointed at the data asked for (the run's own split settings go with its own folder)."""
     from dataclasses import replace
 
-    from .data import index_for
-    from .errors import DataError
-    from .evaluate import evaluate
-    from .rundir import atomic_write_json, evaluation_stamp, load_run, read_classes, read_config, read_json
+    from .rundir import read_config
 
     cfg, _ = read_config(Path(run_dir))
-    if data or dataset or root:  # where the data is now; the run's own split settings go with its own folder
+    if data or dataset or root:
         source = ({"data": data, "dataset": None, "root": None} if data else
                   {"data": "", "dataset": dataset or cfg.dataset, "root": root or cfg.root})
         cfg = replace(cfg, split_file=None, image_dir=None, **source)
-    stamp = evaluation_stamp(Path(run_dir), cfg)
-    stored = Path(run_dir) / "metrics.json"
-    if stored.is_file() and not recompute:
-        metrics = read_json(stored)
-        evaluated = metrics.get("evaluated", {})
-        if {k: evaluated.get(k) for k in stamp} == stamp:
-            if out:
-                atomic_write_json(Path(out), metrics)
-            return metrics, f"its metrics.json of {evaluated.get('at')} (--recompute evaluates again)"
+    return cfg
+
+
+def _test_index(run_dir: Path, data: str | None, dataset: str | None, root: str | None):
+    """The run's config (pointed at the data asked for) and its test index, checked against the run's classes."""
+    from .data import index_for
+    from .errors import DataError
+    from .rundir import read_classes
+
+    cfg = _pointed_config(run_dir, data, dataset, root)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         index = index_for(cfg, draw=False)  # the data is checked before any weights load
@@ -230,6 +257,28 @@ def _evaluate(run_dir: Path, quiet: bool, device: str | None = None, out: str | 
                         f"{len(classes.names)}, e.g. {_first_difference(index.classnames, list(classes.names))})")
     if not index.test:
         raise DataError(f"{index.root}: no test images to evaluate on")
+    return cfg, index
+
+
+def _evaluate(run_dir: Path, quiet: bool, device: str | None = None, out: str | None = None, data: str | None = None,
+              dataset: str | None = None, root: str | None = None, recompute: bool = True) -> tuple[dict, str]:
+    """The run's metrics and where they came from: its metrics.json when that holds the metrics of the run's current
+    weights on the data asked for (unless `recompute`), else a fresh evaluation, written to `out` or
+    RUN/metrics.json."""
+    from .evaluate import evaluate
+    from .rundir import atomic_write_json, evaluation_stamp, load_run, read_json
+
+    cfg = _pointed_config(run_dir, data, dataset, root)
+    stamp = evaluation_stamp(Path(run_dir), cfg)
+    stored = Path(run_dir) / "metrics.json"
+    if stored.is_file() and not recompute:
+        metrics = read_json(stored)
+        evaluated = metrics.get("evaluated", {})
+        if {k: evaluated.get(k) for k in stamp} == stamp:
+            if out:
+                atomic_write_json(Path(out), metrics)
+            return metrics, f"its metrics.json of {evaluated.get('at')} (--recompute evaluates again)"
+    cfg, index = _test_index(Path(run_dir), data, dataset, root)
     run = load_run(run_dir, device or cfg.device)
     metrics = evaluate(run.model, index, cfg.eval_batch, progress=not quiet)
     metrics["evaluated"] = stamp | {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

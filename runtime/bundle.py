@@ -25,6 +25,7 @@ import numpy as np
 
 from fvgpt.labels import prompts
 
+from .explain import ExplainRunner
 from .manifest import BundleError, Manifest, open_manifest
 from .sessions import SESSIONS, SessionPool
 from .tensorrt import TensorRTRunner, TensorRTUnavailable
@@ -163,6 +164,11 @@ class Bundle:
         return TowerRunner(self.path, self.manifest, precision or self.manifest.default_precision, runtime, device,
                            threads, self.pool)
 
+    def explainer(self, precision: str | None = None, threads: int | None = None) -> ExplainRunner:
+        """The explain graph (at `precision`, else fp32); a BundleError when the bundle has none."""
+        return ExplainRunner(self.path, self.manifest, precision or self.manifest.default_precision, threads,
+                             self.pool)
+
     def classify(self, pixels: np.ndarray, labels: list[str] | None = None, precision: str | None = None) -> Scores:
         """Tower + heads in one call (validation, benchmarks, tests); serving splits the two across processes."""
         return self.scores(self.tower(precision)(pixels), labels)
@@ -207,6 +213,15 @@ class Bundle:
         cached = iter(self._labels.rows(self._label_namespace, new, self.encode_text) if new else [])
         rows = [(self.tables["learned"][i], self.tables["clip"][i]) if i is not None else next(cached) for i in ids]
         return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+
+    def directions(self, labels: list[str], head: str) -> np.ndarray:
+        """(len(labels), D): the text row each label is scored with by `head` (runtime/explain.py)."""
+        learned, clip = self.label_features(labels)
+        if head == "zero-shot":
+            return clip
+        if head == "base":
+            return self.tables["adapted"][[self.classes.position[self.classes.find(lab)] for lab in labels]]
+        return learned
 
     # ---- heads and routing ------------------------------------------------------------------------------------
     def head_for(self, labels: list[str] | None) -> str:

@@ -191,9 +191,12 @@ def variant_key(runtime: str, precision: str) -> str:
 @dataclass(frozen=True)
 class Tower:
     """pixels (B, 3, S, S) → L2-normalised features (B, D), one graph per runtime × precision, keyed "onnx-int8",
-    "openvino-bf16", ..."""
+    "openvino-bf16", ... `explain` (optional, `fvgpt export --explain`): graphs keyed the same way that also output
+    each patch's term of the features (B, P, D) for heatmaps (docs/bundle-format.md, "Explain graphs"); ONNX Runtime
+    only. A server runs them for POST /explain, never for /classify."""
 
     variants: dict[str, TowerGraph]
+    explain: dict[str, TowerGraph] = field(default_factory=dict)
 
     def find(self, runtime: str, precision: str) -> TowerGraph | None:
         """The variant runtime × precision runs; a TensorRT engine runs (is built from) the ONNX graph of its
@@ -209,10 +212,18 @@ class Tower:
         if not raw:
             raise ManifestError(f"manifest field {where}.variants is empty")
         variants = {k: TowerGraph.parse(g, f"{where}.variants.{k}") for k, g in raw.items()}
-        if bad := [k for k, g in variants.items() if k != g.key]:
-            raise ManifestError(f"manifest field {where}.variants has key(s) {bad} that do not match their runtime "
-                                f"and precision")
-        return cls(variants)
+        explain = {k: TowerGraph.parse(g, f"{where}.explain.{k}")
+                   for k, g in (_get(d, "explain", dict, where, optional=True) or {}).items()}
+        for part, graphs in (("variants", variants), ("explain", explain)):
+            if bad := [k for k, g in graphs.items() if k != g.key]:
+                raise ManifestError(f"manifest field {where}.{part} has key(s) {bad} that do not match their "
+                                    f"runtime and precision")
+        if bad := [k for k, g in explain.items() if g.runtime != "onnx"]:
+            raise ManifestError(f"manifest field {where}.explain has {bad}: explain graphs run on ONNX Runtime only")
+        return cls(variants, explain)
+
+    def all_graphs(self) -> list[TowerGraph]:
+        return [*self.variants.values(), *self.explain.values()]
 
 
 @dataclass(frozen=True)
@@ -291,6 +302,15 @@ class Manifest:
                               f"{', '.join(tower.variants)})")
         return graph
 
+    def explain_graph(self, precision: str) -> TowerGraph:
+        """The image tower's explain graph at `precision`, or its fp32 one when there is none at that precision; a
+        BundleError says what to do when the bundle has none."""
+        explain = self.towers["image"].explain
+        graph = explain.get(variant_key("onnx", precision)) or explain.get(variant_key("onnx", "fp32"))
+        if graph is None:
+            raise BundleError("the bundle has no explain graph; export it with `fvgpt export --explain`")
+        return graph
+
     def to_dict(self) -> dict:
         return _to_json(self)
 
@@ -351,7 +371,7 @@ class Manifest:
             raise ManifestError(f"manifest field default_precision {self.default_precision!r} has no ONNX tower "
                                 f"graph (towers.image.variants: {', '.join(self.towers['image'].variants)})")
         referenced = [self.text.file, self.heads.file, self.tables, self.tokenizer.vocab]
-        referenced += [f for t in self.towers.values() for g in t.variants.values() for f in g.files]
+        referenced += [f for t in self.towers.values() for g in t.all_graphs() for f in g.files]
         if unlisted := [f for f in referenced if f not in self.files]:
             raise ManifestError(f"manifest field files does not list {unlisted}: they would not be verified")
         if bad := {i: r for i, r in self.heads.features.items() if r not in self.towers}:

@@ -76,6 +76,18 @@ def _center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+def crop_box(width: int, height: int, cfg: Preprocess) -> tuple[float, float, float, float]:
+    """The part of a width × height image the tower sees (x0, y0, x1, y1 as fractions of width and height): the
+    centre crop `preprocess` takes after its short-side resize, or the whole image when squashed."""
+    if cfg.resize_mode == "squash":
+        return 0.0, 0.0, 1.0, 1.0
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(cfg.size * long / short)  # as _resize_shortest
+    new_w, new_h = (cfg.size, new_long) if width <= height else (new_long, cfg.size)
+    top, left = int(round((new_h - cfg.size) / 2.0)), int(round((new_w - cfg.size) / 2.0))  # as _center_crop
+    return left / new_w, top / new_h, (left + cfg.size) / new_w, (top + cfg.size) / new_h
+
+
 def preprocess(image: Image.Image, cfg: Preprocess) -> np.ndarray:
     """One image → float32 (3, size, size), normalised."""
     image = _rgb_or_gray(image)

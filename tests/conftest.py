@@ -97,6 +97,19 @@ def tiny_zero_shot_bundle(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_explain_bundle(request, tmp_path_factory) -> Path:
+    """tiny_run exported with its explain graph (fp32). Treat as read-only."""
+
+    def build(out: Path) -> Path:
+        from fvgpt_export.build import ExportOptions, export_run
+
+        return export_run(request.getfixturevalue("tiny_run"), out,
+                          ExportOptions(progress=False, parity_images=16, explain=True))
+
+    return _bundle("fvgpt-explain", build, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
 def tiny_bundle_seed2(request, tmp_path_factory) -> Path:
     """fp32 FVG-PT bundle exported from tiny_run_seed2: another classifier on tiny_bundle's tower. Read-only."""
 

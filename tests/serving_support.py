@@ -82,6 +82,7 @@ class EngineClient:
         model = req.url.params.get("model")
         e = self.engine
         routes = {("POST", "/classify"): lambda: e.classify_http(headers, _chunks(req.read())),
+                  ("POST", "/explain"): lambda: e.explain_http(headers, _chunks(req.read())),
                   ("GET", "/labels"): lambda: e.labels_http(headers, model),
                   ("GET", "/models"): lambda: e.models_http(headers),
                   ("GET", "/info"): lambda: e.info_http(headers, model),

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = {"fvgpt": REPO / "fvgpt", "fvgpt_runtime": REPO / "runtime", "fvgpt_export": REPO / "export",
             "fvgpt_serving": REPO / "serving", "fvgpt_batch": REPO / "batch", "benchmarks": REPO / "benchmarks"}
 TORCH_FREE_CORE = {"fvgpt", "fvgpt.errors", "fvgpt.labels", "fvgpt.classes", "fvgpt.preprocess", "fvgpt.config",
-                   "fvgpt.datasets", "fvgpt.photos", "fvgpt.progress", "fvgpt.world"}
+                   "fvgpt.datasets", "fvgpt.photos", "fvgpt.progress", "fvgpt.world", "fvgpt.heatmap"}
 TORCH = {"torch", "torchvision", "open_clip"}
 FOLDER_NAMES = {"export", "serving", "runtime", "batch"}  # never importable names of installed code
 # benchmark scripts on the serving hot path: they measure the runtime, so they may not pull torch in

@@ -150,7 +150,7 @@ def test_labels_and_info(client, bundle):
     assert worker["kind"] == "process" and worker["up"] and worker["pid"] not in (None, os.getpid())
     stages = info["stages"]
     assert set(stages) == {"read", "parse", "decode", "preprocess", "queue", "transport", "tower", "heads",
-                           "serialise"}
+                           "serialise", "explain"}
     post_files(client, [photo_bytes(0)])
     after = client.get("/info").json()["stages"]
     for stage in ("parse", "decode", "preprocess", "tower", "heads", "serialise"):  # one more of each, timed

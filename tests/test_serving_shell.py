@@ -160,11 +160,15 @@ def test_the_service_declares_typed_apis():
     from fvgpt_serving.shell.service import FVGPT
 
     routes = {r["name"]: r for r in FVGPT.schema()["routes"]}
-    assert {(n, r["route"]) for n, r in routes.items()} == {("classify", "/classify"), ("reload", "/admin/reload")}
+    assert {(n, r["route"]) for n, r in routes.items()} == {("classify", "/classify"), ("explain", "/explain"),
+                                                             ("reload", "/admin/reload")}
     inputs = routes["classify"]["input"]["properties"]
     assert inputs["images"]["items"]["type"] == "file"  # BentoML's client sends the images as file parts
     assert set(inputs) == {"images", "labels", "top_k", "mode", "model", "models"}
     assert routes["classify"]["input"]["not"] == {"required": ["model", "models"]}
+    explain = routes["explain"]["input"]["properties"]
+    assert explain["images"]["items"]["type"] == "file" and set(explain) == set(inputs) | {"targets"}
+    assert set(routes["explain"]["output"]["properties"]) == {"results", "explain_graph", "precision"}
 
 
 def test_bentoml_build_from_the_checkout(tmp_path):
@@ -178,7 +182,7 @@ def test_bentoml_build_from_the_checkout(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     (bento,) = [p for p in (home / "bentos" / "fvgpt-serve").iterdir() if p.is_dir()]
     routes = json.loads((bento / "apis" / "schema.json").read_text())["routes"]
-    assert [r["route"] for r in routes] == ["/classify", "/admin/reload"]
+    assert [r["route"] for r in routes] == ["/classify", "/explain", "/admin/reload"]
     files = [p.relative_to(bento).as_posix() for p in bento.rglob("*") if p.is_file()]
     assert not [f for f in files if f.endswith(".safetensors")], "training weights in the Bento"
     assert {f.split("/")[1] for f in files if f.startswith("src/")} == {"pyproject.toml", "README.md", "bentofile.yaml",

@@ -25,10 +25,11 @@ from fvgpt_runtime.images import InputError, configure_pil
 from .admission import InflightBudget, Reservation, tune_malloc
 from .decode import DecodeScheduler
 from .errors import ApiError
+from .explain import Explainer
 from .metrics import Metrics
-from .models import (Changes, ClassifyModels, ClassifyRequest, ClassifyResponse, ClassRecord, Error, InfoResponse,
-                     LabelsResponse, ModelsResponse, MultiClassifyResponse, ReloadResponse, StageFigures, TowerInfo,
-                     TowerWorker, check_ref)
+from .models import (Changes, ClassifyModels, ClassifyRequest, ClassifyResponse, ClassRecord, Error, ExplainResponse,
+                     InfoResponse, LabelsResponse, ModelsResponse, MultiClassifyResponse, ReloadResponse, StageFigures,
+                     TowerInfo, TowerWorker, check_ref)
 from .parse import parse_classify
 from .pipeline import Pipeline
 from .readiness import Readiness
@@ -69,6 +70,8 @@ class Engine:
         self.budget = InflightBudget(self.limits.max_inflight_bytes)
         self.decoder = DecodeScheduler(settings.decode_threads)
         self.pipeline = Pipeline(settings, self.pool, self.decoder, self.metrics)
+        self.explain_models = ClassifyModels(self.limits, explain=True)
+        self.explainer = Explainer(self.pipeline, settings.threads)
         self.readiness = Readiness(settings.ready_ttl_s)
         self.draining = False  # set by the shell on SIGTERM: readiness is false from then on
         self._sync_lock: asyncio.Lock | None = None
@@ -182,6 +185,21 @@ class Engine:
         answer = await self.pipeline.classify(request, self.repo.snapshot, reservation)
         self.readiness.succeeded()
         return answer
+
+    async def explain_http(self, headers: Mapping[str, str], body: AsyncIterator[bytes]) -> Reply:
+        """POST /explain: like classify_http, answered with heatmaps (engine/explain.py)."""
+
+        async def handle() -> ExplainResponse:
+            request, reservation = await parse_classify(headers.get("content-type"), body,
+                                                        headers.get("content-length"), self.explain_models,
+                                                        self.budget, self.metrics)
+            with reservation:
+                return await self.explain(request, reservation)
+
+        return await self.answer("POST /explain", handle, headers)
+
+    async def explain(self, request: ClassifyRequest, reservation: Reservation) -> ExplainResponse:
+        return await self.explainer.explain(request, self.repo.snapshot, reservation)
 
     async def labels_http(self, headers: Mapping[str, str], model: str | None) -> Reply:
         return await self.answer("GET /labels", lambda: self.labels(model), headers)

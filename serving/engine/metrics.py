@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-STAGES = ("read", "parse", "decode", "preprocess", "queue", "transport", "tower", "heads", "serialise")
+STAGES = ("read", "parse", "decode", "preprocess", "queue", "transport", "tower", "heads", "serialise", "explain")
 
 
 class Metrics:

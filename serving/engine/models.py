@@ -29,6 +29,7 @@ KINDS = Literal["fvgpt", "zero-shot"]
 ALL_MODELS = "*"
 MAX_MODEL_REF_CHARS = 200
 FIELDS = ("images", "labels", "top_k", "mode", "model", "models")
+EXPLAIN_FIELDS = ("targets",)
 USAGE = ("send images as multipart/form-data (repeated file field 'images') or as JSON "
          "{\"images\": [\"<base64>\", ...]}")
 ModelRef = Annotated[str, StringConstraints(min_length=1, max_length=MAX_MODEL_REF_CHARS)]
@@ -80,6 +81,32 @@ class MultiClassifyResponse(BaseModel):
     """`models` given: per image (in request order) one result per classifier."""
 
     results: list[ImageResults]
+
+
+class Heatmap(BaseModel):
+    label: str
+    grid: list[list[float]] = Field(description="the map on the tower's patch grid (g rows of g values, row-major from "
+                                                "the top left): each patch's direct contribution to cos(image "
+                                                "feature, the label's text row) through the last attention layer; "
+                                                "negative values pull away from the label")
+    png: str = Field(description="base64 PNG: a thumbnail of the image with the map's positive part tinted over the "
+                                 "part the tower saw (`crop`)")
+
+
+class ExplainResult(Result):
+    """One image's answer with its heatmaps."""
+
+    crop: list[float] = Field(description="x0, y0, x1, y1 of the image part the tower saw (the centre crop), as "
+                                          "fractions of its width and height; the grid covers exactly this box")
+    heatmaps: list[Heatmap] = Field(description="one per target: the top label, or each of `targets`")
+
+
+class ExplainResponse(BaseModel):
+    """POST /explain: one result per image, in request order."""
+
+    results: list[ExplainResult]
+    explain_graph: str = Field(description="the id of the explain graph that ran")
+    precision: str
 
 
 class ModelRecord(BaseModel):
@@ -185,6 +212,7 @@ class ClassifyRequest:
     top_k: int | None
     model: str | None = None  # "name" or "name@version"
     models: list[str] | None = None  # several refs, or ["*"]: the answer has one result per classifier
+    targets: list[str] | None = None  # POST /explain: the labels to draw maps for (None: each image's top label)
 
 
 def check_ref(raw: object, where: str) -> str:
@@ -207,11 +235,15 @@ def refused(check: Callable[..., Any], *args: Any) -> Any:
 
 
 class ClassifyModels:
-    """ClassifyJSON and ClassifyForm for one server's limits."""
+    """ClassifyJSON and ClassifyForm for one server's limits; with explain=True, ExplainJSON and ExplainForm (POST
+    /explain: the same fields and `targets`)."""
 
-    def __init__(self, limits: Limits):
+    def __init__(self, limits: Limits, explain: bool = False):
         self.limits = limits
+        self.fields = FIELDS + (EXPLAIN_FIELDS if explain else ())
         self.json, self.form = _classify_models(limits)
+        if explain:
+            self.json, self.form = _explain_models(limits, self.json, self.form)
 
     def validate(self, fields: dict, names: list[str] | None = None) -> ClassifyRequest:
         """`fields` as sent (JSON object, or multipart fields with the images as bytes) → the request; a 400
@@ -226,7 +258,47 @@ class ClassifyModels:
             raise InputError(exc.errors(include_url=False)[0]["msg"]) from None
         return ClassifyRequest(doc.images, names or [f"images[{i}]" for i in range(len(doc.images))], doc.labels,
                                doc.mode, doc.top_k, doc.model, [ALL_MODELS] if doc.models == ALL_MODELS else
-                               doc.models)
+                               doc.models, getattr(doc, "targets", None))
+
+
+def label_list(raw: Any, field: str, when_empty: str, limits: Limits) -> list[str]:
+    """A list of labels as sent → normalised; the message names `field` and the item."""
+    if not isinstance(raw, list):
+        raise refuse(f"{field} must be a list of strings, not {type_name(raw)}")
+    if not raw:
+        raise refuse(f"{field} is empty: {when_empty}")
+    if len(raw) > limits.max_labels:
+        raise refuse(f"too many {field}: {len(raw)}, at most {limits.max_labels} (FVGPT_MAX_LABELS)")
+    labels = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, str):
+            raise refuse(f"{field}[{i}] must be a string, not {type_name(item)}")
+        labels.append(refused(normalize, item, f"{field}[{i}]", limits.max_label_chars))
+    return labels
+
+
+def _explain_models(limits: Limits, json_model: type[BaseModel], form_model: type[BaseModel]
+                    ) -> tuple[type[BaseModel], type[BaseModel]]:
+    label = Annotated[str, StringConstraints(min_length=1, max_length=limits.max_label_chars)]
+
+    class ExplainOptions(BaseModel):
+        targets: list[label] | None = Field(
+            None, min_length=1, max_length=limits.max_labels,
+            description="the labels to draw a heatmap for, each among the labels scored (default: each image's top "
+                        "label)")
+
+        @field_validator("targets", mode="before")
+        @classmethod
+        def _targets(cls, raw: Any) -> list[str]:
+            return label_list(raw, "targets", "omit it for the top label's map", limits)
+
+    class ExplainJSON(json_model, ExplainOptions):  # type: ignore[misc, valid-type]
+        """POST /explain as application/json: /classify's fields and `targets`."""
+
+    class ExplainForm(form_model, ExplainOptions):  # type: ignore[misc, valid-type]
+        """POST /explain as multipart/form-data: /classify's fields and `targets` (repeated, like labels)."""
+
+    return ExplainJSON, ExplainForm
 
 
 def _classify_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
@@ -260,8 +332,9 @@ def _classify_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
         def _known_fields(cls, doc: Any) -> Any:
             if not isinstance(doc, dict):
                 raise refuse(f"the JSON body must be an object: {USAGE}")
-            if unknown := [k for k in doc if k not in FIELDS]:
-                raise refuse(f"unknown JSON field(s) {', '.join(map(repr, unknown))}: expected {', '.join(FIELDS)}")
+            if unknown := [k for k in doc if k not in cls.model_fields]:
+                raise refuse(f"unknown JSON field(s) {', '.join(map(repr, unknown))}: expected "
+                             f"{', '.join(cls.model_fields)}")
             doc = {k: v for k, v in doc.items() if v is not None}
             if "images" not in doc:
                 raise refuse(f"'images' must be a non-empty list of base64 strings: {USAGE}")
@@ -272,18 +345,7 @@ def _classify_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
         @field_validator("labels", mode="before")
         @classmethod
         def _labels(cls, raw: Any) -> list[str]:
-            if not isinstance(raw, list):
-                raise refuse(f"labels must be a list of strings, not {type_name(raw)}")
-            if not raw:
-                raise refuse("labels is empty: omit it to score every bundled class")
-            if len(raw) > limits.max_labels:
-                raise refuse(f"too many labels: {len(raw)}, at most {limits.max_labels} (FVGPT_MAX_LABELS)")
-            labels = []
-            for i, item in enumerate(raw):
-                if not isinstance(item, str):
-                    raise refuse(f"labels[{i}] must be a string, not {type_name(item)}")
-                labels.append(refused(normalize, item, f"labels[{i}]", limits.max_label_chars))
-            return labels
+            return label_list(raw, "labels", "omit it to score every bundled class", limits)
 
         @field_validator("top_k", mode="before")
         @classmethod

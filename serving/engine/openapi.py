@@ -12,8 +12,8 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from .models import (ClassifyModels, ClassifyResponse, Error, InfoResponse, LabelsResponse, ModelsResponse,
-                     MultiClassifyResponse, ReloadResponse)
+from .models import (ClassifyModels, ClassifyResponse, Error, ExplainResponse, InfoResponse, LabelsResponse,
+                     ModelsResponse, MultiClassifyResponse, ReloadResponse)
 
 REF = "#/components/schemas/{model}"
 TAG = "Service APIs"  # BentoML's tag for a service's inference endpoints
@@ -25,6 +25,9 @@ ERRORS = {"400": "a malformed request: the message names the field", "401": "FVG
 SECURITY = [{"bearer": []}, {"apiKey": []}, {}]  # {}: no key needed when the server has none
 SECURITY_SCHEMES = {"bearer": {"type": "http", "scheme": "bearer", "description": "FVGPT_API_KEY"},
                     "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "FVGPT_API_KEY"}}
+# a 16×16 PNG (a red square on white): the JSON example Swagger UI's Try-it-out sends as it is
+EXAMPLE_PNG = ("iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAIAAACQkWg2AAAAK0lEQVR42mP8//8/AymAiYFEQHsNLCg8RkbsqpD8OQj9MBw0sOAK"
+               "7yHkBwAQrAcfuhJLBQAAAABJRU5ErkJggg==")
 MODEL_PARAMETER = {"name": "model", "in": "query", "required": False, "schema": {"type": "string", "minLength": 1},
                    "description": "\"name\" or \"name@version\"; optional when the server has one classifier"}
 
@@ -36,7 +39,8 @@ def openapi30(node: Any) -> Any:
         return [openapi30(v) for v in node]
     if not isinstance(node, dict):
         return node
-    node = {k: openapi30(v) for k, v in node.items()}
+    # no `default: null`: Swagger UI's Try-it-out would send the string "null" for an optional field left alone
+    node = {k: openapi30(v) for k, v in node.items() if not (k == "default" and v is None)}
     if "const" in node:
         node["enum"] = [node.pop("const")]
     options = node.get("anyOf")
@@ -67,17 +71,31 @@ def _operation(summary: str, ok: dict, errors: list[str], **extra: Any) -> dict:
             **extra}
 
 
-def paths(models: ClassifyModels) -> dict[str, dict]:
+def _body(models: ClassifyModels) -> dict:
+    """A request body in both encodings; the form first (Swagger UI's default: pick a file and send), and the JSON
+    form with an example that works as it is (one small PNG)."""
+    return {"required": True, "content": {
+        "multipart/form-data": {"schema": _ref(models.form), "encoding": {"images": {"contentType": "image/*"}}},
+        "application/json": {"schema": _ref(models.json), "example": {"images": [EXAMPLE_PNG]}},
+    }}
+
+
+def paths(models: ClassifyModels, explain: ClassifyModels) -> dict[str, dict]:
     classify = _operation(
         "Classify images with one classifier or several",
         {"oneOf": [_ref(ClassifyResponse), _ref(MultiClassifyResponse)]}, list(ERRORS),
         description="`model` (or no selection, when the server has one classifier): one result per image. "
                     "`models`: per image, one result per classifier. labels, top_k and mode apply to each classifier.",
-        requestBody={"required": True, "content": {
-            "application/json": {"schema": _ref(models.json)},
-            "multipart/form-data": {"schema": _ref(models.form), "encoding": {"images": {"contentType": "image/*"}}},
-        }})
-    return {"/classify": {"post": classify},
+        requestBody=_body(models))
+    explain_op = _operation(
+        "Classify images with one classifier and show where it looked",
+        _ref(ExplainResponse), list(ERRORS),
+        description="/classify's fields for one classifier (`model`, not `models`), and `targets`. Per image the "
+                    "ranked labels and, for the top label or each target, a heatmap on the tower's patch grid and "
+                    "a PNG of it over the image. 404 when the classifier's bundle has no explain graph (`fvgpt "
+                    "export --explain`).",
+        requestBody=_body(explain))
+    return {"/classify": {"post": classify}, "/explain": {"post": explain_op},
             "/models": {"get": _operation("Every classifier version, its state and, if refused, why",
                                           _ref(ModelsResponse), ["401"])},
             "/labels": {"get": _operation("A classifier's classes and their base/new flags", _ref(LabelsResponse),
@@ -89,19 +107,19 @@ def paths(models: ClassifyModels) -> dict[str, dict]:
                                                  _ref(ReloadResponse), ["401"])}}
 
 
-def schemas(models: ClassifyModels) -> dict[str, dict]:
-    answers = [Error, ClassifyResponse, MultiClassifyResponse, ModelsResponse, LabelsResponse, InfoResponse,
-               ReloadResponse]
-    _, doc = models_json_schema([(m, "validation") for m in [models.json, models.form, *answers]],
-                                ref_template=REF)
+def schemas(models: ClassifyModels, explain: ClassifyModels) -> dict[str, dict]:
+    answers = [Error, ClassifyResponse, MultiClassifyResponse, ExplainResponse, ModelsResponse, LabelsResponse,
+               InfoResponse, ReloadResponse]
+    requests = [models.json, models.form, explain.json, explain.form]
+    _, doc = models_json_schema([(m, "validation") for m in [*requests, *answers]], ref_template=REF)
     return openapi30(doc["$defs"])
 
 
-def merge(document: dict, models: ClassifyModels) -> dict:
+def merge(document: dict, models: ClassifyModels, explain: ClassifyModels) -> dict:
     """An OpenAPI 3.0 document (the HTTP server's own) with the engine's paths, schemas and security schemes added;
     the document's own schemas get the same 3.0 conversion, so the whole document validates."""
     components = document.setdefault("components", {})
-    components["schemas"] = openapi30(components.get("schemas", {})) | schemas(models)
+    components["schemas"] = openapi30(components.get("schemas", {})) | schemas(models, explain)
     components.setdefault("securitySchemes", {}).update(SECURITY_SCHEMES)
-    document.setdefault("paths", {}).update(paths(models))
+    document.setdefault("paths", {}).update(paths(models, explain))
     return document

@@ -26,7 +26,7 @@ from fvgpt_runtime.images import InputError
 from .admission import InflightBudget, Reservation
 from .errors import ApiError
 from .metrics import Metrics
-from .models import ALL_MODELS, FIELDS, USAGE, ClassifyModels, ClassifyRequest
+from .models import ALL_MODELS, USAGE, ClassifyModels, ClassifyRequest
 from .settings import PARSE_COPIES, Limits
 
 MAX_TEXT_PART = 64 << 10  # a label, a model name, top_k: nothing legitimate comes near
@@ -216,15 +216,16 @@ def _as_json(text: str, kinds: tuple[type, ...]) -> object:
 
 def parse_multipart(body: bytes, content_type: str, models: ClassifyModels) -> ClassifyRequest:
     limits = models.limits
-    parts = multipart_parts(body, content_type, limits.max_images, limits.max_labels + limits.max_models + 3, limits)
+    max_fields = limits.max_labels * (1 + ("targets" in models.fields)) + limits.max_models + 3
+    parts = multipart_parts(body, content_type, limits.max_images, max_fields, limits)
     images: list[bytes] = []
     names: list[str] = []
-    labels: list[str] = []
+    lists: dict[str, list[str]] = {"labels": [], "targets": []}
     refs: list[str] = []
     fields: dict = {}
     for key, filename, data in parts:
-        if key not in FIELDS:
-            raise ApiError(400, f"unknown form field {key!r}: expected {', '.join(FIELDS)}; {USAGE}")
+        if key not in models.fields:
+            raise ApiError(400, f"unknown form field {key!r}: expected {', '.join(models.fields)}; {USAGE}")
         if key == "images":
             if filename is None:
                 raise ApiError(400, "form field 'images' must be a file upload, not text (URLs are not fetched)")
@@ -237,8 +238,10 @@ def parse_multipart(body: bytes, content_type: str, models: ClassifyModels) -> C
             text = data.decode("utf-8")
         except UnicodeDecodeError:
             raise ApiError(400, f"form field {key!r} is not UTF-8 text") from None
-        if key == "labels":
-            labels.append(text)
+        if not text:  # an empty text field was left empty: absent, as HTML forms and Swagger UI's Try-it-out send it
+            continue
+        if key in ("labels", "targets"):
+            lists[key].append(text)
         elif key == "models":
             refs.append(text)
         elif key in fields:
@@ -247,9 +250,10 @@ def parse_multipart(body: bytes, content_type: str, models: ClassifyModels) -> C
             fields[key] = text
     if not images:
         raise ApiError(400, f"no images: {USAGE}")
-    if labels:
-        fields["labels"] = _as_json(labels[0], (list,)) if len(labels) == 1 and _as_json(labels[0], (list,)) \
-            is not None else labels
+    for key, labels in lists.items():
+        if labels:
+            one = _as_json(labels[0], (list,)) if len(labels) == 1 else None
+            fields[key] = one if one is not None else labels
     if refs:
         one = _as_json(refs[0], (str, list)) if len(refs) == 1 else None
         fields["models"] = one if one is not None else ALL_MODELS if refs == [ALL_MODELS] else refs

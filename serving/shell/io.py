@@ -1,4 +1,5 @@
-"""POST /classify's input as a BentoML IODescriptor: the engine's request model, read by the engine's own parser.
+"""POST /classify's (and POST /explain's) input as a BentoML IODescriptor: the engine's request model, read by the
+engine's own parser.
 
 BentoML reads an API's input through its input spec's `from_http_request`; its default would parse multipart with
 Starlette (dropping a truncated body's last part), fetch URLs sent in file fields (server-side request forgery) and
@@ -21,7 +22,7 @@ from starlette.requests import ClientDisconnect, Request
 
 from fvgpt_serving.engine.engine import Engine
 from fvgpt_serving.engine.errors import ApiError
-from fvgpt_serving.engine.models import HEADS, ClassifyModels, Prediction, Result
+from fvgpt_serving.engine.models import HEADS, ClassifyModels, ExplainResponse, Prediction, Result
 from fvgpt_serving.engine.parse import Disconnected, parse_classify
 from fvgpt_serving.engine.settings import Limits
 
@@ -41,10 +42,12 @@ async def chunks(request: Request) -> AsyncIterator[bytes]:
         raise Disconnected() from None
 
 
-def classify_input(limits: Limits) -> type[bentoml.IODescriptor]:
-    form = ClassifyModels(limits).form
+def request_input(limits: Limits, explain: bool = False) -> type[bentoml.IODescriptor]:
+    """POST /classify's input spec, or with explain=True POST /explain's (the same fields and `targets`)."""
+    form = ClassifyModels(limits, explain).form
+    name = "ExplainInput" if explain else "ClassifyInput"
 
-    class ClassifyInput(bentoml.IODescriptor, form):  # type: ignore[misc, valid-type]
+    class RequestInput(bentoml.IODescriptor, form):  # type: ignore[misc, valid-type]
         multipart_fields: ClassVar[list[str]] = ["images"]
 
         @classmethod
@@ -58,24 +61,26 @@ def classify_input(limits: Limits) -> type[bentoml.IODescriptor]:
             return {}  # GET /docs.json has the engine's schemas of both encodings instead (shell/routes.py)
 
         @classmethod
-        async def from_http_request(cls, request: Request, serde: Any) -> ClassifyInput:
+        async def from_http_request(cls, request: Request, serde: Any) -> RequestInput:
             engine: Engine = bentoml.get_current_service().engine
             headers = lower_headers(request)
             try:
                 engine.authorize(headers)
                 parsed = await parse_classify(headers.get("content-type"), chunks(request),
-                                              headers.get("content-length"), engine.models, engine.budget,
+                                              headers.get("content-length"),
+                                              engine.explain_models if explain else engine.models, engine.budget,
                                               engine.metrics)
             except ApiError as exc:
                 setattr(request.state, STATE, exc)
                 return cls.model_construct(images=[])
             setattr(request.state, STATE, parsed)
             req = parsed[0]
-            return cls.model_construct(images=req.images, labels=req.labels, top_k=req.top_k, mode=req.mode,
-                                       model=req.model, models=req.models)
+            fields = {"images": req.images, "labels": req.labels, "top_k": req.top_k, "mode": req.mode,
+                      "model": req.model, "models": req.models}
+            return cls.model_construct(**fields, **({"targets": req.targets} if explain else {}))
 
-    ClassifyInput.__name__ = ClassifyInput.__qualname__ = "ClassifyInput"
-    return ClassifyInput
+    RequestInput.__name__ = RequestInput.__qualname__ = name
+    return RequestInput
 
 
 class ImageResult(BaseModel):
@@ -88,6 +93,14 @@ class ImageResult(BaseModel):
     head: HEADS | None = None
     predictions: list[Prediction] | None = None
     models: list[Result] | None = None
+
+
+class ExplainOutput(bentoml.IODescriptor, ExplainResponse):
+    """POST /explain's answer: the engine's ExplainResponse (GET /docs.json has it)."""
+
+    @classmethod
+    def openapi_components(cls, name: str) -> dict[str, Any]:
+        return {}
 
 
 class ClassifyOutput(bentoml.IODescriptor):

@@ -1,9 +1,13 @@
-"""The GET routes (/models, /labels, /info) and the OpenAPI document (/docs.json), as a small Starlette app the
-service mounts: BentoML APIs are POST routes, and these are GETs. Each hands its request to the engine and writes its
-reply; /docs.json needs no key, like BentoML's own probes.
+"""The GET routes (/models, /labels, /info), the OpenAPI document (/docs.json), the playground page (/) and Swagger UI
+(/docs), as a small Starlette app the service mounts: BentoML APIs are POST routes, and these are GETs. Each hands
+its request to the engine and writes its reply; /docs.json and the pages need no key, like BentoML's own probes. The
+pages are plain HTML with their script inline: nothing is fetched from another host (Swagger UI's files are BentoML's
+own, under /static_content).
 """
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import bentoml
@@ -16,6 +20,10 @@ from fvgpt_serving.engine.engine import Engine, Reply
 from fvgpt_serving.engine.openapi import merge
 
 from .io import lower_headers
+
+INFO = ("FVG-PT classifiers over HTTP: `POST /classify`, `POST /explain` (where the classifier looked), `GET /models`, "
+        "`/labels`, `/info`. The playground is at `/`.")
+STATIC = Path(__file__).parent / "static"  # the playground (GET /) and Swagger UI's page (GET /docs)
 
 
 def engine() -> Engine:
@@ -48,7 +56,8 @@ def openapi_document(service: Any) -> dict:
     doc["paths"] = {path: item for path, item in doc.get("paths", {}).items() if path not in ours}
     schemas = doc.get("components", {}).get("schemas", {})
     doc.setdefault("components", {})["schemas"] = {k: v for k, v in schemas.items() if k not in derived}
-    return merge(doc, engine().models)
+    doc["info"] |= {"title": "FVG-PT Serve", "description": INFO}  # BentoML's has badges from other hosts
+    return merge(doc, engine().models, engine().explain_models)
 
 
 async def docs(request: Request) -> Response:
@@ -57,5 +66,17 @@ async def docs(request: Request) -> Response:
     return JSONResponse(openapi_document(FVGPT))
 
 
+def page(name: str) -> Callable[[Request], Awaitable[Response]]:
+    """A static page of shell/static/, read once (no key: it holds nothing, and asks for the key itself)."""
+    html = (STATIC / name).read_bytes()
+
+    async def serve(request: Request) -> Response:
+        return Response(html, media_type="text/html; charset=utf-8")
+
+    return serve
+
+
 routes = Starlette(routes=[Route("/labels", labels, methods=["GET"]), Route("/models", models, methods=["GET"]),
-                           Route("/info", info, methods=["GET"]), Route("/docs.json", docs, methods=["GET"])])
+                           Route("/info", info, methods=["GET"]), Route("/docs.json", docs, methods=["GET"]),
+                           Route("/", page("playground.html"), methods=["GET"]),
+                           Route("/docs", page("docs.html"), methods=["GET"])])

@@ -27,13 +27,14 @@ from fvgpt_serving.engine.settings import Limits, Settings, env_int
 
 from . import internals
 from .errors import JSONErrors
-from .io import STATE, ClassifyOutput, classify_input, lower_headers
+from .io import STATE, ClassifyOutput, ExplainOutput, lower_headers, request_input
 from .routes import response, routes
 
 # Read when the module is imported (`bentoml serve`, `bentoml build`): BentoML's decorators take them then.
 LIMITS = Limits.from_env()
 TIMEOUT_S = max(60, 3 * env_int(os.environ, Settings.ENV["max_latency_ms"], Settings.max_latency_ms) // 1000)
-ClassifyInput = classify_input(LIMITS)
+ClassifyInput = request_input(LIMITS)
+ExplainInput = request_input(LIMITS, explain=True)
 # The Bento's image (`bentoml build`, then `bentoml containerize`): the project's source is copied in before the
 # Python packages are installed, and installed from there with the `cpu` and `serve` extras (a GPU image takes `gpu`
 # instead of `cpu`, never both). No torch, no training weights (bentofile.yaml leaves them out).
@@ -96,6 +97,20 @@ class FVGPT:
         with reservation:  # the request's bytes count against FVGPT_MAX_INFLIGHT_BYTES until it is answered
             reply = await self.engine.answer("POST /classify", lambda: self.engine.classify(request, reservation),
                                              serialise=True)
+        return with_status(reply, ctx)
+
+    @bentoml.api(route="/explain", input_spec=ExplainInput, output_spec=ExplainOutput)
+    async def explain(self, images: list[bytes], labels: list[str] | None = None, top_k: int | None = None,
+                      mode: str = "open", model: str | None = None, models: list[str] | str | None = None,
+                      targets: list[str] | None = None, ctx: bentoml.Context = None) -> Response:
+        """/classify's answer for one classifier with heatmaps: for each image's top label, or each of `targets`,
+        the map on the patch grid and a PNG of it over the image (engine/explain.py)."""
+        parsed = getattr(ctx.request.state, STATE)
+        if isinstance(parsed, ApiError):
+            return with_status(error_reply(parsed.status, parsed.message, parsed.headers), ctx)
+        request, reservation = parsed
+        with reservation:
+            reply = await self.engine.answer("POST /explain", lambda: self.engine.explain(request, reservation))
         return with_status(reply, ctx)
 
     @bentoml.api(route="/admin/reload")
