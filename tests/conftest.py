@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import tempfile
 from pathlib import Path
 
@@ -17,6 +18,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 os.environ.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="fvgpt-bentoml-"))
+# A shell starts a background job with SIGINT ignored, and child processes inherit "ignored" (a handler they do not):
+# restore Python's own, so the Ctrl-C tests interrupt their commands however the suite itself was started.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 BUNDLES_ENV = "FVGPT_TEST_BUNDLES"
 HAVE_TORCH = all(importlib.util.find_spec(m) is not None for m in ("torch", "open_clip"))
