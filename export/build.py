@@ -138,7 +138,7 @@ def bundle_tables(model: FVGPTModel, tables: TextTables | None = None) -> dict[s
         tables = tables or model.tables(list(model.classes.names))
         arrays = {"learned": tables.learned, "clip": tables.clip}
         if model.plugin is not None:
-            arrays["adapted"] = model.plugin.adapt_text(tables.learned[model.classes.base_ids])
+            arrays["adapted"] = model.adapted_text(tables.learned[model.classes.base_ids])
             arrays["context"] = model.context
         else:
             arrays["context"] = torch.zeros(1, model.backbone.text.token_embedding.weight.shape[1])

@@ -84,10 +84,14 @@ class TrainConfig:
     lambda_d: float = option(10.0, "weight λ_d of the foreground distillation L_dist (E8)", "plugin")
     lambda_rg: float = option(1.0, "weight λ_RG of the FRG's BCE L_FRG (E8)", "plugin")
     lambda_new: float = option(1.0, "weight λ_new of the Prior Calibration loss L_PC (E14)", "plugin")
+    fdc: bool = option(True, "the base branch: Foreground Distillation Compensation with its gate; off (ablation, "
+                             "the paper's \"PC only\"): no adapters and no FRG, the base head is z_full and only "
+                             "Prior Calibration trains", "plugin")
     frg: bool = option(True, "the Foreground Reliability Gate; --no-frg (ablation) trusts every usable "
                              "foreground view (r ≡ 1 in E7) and drops L_FRG", "plugin")
-    prior_calibration: bool = option(True, "Prior Calibration; --no-prior-calibration (ablation) makes the new "
-                                           "head z_full (b ≡ 0) and drops L_PC", "plugin")
+    prior_calibration: bool = option(True, "the new branch: Prior Calibration; off (ablation, the paper's rows "
+                                           "without PC): new classes go through the FDC adapters too (b ≡ 0) and "
+                                           "L_PC is dropped", "plugin")
     pc_kl: bool = option(True, "add KL(p_CLIP ‖ p_PC) to L_PC (E12)", "plugin")
     delta: float = option(0.0, "margin δ in the trust target r* = 1[CE_fg + δ < CE_full] (E3)", "plugin")
     area_min: float = option(0.02, "foreground area below which a mask is unusable (r := 0)", "plugin")
@@ -128,6 +132,9 @@ class TrainConfig:
                 problems.append(f"{name} must be positive, not {getattr(self, name)}")
         if not 0 < self.crop_scale <= 1:
             problems.append(f"crop_scale must be in (0, 1], not {self.crop_scale}")
+        if not (self.fdc or self.prior_calibration):
+            problems.append("--no-fdc and --no-prior-calibration leave the plugin nothing to train: that is the "
+                            "stage-1 model (train --stage prompt)")
         if not 0 <= self.area_min < self.area_max <= 1:
             problems.append(f"need 0 ≤ area_min < area_max ≤ 1, got {self.area_min}, {self.area_max}")
         if not 0 <= self.test_fraction < 1:

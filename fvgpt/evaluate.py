@@ -7,6 +7,8 @@ split-selected evaluation). D_fg is the mean KL(p_full ‖ p_fg) of the base hea
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torchvision.transforms import v2
 
@@ -27,8 +29,24 @@ def model_rows(model: FVGPTModel) -> dict[str, tuple[str, str]]:
     return rows
 
 
+@dataclass
+class EvalFeatures:
+    """The frozen tower's features of every readable test image and of its foreground view, with labels and masks:
+    everything evaluate() reads from the images. They depend only on the backbone and the foreground fill, so every
+    model on one backbone (CoOp, KgCoOp, each FVG-PT variant) can be scored on one pass."""
+
+    f: torch.Tensor
+    f_fg: torch.Tensor
+    labels: torch.Tensor
+    has_mask: torch.Tensor
+    area: torch.Tensor
+    dropped: int
+
+
 @torch.no_grad()
-def _features(model: FVGPTModel, index: DatasetIndex, batch_size: int, progress: bool):
+def eval_features(model: FVGPTModel, index: DatasetIndex, batch_size: int = 100,
+                  progress: bool = True) -> EvalFeatures:
+    """One pass of the frozen tower over the test images and their foreground views (model.cfg.fg_fill)."""
     bb = model.backbone
     dataset = FewShotDataset(index.test, v2.Compose(eval_geometry(bb.preprocess)), image_transform=bb.eval_transform)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate,
@@ -47,15 +65,20 @@ def _features(model: FVGPTModel, index: DatasetIndex, batch_size: int, progress:
         areas.append(batch["mask"].to(bb.device).mean(dim=(1, 2, 3)))
     if not feats:
         raise DataError(f"{index.root}: none of the {len(index.test)} test images could be read")
-    return (torch.cat(feats), torch.cat(fg_feats), torch.cat(labels), torch.cat(has_mask).bool(), torch.cat(areas),
-            dropped)
+    return EvalFeatures(torch.cat(feats), torch.cat(fg_feats), torch.cat(labels), torch.cat(has_mask).bool(),
+                        torch.cat(areas), dropped)
 
 
 @torch.no_grad()
-def evaluate(model: FVGPTModel, index: DatasetIndex, batch_size: int = 100, progress: bool = True) -> dict:
-    """{"models": {row: {"base", "new", "hm", "d_fg"}}, "test_images": counts, "gates": the FRG's and BRG's
-    statistics (with a plugin)}; a split without test images has accuracy None (printed as "-"), never NaN."""
-    f, f_fg, labels, has_mask, area, dropped = _features(model, index, batch_size, progress)
+def evaluate(model: FVGPTModel, index: DatasetIndex, batch_size: int = 100, progress: bool = True,
+             features: EvalFeatures | None = None) -> dict:
+    """{"models": {row: {"base", "new", "hm", "base_fg", "d_fg"}}, "test_images": counts, "gates": the FRG's and
+    BRG's statistics (with a plugin)}; a split without test images has accuracy None (printed as "-"), never NaN.
+    base_fg is the base head's accuracy on the foreground views of the base test images with masks. `features`:
+    eval_features() of this index on this model's backbone, when several models are scored on one pass."""
+    feats = features if features is not None else eval_features(model, index, batch_size, progress)
+    f, f_fg, labels, has_mask, area, dropped = (feats.f, feats.f_fg, feats.labels, feats.has_mask, feats.area,
+                                                feats.dropped)
     split = model.classes
     is_base = torch.tensor(split.base, device=f.device)[labels]
     target = torch.tensor(split.position, device=f.device)[labels]
@@ -72,13 +95,15 @@ def evaluate(model: FVGPTModel, index: DatasetIndex, batch_size: int = 100, prog
                "hm": harmonic_mean(base_acc, new_acc) if base_acc is not None and new_acc is not None else None}
         if masked.any():
             z_full, z_fg = getattr(on_base, base_head)[masked], getattr(on_base_fg, base_head)
+            row["base_fg"] = accuracy(z_fg, target[is_base][masked])
             row["d_fg"] = {f"tau{t}": float(foreground_shift(z_full, z_fg, t).mean()) for t in D_FG_TAUS}
         models[name] = row
     metrics = {"models": models, "test_images": {"base": int(is_base.sum()), "new": int((~is_base).sum()),
                                                  "base_with_mask": int(masked.sum()), "unreadable": int(dropped)}}
     if model.plugin is not None:
         metrics["gates"] = {"frg": _frg_statistics(model, on_base.z_full[masked], on_base_fg.z_full,
-                                                   area[is_base][masked], target[is_base][masked]),
+                                                   area[is_base][masked], target[is_base][masked])
+                            if model.cfg.fdc else None,  # no base branch (ablation): no foreground teacher
                             "brg": {"base": _brg_statistics(on_base, target[is_base]),
                                     "new": _brg_statistics(on_new, target[~is_base]) if on_new is not None else None}}
     return metrics

@@ -49,22 +49,27 @@ def plugin_objective(plugin: FVGPTPlugin, heads: Heads, z_fg: torch.Tensor, area
     on the foreground view.
 
     Samples without a usable foreground view (no mask, or area outside [area_min, area_max]) get r := 0, so they
-    distil only toward p_full, and are left out of the FRG's BCE.
+    distil only toward p_full, and are left out of the FRG's BCE. The switches (ablations) drop a branch's terms:
+    cfg.fdc the whole L_base (r := 0), cfg.frg only L_FRG (r := 1 on usable views), cfg.prior_calibration L_PC.
     """
     usable = has_mask.bool() & (area >= cfg.area_min) & (area <= cfg.area_max)
     r_star = trust_target(heads.z_full, z_fg, labels, cfg.delta)
-    if cfg.frg:
-        r_logit = plugin.trust_logit(heads.z_full, z_fg, area)
-        r = torch.where(usable, torch.sigmoid(r_logit), torch.zeros_like(r_logit))
-        # E4 over usable samples only; a batch without any keeps the graph connected with a zero term
-        l_frg = (F.binary_cross_entropy_with_logits(r_logit[usable], r_star[usable]) if usable.any()
-                 else r_logit.sum() * 0.0)
-    else:  # ablation: no gate, every usable foreground view is the teacher
-        r, l_frg = usable.float(), torch.zeros((), device=labels.device)
-    l_dist = distillation_loss(heads.z_fdc, heads.z_full, z_fg, r, cfg.tau)
-    l_base = F.cross_entropy(heads.z_fdc, labels) + cfg.lambda_rg * l_frg + cfg.lambda_d * l_dist  # E8
+    zero = torch.zeros((), device=labels.device)
+    if not cfg.fdc:  # ablation: no base branch (no adapters, no gate): the base head is z_full, nothing to train
+        r, l_frg, l_dist, l_base = torch.zeros_like(r_star), zero, zero, zero
+    else:
+        if cfg.frg:
+            r_logit = plugin.trust_logit(heads.z_full, z_fg, area)
+            r = torch.where(usable, torch.sigmoid(r_logit), torch.zeros_like(r_logit))
+            # E4 over usable samples only; a batch without any keeps the graph connected with a zero term
+            l_frg = (F.binary_cross_entropy_with_logits(r_logit[usable], r_star[usable]) if usable.any()
+                     else r_logit.sum() * 0.0)
+        else:  # ablation: no gate, every usable foreground view is the teacher
+            r, l_frg = usable.float(), zero
+        l_dist = distillation_loss(heads.z_fdc, heads.z_full, z_fg, r, cfg.tau)
+        l_base = F.cross_entropy(heads.z_fdc, labels) + cfg.lambda_rg * l_frg + cfg.lambda_d * l_dist  # E8
     l_pc = (prior_calibration_loss(heads.z_pc, heads.z_clip, labels, cfg.tau, cfg.pc_kl) if cfg.prior_calibration
-            else torch.zeros((), device=labels.device))  # ablation: the new head is z_full, nothing to train
+            else zero)  # ablation: no new branch (new classes go through the adapters), nothing to train
     total = l_base + cfg.lambda_new * l_pc
     return {"loss": total, "base": l_base.detach(), "frg": l_frg.detach(), "dist": l_dist.detach(),
             "pc": l_pc.detach(), "r": r.detach().mean(), "r_star": r_star.mean(), "b": heads.b.detach().mean()}

@@ -48,9 +48,9 @@ class Heads:
 
     z_full: torch.Tensor  # the prompt-tuned model (stage 1)
     z_clip: torch.Tensor  # zero-shot CLIP
-    z_fdc: torch.Tensor | None = None  # FVG-PT base head; None without the plugin
-    z_pc: torch.Tensor | None = None  # FVG-PT new head (Prior Calibration)
-    b: torch.Tensor | None = None  # the BRG's blend weight per image
+    z_fdc: torch.Tensor | None = None  # FVG-PT base head (z_full without FDC); None without the plugin
+    z_pc: torch.Tensor | None = None  # FVG-PT new head: Prior Calibration (the FDC head over the labels without it)
+    b: torch.Tensor | None = None  # the BRG's blend weight per image (0 without Prior Calibration)
 
 
 class FVGPTModel(nn.Module):
@@ -108,27 +108,42 @@ class FVGPTModel(nn.Module):
         """z = s · cos(f, t): CLIP's similarity logits, the only place they are formed."""
         return self.logit_scale * image_features @ text_features.t()
 
+    def _on(self, branch: str) -> bool:
+        """Whether a branch of the plugin ("fdc", "prior_calibration") is on: always, unless the config switches it
+        off (an ablation)."""
+        return self.cfg is None or getattr(self.cfg, branch)
+
+    def adapted_text(self, text_features: torch.Tensor) -> torch.Tensor:
+        """The base head's text rows: G̃ = L2(T + MLP_t(T)) (E5), or T itself without FDC (ablation)."""
+        return self.plugin.adapt_text(text_features) if self._on("fdc") else text_features
+
     def base_head(self, image_features: torch.Tensor, adapted_text: torch.Tensor) -> torch.Tensor:
-        """z_FDC (E6) against adapted text rows G̃ = plugin.adapt_text(T)."""
-        return self.plugin.base_logits(image_features, adapted_text)
+        """z_FDC (E6) against adapted text rows G̃ = adapted_text(T); without FDC (ablation) z_full = s·f·Tᵀ."""
+        if self._on("fdc"):
+            return self.plugin.base_logits(image_features, adapted_text)
+        return self.logits(image_features, adapted_text)
 
     def new_head(self, image_features: torch.Tensor, learned: torch.Tensor,
                  clip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(z_PC, b) over exactly the label set whose rows are given (E9–E11)."""
-        return self._calibrate(self.logits(image_features, learned), self.logits(image_features, clip))
+        return self._new_head(image_features, self.logits(image_features, learned),
+                              self.logits(image_features, clip), learned)
 
-    def _calibrate(self, z_full: torch.Tensor, z_clip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prior Calibration, or (z_full, b ≡ 0) when the config switches it off (ablation)."""
-        if self.cfg is not None and not self.cfg.prior_calibration:
-            return z_full.float(), torch.zeros(z_full.shape[0], device=z_full.device)
-        return self.plugin.calibrate(z_full, z_clip)
+    def _new_head(self, image_features: torch.Tensor, z_full: torch.Tensor, z_clip: torch.Tensor,
+                  learned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prior Calibration (E9–E11); without it (ablation) the FDC head over these labels with b ≡ 0: the paper's
+        rows without PC send new classes through the adapters."""
+        if self._on("prior_calibration"):
+            return self.plugin.calibrate(z_full, z_clip)
+        z_fdc = self.base_head(image_features, self.adapted_text(learned))
+        return z_fdc.float(), torch.zeros(z_fdc.shape[0], device=z_fdc.device)
 
     def heads(self, image_features: torch.Tensor, tables: TextTables) -> Heads:
         z_full, z_clip = self.logits(image_features, tables.learned), self.logits(image_features, tables.clip)
         if self.plugin is None:
             return Heads(z_full, z_clip)
-        z_pc, b = self._calibrate(z_full, z_clip)
-        return Heads(z_full, z_clip, self.base_head(image_features, self.plugin.adapt_text(tables.learned)), z_pc, b)
+        z_pc, b = self._new_head(image_features, z_full, z_clip, tables.learned)
+        return Heads(z_full, z_clip, self.base_head(image_features, self.adapted_text(tables.learned)), z_pc, b)
 
     # ---- training objectives ----------------------------------------------------------------------------------
     def prompt_loss(self, pixels: torch.Tensor, targets: torch.Tensor, labels: list[str],

@@ -240,22 +240,41 @@ def scene_layer(scene: str, size: int, rng: np.random.Generator) -> np.ndarray:
     return img
 
 
-def _draw(kind: ObjectKind | None, scene: str, size: int,
-          seed: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, Placement | None]:
+def distractor_placement(rng: np.random.Generator, size: int, under: Placement) -> Placement:
+    """A smaller object (radius 14–20 % of the side) fully inside the image, its centre outside the circle of radius
+    `under.radius` around the labelled object's centre (so that at least part of it shows beside the object);
+    after 100 draws without such a centre, the last draw is kept."""
+    radius = rng.uniform(0.14, 0.2) * size
+    for _ in range(100):
+        cx, cy = (rng.uniform(radius, size - radius) for _ in range(2))
+        if math.hypot(cx - under.cx, cy - under.cy) >= under.radius:
+            break
+    return Placement(cx, cy, radius, rng.uniform(-0.35, 0.35), rng.uniform(0, math.pi), rng.uniform(0.55, 0.8),
+                     rng.uniform(0.85, 1.1))
+
+
+def _draw(kind: ObjectKind | None, scene: str, size: int, seed: tuple[int, ...],
+          distractor: ObjectKind | None = None) -> tuple[np.ndarray, np.ndarray, Placement | None]:
     background = scene_layer(scene, size, seeded_rng(*seed, 1))
     if kind is None:
         return np.clip(background, 0, 255).astype(np.uint8), np.zeros((size, size), bool), None
     obj_rng = seeded_rng(*seed, 2)
     at = sample_placement(obj_rng, size)
     surface, mask = object_layer(kind, at, size, obj_rng)
+    if distractor is not None:  # drawn first, so the labelled object covers it: it shows only outside the mask
+        d_rng = seeded_rng(*seed, 3)
+        d_surface, d_mask = object_layer(distractor, distractor_placement(d_rng, size, at), size, d_rng)
+        background = np.where(d_mask[..., None], d_surface, background)
     return np.clip(np.where(mask[..., None], surface, background), 0, 255).astype(np.uint8), mask, at
 
 
-def render(kind: ObjectKind | None, scene: str, size: int, seed: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+def render(kind: ObjectKind | None, scene: str, size: int, seed: tuple[int, ...],
+           distractor: ObjectKind | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One image (uint8 H×W×3) and its exact mask (bool H×W, empty without an object), a pure function of its
-    arguments. The scene and the object draw from separate streams, so the same seed gives the same scene with or
-    without the object, and the same object on any scene."""
-    image, mask, _ = _draw(kind, scene, size, seed)
+    arguments. The scene, the object and the distractor (an unlabelled object of another kind under the labelled
+    one, outside its mask) draw from separate streams, so the same seed gives the same scene with or without the
+    objects, and the same object, with the same mask, on any scene and with or without a distractor."""
+    image, mask, _ = _draw(kind, scene, size, seed, distractor)
     return image, mask
 
 
@@ -303,6 +322,13 @@ def sample_pair(rng: np.random.Generator, size: int, seed: tuple[int, ...],
 
 # ---- few-shot tasks --------------------------------------------------------------------------------------------
 
+# how base and new classes differ: "random" kinds, or disjoint values of one attribute (base classes take half of
+# its values, in the world seed's order; new classes the rest: each side holds half of all kinds, so any class count
+# fits)
+SPLIT_ATTRIBUTES = {"colour": tuple(COLOURS), "pattern": PATTERNS}
+SPLITS = ("random", *SPLIT_ATTRIBUTES)
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """A base-to-new few-shot task in the world. The test set depends only on (world_seed, classes, test_images,
@@ -313,13 +339,28 @@ class TaskSpec:
     correlation: float = option(0.9, "fraction of each class's training images shown on the scene it favours; the "
                                     "rest on a random scene (0: scenes independent of the class)", "task")
     shots: int = option(16, "training images per class (K)", "task")
-    test_images: int = option(300, "test images per split (base, new), on balanced scenes: never correlated",
+    test_images: int = option(1000, "test images per split (base, new), on balanced scenes: never correlated",
                               "task")
     image_size: int = option(64, "image side in pixels", "task")
     draw: int = option(1, "which draw of the K-shot training images (the benchmark's seed)", "task")
+    split: str = option("random", "how base and new classes differ: random kinds (random), or disjoint values of "
+                                  "one attribute, base classes taking half of its values and new classes the rest "
+                                  f"({', '.join(SPLITS[1:])})", "task", SPLITS)
+    distractors: float = option(1.0, "fraction of images (training and test) with a distractor: a smaller object of "
+                                     "a kind that is no class of the task, under the labelled object, outside its "
+                                     "mask (0: world v1's single objects)", "task")
+    light: float = option(0.0, "warmth of the light the task's images are taken in: a colour cast over the whole "
+                               "image that pretraining never showed (0: pretraining's white light; 1: green × 0.8, "
+                               "blue × 0.55)", "task")
 
     def __post_init__(self) -> None:
         problems = []
+        if self.split not in SPLITS:
+            problems.append(f"split must be one of {', '.join(SPLITS)}, not {self.split!r}")
+        if not 0 <= self.distractors <= 1:
+            problems.append(f"distractors must be in [0, 1], not {self.distractors}")
+        if not 0 <= self.light <= 1:
+            problems.append(f"light must be in [0, 1], not {self.light}")
         if not 2 <= self.classes <= len(ALL_KINDS):
             problems.append(f"classes must be in [2, {len(ALL_KINDS)}], not {self.classes}")
         if not 0 <= self.correlation <= 1:
@@ -338,7 +379,7 @@ def add_options(parser: argparse.ArgumentParser, spec_class, skip: tuple[str, ..
     for f in fields(spec_class):
         if f.name not in skip:
             parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
-                                help=f"{f.metadata['help']} (default: {f.default})")
+                                choices=f.metadata.get("choices"), help=f"{f.metadata['help']} (default: {f.default})")
 
 
 def from_args(spec_class, args: argparse.Namespace, **overrides):
@@ -354,14 +395,38 @@ class TaskClass:
     scene: str  # the scene its training images favour
 
 
-def task_classes(world_seed: int, n: int) -> list[TaskClass]:
+def task_classes(world_seed: int, n: int, split: str = "random") -> list[TaskClass]:
     """n distinct object kinds in a seeded order; the first ⌈n/2⌉ are base. Each class favours one scene, distinct
-    for as many classes as there are scenes (so the base classes' scenes tell them apart)."""
+    for as many classes as there are scenes (so the base classes' scenes tell them apart). With an attribute split,
+    the base kinds take their value of that attribute from a seeded half of its values, the new kinds from the
+    other half."""
     rng = seeded_rng(world_seed, 0)
-    kinds = [ALL_KINDS[i] for i in rng.permutation(len(ALL_KINDS))[:n]]
+    order = [ALL_KINDS[i] for i in rng.permutation(len(ALL_KINDS))]
     scenes = [SCENES[i] for i in rng.permutation(len(SCENES))]
     n_base = math.ceil(n / 2)
+    if split == "random":
+        kinds = order[:n]
+    else:
+        values = SPLIT_ATTRIBUTES[split]
+        base_values = {values[i] for i in seeded_rng(world_seed, 4).permutation(len(values))[:len(values) // 2]}
+        on_base_side = [getattr(k, split) in base_values for k in order]
+        kinds = ([k for k, b in zip(order, on_base_side) if b][:n_base]
+                 + [k for k, b in zip(order, on_base_side) if not b][:n - n_base])
     return [TaskClass(k, i < n_base, scenes[i % len(scenes)]) for i, k in enumerate(kinds)]
+
+
+def distractor_kinds(classes: list[TaskClass]) -> list[ObjectKind]:
+    """The kinds a distractor may be: every kind that is no class of the task."""
+    taken = {c.kind for c in classes}
+    return [k for k in ALL_KINDS if k not in taken]
+
+
+def distractors_for(spec: TaskSpec, pool: list[ObjectKind], count: int,
+                    rng: np.random.Generator) -> list[ObjectKind | None]:
+    """For each of `count` images: a distractor kind drawn from `pool` with probability spec.distractors, else None."""
+    shown = rng.random(count) < spec.distractors
+    picks = rng.integers(len(pool), size=count)
+    return [pool[p] if s else None for s, p in zip(shown, picks)]
 
 
 def training_scenes(spec: TaskSpec, cls: TaskClass, rng: np.random.Generator) -> list[tuple[str, bool]]:
@@ -378,6 +443,14 @@ def balanced_scenes(count: int, rng: np.random.Generator) -> list[str]:
     cycle = [SCENES[i % len(SCENES)] for i in range(count)]
     start = rng.integers(len(SCENES))
     return [cycle[(i + start) % count] for i in rng.permutation(count)] if count else []
+
+
+def warm_light(image: np.ndarray, light: float) -> np.ndarray:
+    """The image under a warm light: green × (1 − 0.2·light), blue × (1 − 0.45·light), a tungsten-like cast."""
+    if light == 0:
+        return image
+    cast = np.array([1.0, 1 - 0.2 * light, 1 - 0.45 * light])
+    return np.clip(np.round(image * cast), 0, 255).astype(np.uint8)
 
 
 def _write(root: Path, rel: Path, image: np.ndarray, mask: np.ndarray) -> None:
@@ -399,7 +472,8 @@ def make_task(root: str | Path, spec: TaskSpec, progress: bool = False) -> Path:
         if json.loads((root / "task.json").read_text())["spec"] == asdict(spec):
             return root
         raise WorldError(f"{root} holds another task (other settings); choose another folder or remove it")
-    classes = task_classes(spec.world_seed, spec.classes)
+    classes = task_classes(spec.world_seed, spec.classes, spec.split)
+    pool = distractor_kinds(classes)
     n_base = sum(c.base for c in classes)
     records = []
     bar = tqdm(total=spec.shots * len(classes) + 2 * spec.test_images, desc="world task",
@@ -415,13 +489,16 @@ def make_task(root: str | Path, spec: TaskSpec, progress: bool = False) -> Path:
                 count = spec.test_images // n_split + (position < spec.test_images % n_split)
                 rng = seeded_rng(spec.world_seed, 2, ci)
                 scenes = [(s, False) for s in balanced_scenes(count, rng)]
-            for i, (scene, correlated) in enumerate(scenes):
-                seed = (spec.world_seed, split, spec.draw if split == 1 else 0, ci, i)
-                image, mask = render(cls.kind, scene, spec.image_size, seed)
+            draw = spec.draw if split == 1 else 0
+            others = distractors_for(spec, pool, len(scenes), seeded_rng(spec.world_seed, 3, split, draw, ci))
+            for i, ((scene, correlated), other) in enumerate(zip(scenes, others)):
+                seed = (spec.world_seed, split, draw, ci, i)
+                image, mask = render(cls.kind, scene, spec.image_size, seed, other)
+                image = warm_light(image, spec.light)
                 rel = Path(label) / cls.kind.folder / f"{i:04d}.png"
                 _write(root, rel, image, mask)
                 records.append({"path": str(rel), "class": cls.kind.name, "scene": scene, "correlated": correlated,
-                                "area": round(float(mask.mean()), 4)})
+                                "distractor": other.name if other else None, "area": round(float(mask.mean()), 4)})
                 bar.update()
     bar.close()
     doc = {"spec": asdict(spec),
@@ -440,8 +517,10 @@ def base_classes(root: str | Path) -> list[str]:
 def describe(root: str | Path) -> str:
     doc = json.loads((Path(root) / "task.json").read_text())
     s = doc["spec"]
-    lines = [f"world {s['world_seed']}: {s['classes']} classes, {s['shots']} shots, correlation {s['correlation']}, "
-             f"{s['image_size']} px, draw {s['draw']}"]
+    head = (f"world {s['world_seed']}: {s['classes']} classes split {s['split']}, {s['shots']} shots, correlation "
+            f"{s['correlation']}, distractors {s['distractors']}, light {s['light']}, {s['image_size']} px, "
+            f"draw {s['draw']}")
+    lines = [head]
     for c in doc["classes"]:
         lines.append(f"  {'base' if c['base'] else 'new '}  {display_name(c['name']):<26} favours {c['scene']}")
     return "\n".join(lines)
@@ -452,11 +531,22 @@ def describe(root: str | Path) -> str:
 WORLD_MODEL = "fvgpt-micro"
 
 
-def world_train_settings() -> dict:
+STAGE_STEPS = 1500  # optimiser steps per training stage, at least (the paper's median dataset gets about 2,000)
+
+
+def epochs_for(steps: int, images: int, batch: int) -> int:
+    """Whole epochs that give at least `steps` optimiser steps over `images` training images in batches of `batch`."""
+    return max(1, math.ceil(steps / math.ceil(images / batch)))
+
+
+def world_train_settings(spec: TaskSpec, steps: int = STAGE_STEPS, batch: int = 4) -> dict:
     """TrainConfig fields the demo and benchmarks.method set for the world (the rest are the paper's defaults):
-    the micro-CLIP, and random crops that keep at least half of the image, because the world's objects cover 12–40 %
-    of it and the paper's 8 % crops (made for photos whose object fills the frame) would often cut the object out."""
-    return {"model": WORLD_MODEL, "crop_scale": 0.5}
+    the micro-CLIP; random crops that keep at least half of the image, because the world's objects cover 12–40 %
+    of it and the paper's 8 % crops (made for photos whose object fills the frame) would often cut the object out;
+    and enough epochs for `steps` optimiser steps per stage at the paper's batch of 4, because the paper's 10 epochs
+    of a 5-class task are only 200 steps."""
+    epochs = epochs_for(steps, math.ceil(spec.classes / 2) * spec.shots, batch)
+    return {"model": WORLD_MODEL, "crop_scale": 0.5, "prompt_epochs": epochs, "plugin_epochs": epochs}
 
 
 @dataclass(frozen=True)

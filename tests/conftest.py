@@ -135,10 +135,10 @@ def world_run(tmp_path_factory) -> Path:
     from fvgpt.world import world_train_settings
     from fvgpt.world_clip import verified_checkpoint
 
-    task = make_task(tmp_path_factory.mktemp("world") / "task",
-                     TaskSpec(classes=8, shots=4, test_images=32, correlation=0.5))
-    cfg = TrainConfig(**world_train_settings(), data=str(task), pretrained=str(verified_checkpoint()), shots=4,
-                      base_classes=base_classes(task), prompt_epochs=2, plugin_epochs=2, eval_batch=64)
+    spec = TaskSpec(classes=8, shots=4, test_images=32, correlation=0.5)
+    task = make_task(tmp_path_factory.mktemp("world") / "task", spec)
+    cfg = TrainConfig(**(world_train_settings(spec) | {"prompt_epochs": 2, "plugin_epochs": 2}), data=str(task),
+                      pretrained=str(verified_checkpoint()), shots=4, base_classes=base_classes(task), eval_batch=64)
     return train(cfg, tmp_path_factory.mktemp("runs") / "world", progress=False)
 
 

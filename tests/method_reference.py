@@ -92,31 +92,45 @@ def gate_logit(stats: torch.Tensor, weights: dict, name: str) -> torch.Tensor:
     return mlp(stats, weights, name).squeeze(-1)
 
 
-def heads(weights: dict, f, text, clip_text, s: float, big_s: float, tau: float = TAU) -> dict[str, torch.Tensor]:
-    """Every head on image features f (E5, E6, E9–E11), from plain formulas."""
+def heads(weights: dict, f, text, clip_text, s: float, big_s: float, tau: float = TAU, fdc: bool = True,
+          prior_calibration: bool = True) -> dict[str, torch.Tensor]:
+    """Every head on image features f (E5, E6, E9–E11), from plain formulas. The ablations (docs/method.md,
+    "Ablations"): without FDC the base head is z_full; without Prior Calibration the new head is the base head over
+    the same labels (the adapters' logits, or z_full when FDC is off too) and b = 0."""
     f, text, clip_text = f.double(), text.double(), clip_text.double()
     z_full, z_clip = s * f @ text.t(), s * f @ clip_text.t()
     f_t = l2(f + mlp(f, weights, "image_adapter"))
     g_t = l2(text + mlp(text, weights, "text_adapter"))
+    z_fdc = big_s * f_t @ g_t.t() if fdc else z_full
+    if not prior_calibration:
+        return {"z_full": z_full, "z_clip": z_clip, "z_fdc": z_fdc, "z_pc": z_fdc,
+                "b": torch.zeros(len(f), dtype=torch.float64)}
     b = torch.sigmoid(gate_logit(brg_inputs(z_full, z_clip, tau), weights, "brg"))
-    return {"z_full": z_full, "z_clip": z_clip, "z_fdc": big_s * f_t @ g_t.t(),
+    return {"z_full": z_full, "z_clip": z_clip, "z_fdc": z_fdc,
             "z_pc": (1 - b)[:, None] * z_full + b[:, None] * z_clip, "b": b}
 
 
 def loss_terms(weights: dict, z_full, z_fg, z_clip, z_fdc, z_pc, b, area, has_mask, y, tau: float = TAU,
                lambda_d: float = LAMBDA_D, lambda_rg: float = LAMBDA_RG, lambda_new: float = LAMBDA_NEW,
                delta: float = DELTA, pc_kl: bool = True, area_min: float = AREA_MIN,
-               area_max: float = AREA_MAX) -> dict[str, torch.Tensor]:
-    """E1–E4, E7, E8, E12, E14 from the heads' logits and the frozen model's logits on the foreground view."""
+               area_max: float = AREA_MAX, fdc: bool = True, frg: bool = True,
+               prior_calibration: bool = True) -> dict[str, torch.Tensor]:
+    """E1–E4, E7, E8, E12, E14 from the heads' logits and the frozen model's logits on the foreground view, with the
+    ablations: frg=False makes every usable foreground view the teacher (r = 1 there) and L_FRG = 0; fdc=False drops
+    the whole base branch (L_base = L_FRG = L_dist = 0, r = 0); prior_calibration=False makes L_PC = 0."""
     usable = has_mask.bool() & (area >= area_min) & (area <= area_max)
     r_logit = gate_logit(frg_inputs(z_full, z_fg, area, tau), weights, "frg")
     r = torch.where(usable, torch.sigmoid(r_logit), torch.zeros_like(r_logit))
     r_star = (ce(z_fg, y) + delta < ce(z_full, y)).double()
     l_frg = bce_with_logits(r_logit[usable], r_star[usable]).mean() if usable.any() else r_logit.sum() * 0
+    if not frg:
+        r, l_frg = usable.double(), torch.zeros((), dtype=torch.float64)
+    if not fdc:
+        r, l_frg = torch.zeros(len(y), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
     rd = r.detach()
-    l_dist = (rd * kl(z_fg, z_fdc, tau) + (1 - rd) * kl(z_full, z_fdc, tau)).mean()
-    l_base = ce(z_fdc, y).mean() + lambda_rg * l_frg + lambda_d * l_dist
-    l_pc = ce(z_pc, y).mean() + (kl(z_clip, z_pc, tau).mean() if pc_kl else 0)
+    l_dist = (rd * kl(z_fg, z_fdc, tau) + (1 - rd) * kl(z_full, z_fdc, tau)).mean() * fdc
+    l_base = (ce(z_fdc, y).mean() + lambda_rg * l_frg + lambda_d * l_dist) * fdc
+    l_pc = (ce(z_pc, y).mean() + (kl(z_clip, z_pc, tau).mean() if pc_kl else 0)) * prior_calibration
     return {"loss": l_base + lambda_new * l_pc, "base": l_base, "frg": l_frg, "dist": l_dist, "pc": l_pc,
             "r": r.mean(), "r_star": r_star.mean(), "b": b.double().mean(), "usable": usable}
 
@@ -124,7 +138,8 @@ def loss_terms(weights: dict, z_full, z_fg, z_clip, z_fdc, z_pc, b, area, has_ma
 def objective(weights: dict, f, f_fg, text, clip_text, area, has_mask, y, s: float, big_s: float,
               **hyper) -> dict[str, torch.Tensor]:
     """One stage-2 batch from the frozen tower's features of x (f) and of x_fg (f_fg)."""
-    h = heads(weights, f, text, clip_text, s, big_s, hyper.get("tau", TAU))
+    h = heads(weights, f, text, clip_text, s, big_s, hyper.get("tau", TAU), hyper.get("fdc", True),
+              hyper.get("prior_calibration", True))
     z_fg = s * f_fg.double() @ text.double().t()
     return loss_terms(weights, h["z_full"], z_fg, h["z_clip"], h["z_fdc"], h["z_pc"], h["b"], area, has_mask, y,
                       **hyper)

@@ -141,7 +141,8 @@ def test_shortcut_and_per_stage_options(demo_data, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [(["--epochs", "0"], "prompt_epochs must be at least 1"),
                                            (["--tau", "0"], "tau must be positive"),
-                                           (["--area-min", "0.9", "--area-max", "0.5"], "area_min < area_max")])
+                                           (["--area-min", "0.9", "--area-max", "0.5"], "area_min < area_max"),
+                                           (["--no-fdc", "--no-prior-calibration"], "nothing to train")])
 def test_nonsense_settings_are_refused(demo_data, tmp_path, capsys, argv, message):
     assert main(["train", "--data", str(demo_data), "--out", str(tmp_path / "r"), *TINY, *argv]) == 2
     assert message in capsys.readouterr().err

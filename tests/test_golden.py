@@ -165,6 +165,34 @@ def test_golden_stage2_run(backbone, inputs, demo_data, tmp_path):
     check("stage2_weights", _weights_summary(model.plugin.state_dict()), atol=1e-5, rtol=1e-4)
 
 
+ABLATIONS = {"pc_only": {"fdc": False}, "no_pc": {"prior_calibration": False}, "no_frg": {"frg": False},
+             "fdc_only": {"frg": False, "prior_calibration": False}}
+
+
+@pytest.mark.parametrize("name", list(ABLATIONS))
+def test_golden_ablations(backbone, inputs, demo_data, tmp_path, name):
+    """The paper's Table 3 rows (docs/method.md, "Ablations"): the heads of the fixed plugin under each switch, and a
+    short seeded stage-2 run with it (its log and weights)."""
+    switches = ABLATIONS[name]
+    model = golden_model(backbone, inputs)
+    model.cfg = TrainConfig(data="unused", **switches)
+    with torch.no_grad():
+        tables = model.tables(LABELS)
+        heads = model.heads(model.encode_image(inputs["pixels"]), tables)
+        base = model.heads(model.encode_image(inputs["pixels"]), tables.rows(model.classes.base_ids))
+    index = load_index(demo_data, shots=2, seed=1)
+    cfg = TrainConfig(data=str(demo_data), model="fvgpt-tiny", pretrained="none", seed=3, plugin_epochs=3,
+                      plugin_lr=0.02, plugin_batch=4, **switches)
+    trained = FVGPTModel(backbone, ClassSplit.paper(LABELS), cfg, PromptLearner(inputs["context"]))
+    (tmp_path / "progress.json").write_text("{}")
+    train_plugin(trained, tmp_path, index, backbone.logit_scale, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    terms = ("loss", "base", "frg", "dist", "pc", "r", "r_star", "b")
+    check(f"ablation_{name}", {"base_head": base.z_fdc, "new_head": heads.z_pc, "b": heads.b,
+                               "log": {k: [r[k] for r in log] for k in terms},
+                               "weights": _weights_summary(trained.plugin.state_dict())}, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.slow
 def test_golden_two_stage_run(tiny_run, demo_data):
     """The session's tiny two-stage run (tests/conftest.py): every logged loss term, and its evaluation."""

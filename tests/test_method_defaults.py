@@ -46,6 +46,7 @@ DEFAULTS: dict[str, tuple[object, str | None]] = {
     "lambda_d": (10.0, None),
     "lambda_rg": (1.0, None),
     "lambda_new": (1.0, None),
+    "fdc": (True, "on"),
     "frg": (True, "on"),
     "prior_calibration": (True, "on"),
     "pc_kl": (True, "on"),

@@ -127,6 +127,8 @@ def _objective_inputs(seed: int):
     {},
     {"tau": 3.0, "lambda_d": 3.0, "lambda_rg": 0.5, "lambda_new": 2.0, "delta": 0.25, "pc_kl": False},
     {"area_min": 0.35, "area_max": 0.6, "tau": 1.0},
+    {"fdc": False, "lambda_new": 2.0},
+    {"frg": False, "prior_calibration": False, "lambda_d": 3.0},
 ])
 def test_every_term_of_the_objective(overrides):
     """E4, E7, E8, E12, E14 from given logits: every reported term equals the plain formula with the config's
@@ -139,15 +141,18 @@ def test_every_term_of_the_objective(overrides):
     out = plugin_objective(plugin, heads, z["z_fg"], area, has_mask, y, cfg)
     want = ref.loss_terms(plugin.state_dict(), z["z_full"], z["z_fg"], z["z_clip"], z["z_fdc"], z["z_pc"], b, area,
                           has_mask, y, **overrides)
-    assert 0 < want["r_star"] < 1 and 0 < want["usable"].sum() < 8
+    assert 0 < want["r_star"] < 1 and 0 < want["usable"].sum() < 8 and want["loss"] > 0
     for key in ("loss", "base", "frg", "dist", "pc", "r", "r_star", "b"):
         assert torch.allclose(out[key].double(), want[key], rtol=1e-5, atol=1e-6), key
-    assert all(not v.requires_grad for k, v in out.items() if k != "loss") and out["loss"].requires_grad
+    assert all(not v.requires_grad for k, v in out.items() if k != "loss")
+    assert out["loss"].requires_grad == (cfg.fdc and cfg.frg)  # the given heads are constants; the FRG runs here
 
 
 def test_the_ablation_switches():
     """frg=False: every usable foreground view is the teacher (r = 1 there, 0 elsewhere) and L_FRG is a zero scalar;
-    prior_calibration=False: L_PC is a zero scalar, so the objective is L_base alone (benchmarks.method's ablations)."""
+    prior_calibration=False: L_PC is a zero scalar, so the objective is L_base alone; fdc=False: L_base, L_FRG,
+    L_dist and r are zero scalars, the objective is L_PC alone and reaches only the BRG (benchmarks.method's
+    ablations)."""
     torch.manual_seed(0)
     plugin = FVGPTPlugin(16, 8, 32, 1e-3, 10.0, 2.0)
     z, b, area, has_mask, y = _objective_inputs(21)
@@ -168,6 +173,17 @@ def test_the_ablation_switches():
     assert no_pc["pc"].shape == () and no_pc["pc"] == 0 and full["pc"] > 0
     for key, value in (("base", full["base"]), ("frg", full["frg"]), ("dist", full["dist"]), ("loss", full["base"])):
         assert torch.allclose(no_pc[key].double(), value, rtol=1e-5, atol=1e-6), key
+    z_pc, b_gate = plugin.calibrate(z["z_full"], z["z_clip"])  # the BRG in the graph, as in a real step
+    pc_only = plugin_objective(plugin, Heads(z["z_full"], z["z_clip"], z["z_full"], z_pc, b_gate), z["z_fg"], area,
+                               has_mask, y, TrainConfig(data="unused", fdc=False))
+    for key in ("base", "frg", "dist", "r"):
+        assert pc_only[key].shape == () and pc_only[key] == 0, key
+    pc = ref.ce(z_pc, y).mean() + ref.kl(z["z_clip"], z_pc, 2.0).mean()
+    for key, value in (("pc", pc), ("loss", pc), ("r_star", full["r_star"])):
+        assert torch.allclose(pc_only[key].double(), value, rtol=1e-5, atol=1e-6), key
+    pc_only["loss"].backward()  # only the BRG trains
+    assert all(p.grad is None for m in (plugin.image_adapter, plugin.text_adapter, plugin.frg) for p in m.parameters())
+    assert all(p.grad is not None and p.grad.any() for p in plugin.brg.parameters())
 
 
 def test_a_batch_without_usable_masks_keeps_the_gate_in_the_graph():

@@ -163,6 +163,89 @@ def test_plugin_step_wiring(backbone, index, fill):
     assert all(p.grad is None for p in backbone.model.parameters()) and prompt.ctx.grad is None
 
 
+# the ablation switches (docs/method.md, "Ablations"), and the plugin parameters each one trains
+SWITCHES = {"no_frg": ({"frg": False}, ("image_adapter", "text_adapter", "brg")),
+            "pc_only": ({"fdc": False}, ("brg",)),
+            "no_pc": ({"prior_calibration": False}, ("image_adapter", "text_adapter", "frg")),
+            "fdc_only": ({"frg": False, "prior_calibration": False}, ("image_adapter", "text_adapter"))}
+
+
+@pytest.mark.parametrize("ablation", list(SWITCHES))
+def test_plugin_step_under_each_ablation(backbone, index, ablation):
+    """One stage-2 step with a branch switched off: every reported term equals the reference with that switch, and
+    exactly the switched-on modules receive gradients, equal to the reference's."""
+    switches, trained = SWITCHES[ablation]
+    classes = base_split(index.classnames)
+    ctx = context(3)
+    model = FVGPTModel(backbone, classes, TrainConfig(data="unused", **switches), PromptLearner(ctx))
+    plugin = model.new_plugin(S_FDC)
+    perturb(plugin, 2)
+    samples = [s for s in index.train if classes.base[s.label]]
+    pixels, masks = map(torch.stack, zip(*(read_image(backbone, s) for s in samples)))
+    has_mask = torch.tensor([1.0, 1, 1, 0, 1, 1])
+    base_position = {label: i for i, label in enumerate(classes.base_ids)}
+    targets = torch.tensor([base_position[s.label] for s in samples])
+    out = model.plugin_loss(pixels, masks, has_mask, targets, model.tables(classes.base_names))
+    out["loss"].backward()
+
+    f, f_fg = ref.image_features(backbone.model, pixels), ref.image_features(backbone.model, ref.foreground(pixels, masks))
+    text, clip_text = tables(backbone, classes.base_names, ctx)
+    area = masks.sum(dim=(1, 2, 3)) / (64 * 64)
+    weights = dict(plugin.named_parameters())
+    want = ref.objective(weights, f, f_fg, text, clip_text, area, has_mask, targets, backbone.logit_scale, S_FDC,
+                         **switches)
+    for key in ("loss", "base", "frg", "dist", "pc", "r", "r_star", "b"):
+        assert torch.allclose(out[key].double(), want[key], rtol=1e-4, atol=1e-6), (key, out[key], want[key])
+    want_grads = dict(zip(weights, torch.autograd.grad(want["loss"], list(weights.values()), allow_unused=True)))
+    for name, p in plugin.named_parameters():
+        if name.split(".")[0] in trained:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+            assert torch.allclose(p.grad, want_grads[name], rtol=1e-3, atol=1e-6), name
+        else:
+            assert p.grad is None or not p.grad.any(), name
+
+
+def train_tiny_plugin(backbone, index, out: Path, **switches) -> tuple[dict, dict]:
+    """train_plugin for 3 epochs from one fixed context and seed: the plugin's (initial, trained) weights."""
+    cfg = TrainConfig(data="unused", model="fvgpt-tiny", pretrained="none", seed=3, plugin_epochs=3, plugin_lr=0.05,
+                      plugin_batch=4, **switches)
+    out.mkdir()
+    (out / "progress.json").write_text("{}")
+    model = FVGPTModel(backbone, base_split(index.classnames), cfg, PromptLearner(context(4)))
+    initial, real_new_plugin = {}, model.new_plugin
+
+    def new_plugin(scale: float):
+        plugin = real_new_plugin(scale)
+        initial.update({k: v.clone() for k, v in plugin.state_dict().items()})
+        return plugin
+
+    model.new_plugin = new_plugin
+    train_plugin(model, out, index, S_FDC, progress=False)
+    return initial, {k: v.clone() for k, v in model.plugin.state_dict().items()}
+
+
+def test_switching_a_branch_off_leaves_the_other_as_trained(backbone, index, tmp_path):
+    """The branches share no parameter and each switch drops only its own branch's loss terms, so the branch that
+    stays on trains bit for bit as in the run with both (what lets benchmarks.method evaluate an ablation row on the
+    weights of the run it shares); a module that is off keeps its initial weights."""
+    runs = {name: train_tiny_plugin(backbone, index, tmp_path / name, **switches)
+            for name, switches in {"full": {}, **{k: v[0] for k, v in SWITCHES.items()}}.items()}
+    initial = runs["full"][0]
+    assert all(all(torch.equal(run[0][k], initial[k]) for k in initial) for run in runs.values())  # one start
+
+    def same(a: str, b: str, modules: tuple[str, ...]) -> bool:
+        return all(torch.equal(runs[a][1][k], runs[b][1][k]) for k in initial if k.split(".")[0] in modules)
+
+    def kept(a: str, modules: tuple[str, ...]) -> bool:
+        return all(torch.equal(runs[a][1][k], initial[k]) for k in initial if k.split(".")[0] in modules)
+
+    fdc, pc, adapters = ("image_adapter", "text_adapter", "frg"), ("brg",), ("image_adapter", "text_adapter")
+    assert not any(torch.equal(runs["full"][1][k], initial[k]) for k in initial)  # every module trained
+    assert same("pc_only", "full", pc) and same("no_pc", "full", fdc) and same("no_frg", "full", pc)
+    assert same("fdc_only", "no_frg", adapters) and not same("no_frg", "full", adapters)  # the gate matters
+    assert kept("pc_only", fdc) and kept("no_pc", pc) and kept("fdc_only", pc + ("frg",)) and kept("no_frg", ("frg",))
+
+
 # ---- the stage: fvgpt.train.train_plugin ---------------------------------------------------------------------------
 class Interrupted(Exception):
     pass
@@ -397,8 +480,9 @@ def expected_rows(backbone, model: FVGPTModel, samples: list[Sample], ctx: torch
         hm = 2 * acc["base"] * acc["new"] / (acc["base"] + acc["new"])
         d_fg = {f"tau{t}": ref.kl(heads["base"][base_head][on_masked], heads["fg"][base_head], t).mean().item()
                 for t in (1, 2)}
-        metrics[row] = {"base": acc["base"], "new": acc["new"], "hm": hm, "d_fg": d_fg}
-        logits[row] = (heads["base"][base_head], heads["new"][new_head])
+        base_fg = 100.0 * (heads["fg"][base_head].argmax(-1) == target["base"][on_masked]).double().mean().item()
+        metrics[row] = {"base": acc["base"], "new": acc["new"], "hm": hm, "base_fg": base_fg, "d_fg": d_fg}
+        logits[row] = (heads["base"][base_head], heads["new"][new_head], heads["fg"][base_head])
     metrics["gates"] = expected_gates(weights, heads, masks[is_base][on_masked], target, on_masked)
     return metrics, logits
 
@@ -462,11 +546,13 @@ def test_evaluation_reports_every_row_from_the_right_head(backbone, index, tmp_p
     assert set(result["models"]) == set(want)
     for row, expected in want.items():
         got = result["models"][row]
-        for key in ("base", "new", "hm"):
+        assert set(got) == set(expected), row
+        for key in ("base", "new", "hm", "base_fg"):
             assert got[key] == pytest.approx(expected[key], rel=1e-6), (row, key)
         for tau, value in expected["d_fg"].items():
             assert got["d_fg"][tau] == pytest.approx(value, rel=1e-4), (row, tau)
-    # each row's accuracy was taken on its own head's logits: match the six tensors one to one
+    # each row's accuracy was taken on its own head's logits (base and new images, base foreground views): match the
+    # nine tensors one to one
     expected_logits = [z for pair in logits.values() for z in pair]
     for i, a in enumerate(expected_logits):
         for b in expected_logits[i + 1:]:
@@ -492,24 +578,37 @@ def test_gate_statistics_without_the_frg(backbone, index):
     assert frg["agreement"] == frg["r_star_rate"]
 
 
-def test_prior_calibration_off_makes_the_new_head_z_full(backbone, index):
-    """prior_calibration=False: z_PC is z_full (fp32) and b ≡ 0, one per image, in heads() and new_head() alike."""
+@pytest.mark.parametrize("switches", [{}, {"fdc": False}, {"prior_calibration": False}], ids=["full", "pc_only",
+                                                                                           "no_pc"])
+def test_the_switches_pick_the_heads(backbone, index, switches):
+    """Each head under the ablation switches, in heads(), base_head()/adapted_text() and new_head() (the export's
+    heads) alike: without FDC the base head is z_full; without Prior Calibration the new head is the FDC head over
+    the requested labels and b ≡ 0, one per image; otherwise the heads of E6 and E11."""
     classes = base_split(index.classnames)
-    for switch in (True, False):
-        model = FVGPTModel(backbone, classes, TrainConfig(data="unused", prior_calibration=switch),
-                           PromptLearner(context(5)).requires_grad_(False))
-        perturb(model.new_plugin(S_FDC), 4)
-        tables = model.tables(classes.new_names)
-        f = torch.nn.functional.normalize(torch.randn(7, tables.learned.shape[-1],
-                                                      generator=torch.Generator().manual_seed(9)), dim=-1)
-        heads = model.heads(f, tables)
-        z_pc, b = model.new_head(f, tables.learned, tables.clip)
-        assert len(classes.new_names) != 7 and b.shape == heads.b.shape == (7,)
-        assert torch.equal(z_pc, heads.z_pc) and torch.equal(b, heads.b)
-        if switch:
-            assert b.min() > 0 and not torch.equal(z_pc, heads.z_full.float())
-        else:
-            assert not b.any() and torch.equal(z_pc, heads.z_full.float())
+    ctx = context(5)
+    model = FVGPTModel(backbone, classes, TrainConfig(data="unused", **switches),
+                       PromptLearner(ctx).requires_grad_(False))
+    perturb(model.new_plugin(S_FDC), 4)
+    rows = model.tables(classes.new_names)
+    f = torch.nn.functional.normalize(torch.randn(7, rows.learned.shape[-1],
+                                                  generator=torch.Generator().manual_seed(9)), dim=-1)
+    heads = model.heads(f, rows)
+    z_pc, b = model.new_head(f, rows.learned, rows.clip)
+    text, clip_text = tables(backbone, classes.new_names, ctx)
+    want = ref.heads(model.plugin.state_dict(), f, text, clip_text, backbone.logit_scale, S_FDC, **switches)
+    assert len(classes.new_names) != 7 and b.shape == heads.b.shape == (7,)
+    assert torch.equal(z_pc, heads.z_pc) and torch.equal(b, heads.b) and z_pc.dtype == torch.float32
+    assert torch.allclose(z_pc.double(), want["z_pc"], atol=1e-4) and torch.allclose(b.double(), want["b"], atol=1e-5)
+    base = model.base_head(f, model.adapted_text(rows.learned))
+    assert torch.equal(base, heads.z_fdc) and torch.allclose(base.double(), want["z_fdc"], atol=1e-4)
+    if switches.get("prior_calibration", True):
+        assert b.min() > 0 and not torch.allclose(z_pc, heads.z_full.float(), atol=1e-2)
+    else:
+        assert not b.any() and torch.equal(z_pc, heads.z_fdc.float())
+    if not switches.get("fdc", True):
+        assert torch.equal(heads.z_fdc, heads.z_full) and torch.equal(model.adapted_text(rows.learned), rows.learned)
+    else:
+        assert not torch.allclose(heads.z_fdc, heads.z_full, atol=1e-2)
 
 
 def test_gate_statistics_where_a_gate_sits_on_one_half(backbone, index):

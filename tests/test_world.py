@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from fvgpt.data import load_index
-from fvgpt.world import (ALL_KINDS, SCENES, ObjectKind, TaskSpec, WorldError, base_classes, caption,
-                         make_task, render, sample_placement, seeded_rng)
+from fvgpt.world import (ALL_KINDS, COLOURS, PATTERNS, SCENES, ObjectKind, TaskSpec, WorldError, base_classes,
+                         caption, distractor_placement, make_task, render, sample_placement, seeded_rng, task_classes,
+                         warm_light)
 
 SMALL = TaskSpec(world_seed=3, classes=4, correlation=0.75, shots=8, test_images=16, image_size=32)
 
@@ -38,6 +39,41 @@ def test_mask_is_exactly_the_object(kind):
     assert np.array_equal(on_grass[~mask], grass_only[~mask])
     assert np.array_equal(on_grass[mask], on_brick[mask])
     assert (on_grass[~mask] != on_brick[~mask]).any(axis=-1).mean() > 0.9  # the scenes do differ there
+
+
+@pytest.mark.parametrize("i", range(6))
+def test_a_distractor_shows_only_outside_the_mask(i):
+    """With a distractor the mask and the object's pixels stay the same; outside the mask the image is the scene
+    except where the distractor is; the distractor (drawn alone on a plain scene at the same seed) shows there."""
+    kind, other = ALL_KINDS[40 * i], ALL_KINDS[40 * i + 17]
+    seed = (9, i)
+    with_d, mask = render(kind, "sand", 64, seed, other)
+    alone, mask_alone = render(kind, "sand", 64, seed)
+    scene, _ = render(None, "sand", 64, seed)
+    assert np.array_equal(mask, mask_alone) and np.array_equal(with_d[mask], alone[mask])
+    changed = (with_d != scene).any(-1) & ~mask  # where the distractor shows
+    assert changed.sum() > 0.02 * 64 * 64, "the distractor must show beside the object"
+    assert np.array_equal(with_d[~mask & ~changed], scene[~mask & ~changed])
+
+
+def test_distractor_placement():
+    """Radius 14–20 % of the side, fully inside the image, its centre outside the labelled object's radius."""
+    rng = seeded_rng(4)
+    for _ in range(200):
+        under = sample_placement(rng, 64)
+        at = distractor_placement(rng, 64, under)
+        assert 0.14 * 64 <= at.radius <= 0.2 * 64
+        assert at.radius <= at.cx <= 64 - at.radius and at.radius <= at.cy <= 64 - at.radius
+        assert np.hypot(at.cx - under.cx, at.cy - under.cy) >= under.radius
+
+
+def test_warm_light_is_a_colour_cast():
+    image = render(ALL_KINDS[3], "snow", 32, (1, 2), ALL_KINDS[9])[0]
+    assert warm_light(image, 0.0) is image
+    warm = warm_light(image, 1.0)
+    assert warm.dtype == np.uint8 and np.array_equal(warm[..., 0], image[..., 0])
+    assert np.abs(warm[..., 1].astype(int) - np.round(image[..., 1] * 0.8)).max() == 0
+    assert np.abs(warm[..., 2].astype(int) - np.round(image[..., 2] * 0.55)).max() == 0
 
 
 @pytest.mark.parametrize("shape, fill", [("circle", np.pi / 4), ("ring", np.pi / 4 * 0.7)])
@@ -110,6 +146,39 @@ def test_generation_is_deterministic_by_seed(task, tmp_path):
     assert base_classes(other_world) != base_classes(task)
 
 
+def test_distractors_are_other_kinds_at_the_given_rate(task, tmp_path):
+    """Every image of a task with rate 1 has a distractor, of a kind that is no class of the task; at rate ½ about
+    half do; at 0 none (world v1); the file is the rendered image under the task's light."""
+    doc = _doc(task)
+    names = {c["name"] for c in doc["classes"]}
+    assert all(r["distractor"] is not None and r["distractor"] not in names for r in doc["images"])
+    assert len({r["distractor"] for r in doc["images"]}) > 10
+    half = _doc(make_task(tmp_path / "half", replace(SMALL, distractors=0.5, shots=64, test_images=2)))
+    rate = np.mean([r["distractor"] is not None for r in half["images"] if r["path"].startswith("train/")])
+    assert abs(rate - 0.5) < 0.1  # 256 draws: ± 3 standard errors
+    none = _doc(make_task(tmp_path / "none", replace(SMALL, distractors=0.0, shots=2, test_images=2)))
+    assert all(r["distractor"] is None for r in none["images"])
+    warm = make_task(tmp_path / "warm", replace(SMALL, light=0.6, shots=2, test_images=2))
+    cold = make_task(tmp_path / "cold", replace(SMALL, shots=2, test_images=2))
+    for rec in _doc(warm)["images"]:
+        image, plain = (np.asarray(Image.open(root / rec["path"])) for root in (warm, cold))
+        assert np.array_equal(image, warm_light(plain, 0.6))
+
+
+@pytest.mark.parametrize("split, values", [("colour", tuple(COLOURS)), ("pattern", PATTERNS)])
+def test_attribute_splits_give_base_and_new_disjoint_values(split, values):
+    """base and new classes take disjoint halves of the attribute's values; the random split is world v1's order."""
+    for world_seed in range(4):
+        spec = TaskSpec(world_seed=world_seed, classes=12, split=split)
+        classes = task_classes(spec.world_seed, spec.classes, split)
+        base = {getattr(c.kind, split) for c in classes if c.base}
+        new = {getattr(c.kind, split) for c in classes if not c.base}
+        assert len(classes) == 12 and len({c.kind for c in classes}) == 12 and sum(c.base for c in classes) == 6
+        assert not base & new and len(base) <= len(values) // 2 and len(new) <= len(values) // 2
+    rng = seeded_rng(2, 0)
+    assert [c.kind for c in task_classes(2, 6)] == [ALL_KINDS[i] for i in rng.permutation(len(ALL_KINDS))[:6]]
+
+
 def test_a_task_is_read_by_the_library_with_masks(task):
     index = load_index(task, SMALL.shots, seed=1)
     doc = _doc(task)
@@ -137,3 +206,9 @@ def test_bad_task_settings_are_refused():
         TaskSpec(correlation=1.5)
     with pytest.raises(WorldError, match="classes"):
         TaskSpec(classes=1)
+    with pytest.raises(WorldError, match="split must be one of random, colour, pattern"):
+        TaskSpec(split="shape")
+    with pytest.raises(WorldError, match="distractors must be in"):
+        TaskSpec(distractors=-0.1)
+    with pytest.raises(WorldError, match="light must be in"):
+        TaskSpec(light=2)

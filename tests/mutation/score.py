@@ -40,25 +40,25 @@ BATCH = ("evaluation is per image: the batch size only sets how many images go t
 TWO_D = "the logits are 2-D (images × classes): axis 1 is the last axis"
 # (function, "original → mutated" line as `mutmut show` prints it) → why no test on this host can kill it
 EQUIVALENT: dict[tuple[str, str], str] = {
-    ("fvgpt.evaluate.x__features", 'loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, '
+    ("fvgpt.evaluate.x_eval_features", 'loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, '
      'collate_fn=collate, → loader = torch.utils.data.DataLoader(dataset, collate_fn=collate,'): BATCH,
     ("fvgpt.evaluate.x_evaluate", "def evaluate(model: FVGPTModel, index: DatasetIndex, batch_size: int = 100, "
      "progress: bool = True) -> dict: → def evaluate(model: FVGPTModel, index: DatasetIndex, batch_size: int = 101, "
      "progress: bool = True) -> dict:"): BATCH,
-    ("fvgpt.evaluate.x__features", 'img = batch["img"].to(bb.device) → img = batch["img"].to(None)'): CPU,
-    ("fvgpt.evaluate.x__features", 'x_fg = foreground_view(img, batch["mask"].to(bb.device), bb.preprocess, '
+    ("fvgpt.evaluate.x_eval_features", 'img = batch["img"].to(bb.device) → img = batch["img"].to(None)'): CPU,
+    ("fvgpt.evaluate.x_eval_features", 'x_fg = foreground_view(img, batch["mask"].to(bb.device), bb.preprocess, '
      'model.cfg.fg_fill) → x_fg = foreground_view(img, batch["mask"].to(None), bb.preprocess, model.cfg.fg_fill)'): CPU,
-    ("fvgpt.evaluate.x__features", 'labels.append(batch["label"].to(bb.device)) → '
+    ("fvgpt.evaluate.x_eval_features", 'labels.append(batch["label"].to(bb.device)) → '
      'labels.append(batch["label"].to(None))'): CPU,
-    ("fvgpt.evaluate.x__features", 'has_mask.append(batch["has_mask"].to(bb.device)) → '
+    ("fvgpt.evaluate.x_eval_features", 'has_mask.append(batch["has_mask"].to(bb.device)) → '
      'has_mask.append(batch["has_mask"].to(None))'): CPU,
-    ("fvgpt.evaluate.x__features", 'areas.append(batch["mask"].to(bb.device).mean(dim=(1, 2, 3))) → '
+    ("fvgpt.evaluate.x_eval_features", 'areas.append(batch["mask"].to(bb.device).mean(dim=(1, 2, 3))) → '
      'areas.append(batch["mask"].to(None).mean(dim=(1, 2, 3)))'): CPU,
     ("fvgpt.train.x__base_loader", "collate_fn=collate, num_workers=cfg.workers, drop_last=False) → "
      "collate_fn=collate, drop_last=False)"):
         "the tests load in the main process (workers = 0, the config's default and DataLoader's); what a worker "
         "process reads is the same",
-    ("fvgpt.evaluate.x__features", "num_workers=model.cfg.workers) → )"):
+    ("fvgpt.evaluate.x_eval_features", "num_workers=model.cfg.workers) → )"):
         "the tests load in the main process (workers = 0, the config's default and DataLoader's); what a worker "
         "process reads is the same",
     ("fvgpt.evaluate.x_evaluate", "is_base = torch.tensor(split.base, device=f.device)[labels] → "
