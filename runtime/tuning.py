@@ -79,8 +79,8 @@ def mismatch(profile: dict, manifest: Manifest, host: dict[str, Any] | None = No
         return f"measured for another bundle ({profile.get('model_id')})"
     tower = manifest.towers["image"]
     for c in profile.get("candidates", []):
-        graph = tower.find(c["runtime"], c["precision"])
-        if graph is None or graph.id != c.get("tower_id"):
+        if tower.find(c["runtime"], c["precision"]) is None or \
+                manifest.variant_id(c["runtime"], c["precision"]) != c.get("tower_id"):
             return f"measured on other tower graphs ({c['name']} changed since)"
     return None
 
