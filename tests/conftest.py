@@ -84,6 +84,54 @@ def tiny_bundle(request, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def promptsrc_run(demo_data, tmp_path_factory) -> Path:
+    """A finished two-stage PromptSRC run on fvgpt-tiny (the backbone of tiny_run). Treat as read-only."""
+    from fvgpt.train import train
+
+    return train(tiny_config(demo_data, method="promptsrc", prompt_epochs=1, plugin_epochs=1),
+                 tmp_path_factory.mktemp("runs") / "promptsrc", progress=False)
+
+
+@pytest.fixture(scope="session")
+def mmrl_run(demo_data, tmp_path_factory) -> Path:
+    """A finished two-stage MMRL run on fvgpt-tiny, its representation tokens from layer 2 (a one-block trunk). Treat
+    as read-only."""
+    from fvgpt.train import train
+
+    return train(tiny_config(demo_data, method="mmrl", rep_layer=2, rep_dim=32, prompt_epochs=1, plugin_epochs=1),
+                 tmp_path_factory.mktemp("runs") / "mmrl", progress=False)
+
+
+@pytest.fixture(scope="session")
+def promptsrc_bundle(request, tmp_path_factory) -> Path:
+    """fp32 bundle of promptsrc_run: CLIP's tower (tiny_bundle's) beside its prompted tower. Read-only."""
+
+    def build(out: Path) -> Path:
+        from fvgpt_export.build import ExportOptions, export_run
+
+        return export_run(request.getfixturevalue("promptsrc_run"), out,
+                          ExportOptions(progress=False, parity_images=16))
+
+    return _bundle("promptsrc", build, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def mmrl_bundle(request, tmp_path_factory) -> Path:
+    """int8 bundle of mmrl_run (with the OpenVINO variants where OpenVINO is installed): trunk, CLIP branch, MMRL
+    branch. Read-only."""
+
+    def build(out: Path) -> Path:
+        from fvgpt_export.build import ExportOptions, export_run
+
+        openvino = importlib.util.find_spec("openvino") is not None
+        return export_run(request.getfixturevalue("mmrl_run"), out,
+                          ExportOptions(precision="int8", openvino=openvino, progress=False, parity_images=16,
+                                        calibration_images=8))
+
+    return _bundle("mmrl", build, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
 def tiny_zero_shot_bundle(tmp_path_factory) -> Path:
     """Zero-shot bundle of plain fvgpt-tiny with three labels. Treat as read-only."""
 
