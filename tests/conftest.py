@@ -117,16 +117,13 @@ def promptsrc_bundle(request, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def mmrl_bundle(request, tmp_path_factory) -> Path:
-    """int8 bundle of mmrl_run (with the OpenVINO variants where OpenVINO is installed): trunk, CLIP branch, MMRL
-    branch. Read-only."""
+    """int8 bundle of mmrl_run: trunk, CLIP branch, MMRL branch. Read-only."""
 
     def build(out: Path) -> Path:
         from fvgpt_export.build import ExportOptions, export_run
 
-        openvino = importlib.util.find_spec("openvino") is not None
         return export_run(request.getfixturevalue("mmrl_run"), out,
-                          ExportOptions(precision="int8", openvino=openvino, progress=False, parity_images=16,
-                                        calibration_images=8))
+                          ExportOptions(precision="int8", progress=False, parity_images=16))
 
     return _bundle("mmrl", build, tmp_path_factory)
 

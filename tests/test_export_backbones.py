@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fvgpt.rundir import load_run
-from fvgpt_export.build import ExportError, ExportOptions, export_model
+from fvgpt_export.build import ExportError, ExportOptions, calibration_inputs, export_model, tower_roles
 from fvgpt_export.parity import parity_pixels
 from fvgpt_export.tune import tune
 from fvgpt_export.validate import validate_bundle
@@ -167,10 +167,22 @@ def test_the_manifest_rules_for_tower_roles(mmrl_bundle, mmrl_run, tmp_path):
     assert not (tmp_path / "trt").exists()
 
 
+def test_branches_calibrate_on_the_trunks_output(mmrl_bundle, mmrl_run):
+    """OpenVINO's int8 calibration data per role: pixels for the trunk, the fp32 trunk's tokens for both branches
+    (what they read when served)."""
+    m = Manifest.read(mmrl_bundle)
+    roles = tower_roles(load_run(mmrl_run).model)
+    pixels = parity_pixels(m.preprocess, 3)
+    inputs = calibration_inputs(mmrl_bundle, roles, pixels)
+    trunk = TowerRunner(mmrl_bundle, m, "fp32", role="trunk")(pixels)
+    assert [r.name for r in roles] == ["trunk", "image", "mmrl"] and inputs["trunk"] is pixels
+    np.testing.assert_allclose(inputs["image"], trunk, atol=1e-6)
+    assert inputs["mmrl"] is inputs["image"] and trunk.shape == (7, 65, 64)
+
+
 def test_tune_measures_and_chooses_over_every_role(mmrl_bundle, tmp_path):
-    """`fvgpt tune` on an MMRL bundle: every candidate (onnx fp32 and int8, OpenVINO's where installed and gated)
-    passes the gate over all three graphs, is timed, and carries the id of its whole set of graphs; a server's choice
-    accepts the profile."""
+    """`fvgpt tune` on an MMRL bundle: every candidate (onnx fp32 and int8) passes the gate over all three graphs, is
+    timed, and carries the id of its whole set of graphs; a server's choice accepts the profile."""
     path = tmp_path / "mmrl"
     shutil.copytree(mmrl_bundle, path)
     profile = tune(path, batch_sizes=[1, 2], iters=1, warmup=0, threads=1, progress=False)
