@@ -21,6 +21,7 @@ from fvgpt_export.tune import tune
 from fvgpt_export.validate import validate_bundle
 from fvgpt_runtime.bundle import Bundle, TowerRunner
 from fvgpt_runtime.manifest import BundleError, Manifest, ManifestError
+from fvgpt_runtime.shared_towers import SharedTowers
 from fvgpt_runtime.tuning import choose
 
 NOVEL = ["rocket", "red circle", "zebra"]
@@ -195,3 +196,32 @@ def test_tune_measures_and_chooses_over_every_role(mmrl_bundle, tmp_path):
     choice = choose(path, manifest)
     assert (choice.runtime, choice.precision) == (profile["choice"]["runtime"], profile["choice"]["precision"])
     assert choice.reason.startswith("tuning profile of")
+
+
+def test_shared_towers_run_each_distinct_graph_once(tiny_bundle, promptsrc_bundle, mmrl_bundle):
+    """A CoOp, a PromptSRC and an MMRL classifier on one backbone: CLIP's tower runs once for the CoOp classifier and
+    PromptSRC's Prior Calibration (5 graph runs per image, not 1 + 2 + 3), and every bundle's features equal its own
+    towers' and give its own scores."""
+    bundles = [Bundle(p) for p in (tiny_bundle, promptsrc_bundle, mmrl_bundle)]
+    shared = SharedTowers(bundles, precision="fp32")
+    assert shared.graph_runs == 5 and sum(SharedTowers([b], "fp32").graph_runs for b in bundles) == 6
+    pixels = parity_pixels(bundles[0].preprocess, 5)
+    runs = []
+    original = TowerRunner.__call__
+
+    def counted(self, x):
+        runs.append(self.tower_id)
+        return original(self, x)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TowerRunner, "__call__", counted)
+        features = shared(pixels)
+    assert len(runs) == len(set(runs)) == 5
+    for bundle, by_role in zip(bundles, features):
+        alone = bundle.towers("fp32")(pixels) if len(bundle.manifest.towers) > 1 else \
+            {"image": bundle.tower("fp32")(pixels)}
+        assert set(alone) <= set(by_role)
+        for role, value in alone.items():
+            np.testing.assert_array_equal(by_role[role], value)
+        np.testing.assert_array_equal(bundle.scores(by_role).logits, bundle.classify(pixels, precision="fp32").logits)
+    assert features[0]["image"] is features[1]["image"]  # one computation, two readers
