@@ -28,8 +28,15 @@ if not __package__:  # `python benchmarks/mixed_repository.py`: make the repo im
 
 import numpy as np
 
-from benchmarks.common import (command_line, library_versions, load_average, machine_info, run_reporting_errors,
-                               utc_now, write_outputs)
+from benchmarks.common import (
+    command_line,
+    library_versions,
+    load_average,
+    machine_info,
+    run_reporting_errors,
+    utc_now,
+    write_outputs,
+)
 
 METHODS = ("coop", "promptsrc", "mmrl")
 CLASSES = ["red cat", "green dog", "blue car", "yellow truck", "purple bird", "orange boat", "black chair",
@@ -89,8 +96,9 @@ def training_passes(model) -> float:
 
 def generate(out: Path, model_name: str, precision: str, progress: bool) -> dict:
     """DIR/bundles/<method> and DIR/bundles/facts.json (blocks per role, training passes)."""
-    from fvgpt.backbone import load_backbone
     from fvgpt_export.build import ExportOptions, export_model
+
+    from fvgpt.backbone import load_backbone
 
     facts_path = out / "bundles" / "facts.json"
     if facts_path.is_file() and all((out / "bundles" / m / "manifest.json").is_file() for m in METHODS):
@@ -111,13 +119,13 @@ def generate(out: Path, model_name: str, precision: str, progress: bool) -> dict
 
 
 def run(args) -> dict:
-    from PIL import Image
-
-    from fvgpt.photos import photo_paths
     from fvgpt_runtime.bundle import Bundle
     from fvgpt_runtime.host import round_robin
     from fvgpt_runtime.preprocess import preprocess
     from fvgpt_runtime.shared_towers import SharedTowers
+    from PIL import Image
+
+    from fvgpt.photos import photo_paths
 
     out = Path(args.out)
     facts = generate(out, args.model, args.precision, not args.quiet)

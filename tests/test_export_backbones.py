@@ -13,8 +13,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
-from fvgpt.rundir import load_run
 from fvgpt_export.build import ExportError, ExportOptions, calibration_inputs, export_model, tower_roles
 from fvgpt_export.parity import parity_pixels
 from fvgpt_export.tune import tune
@@ -23,6 +21,8 @@ from fvgpt_runtime.bundle import Bundle, TowerRunner
 from fvgpt_runtime.manifest import BundleError, Manifest, ManifestError
 from fvgpt_runtime.shared_towers import SharedTowers
 from fvgpt_runtime.tuning import choose
+
+from fvgpt.rundir import load_run
 
 NOVEL = ["rocket", "red circle", "zebra"]
 

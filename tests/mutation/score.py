@@ -3,13 +3,18 @@
     python -m tests.mutation.score --run     # build .mutation/, run mutmut on the method's scope, then report
     python -m tests.mutation.score           # report the last run again
 
-Scope: fvgpt/plugin.py, losses.py, stats.py, metrics.py, model.py, evaluate.py, and the stage-2 part of train.py
-(train_plugin and what it runs: _run_stage, _lr_at, _base_loader, _seed, _set_progress); the tests are the method
-tests that [tool.mutmut] in pyproject.toml selects.
+    python -m tests.mutation.score --run 'fvgpt.mmrl.*' ...   # only these mutants (fnmatch patterns), then report them
 
-mutmut 3 cannot mutate decorated functions, and evaluate(), its _features() and FVGPTModel.encode_image/tables carry
-@torch.no_grad(). So the run happens in .mutation/, a copy of fvgpt/ (plus tests/, docs/, pyproject.toml) in which
-each `@torch.no_grad()` above a def is rewritten as `name = torch.no_grad()(name)` right after it: the same
+Scope: fvgpt/plugin.py, losses.py, stats.py, metrics.py, model.py, evaluate.py, the stage-2 part of train.py
+(train_plugin and what it runs: _run_stage, _lr_at, _base_loader, _seed, _set_progress), and the stage-1 learners
+of PromptSRC and MMRL with what they run (fvgpt/prompts.py, promptsrc.py, mmrl.py; train.py's train_prompt and
+_optimizer; backbone.py's ViT pieces and TextEncoder; config.py's per-method defaults); the tests are the method tests
+that [tool.mutmut] in pyproject.toml selects.
+
+mutmut 3 cannot mutate decorated functions: evaluate(), its _features() and FVGPTModel.encode_image/tables carry
+@torch.no_grad(), the learners' constructors are classmethods. So the run happens in .mutation/, a copy of fvgpt/
+(plus tests/, docs/, pyproject.toml) in which each such single decorator (`@torch.no_grad()`, `@classmethod`,
+`@staticmethod`, `@property`) above a def is rewritten as `name = decorator(name)` right after it: the same
 behaviour, and every function of the scope gets mutants. The working tree itself is never touched.
 
 The report counts killed mutants (a timeout counts as killed), survivors, and the survivors listed in EQUIVALENT
@@ -30,8 +35,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 WORK = ROOT / ".mutation"
 SCOPE = ["fvgpt.plugin.*", "fvgpt.losses.*", "fvgpt.stats.*", "fvgpt.metrics.*", "fvgpt.model.*",
-         "fvgpt.evaluate.*"] + [f"fvgpt.train.x_{name}__mutmut_*" for name in
-                                ("train_plugin", "_run_stage", "_lr_at", "_base_loader", "_seed", "_set_progress")]
+         "fvgpt.evaluate.*", "fvgpt.prompts.*", "fvgpt.promptsrc.*", "fvgpt.mmrl.*"] + [
+    f"fvgpt.train.x_{name}__mutmut_*" for name in ("train_plugin", "_run_stage", "_lr_at", "_base_loader", "_seed",
+                                                   "_set_progress", "train_prompt", "_optimizer")] + [
+    f"fvgpt.backbone.x_{name}__mutmut_*" for name in ("vit", "patch_tokens", "class_features")] + [
+    "fvgpt.backbone.xǁTextEncoderǁ*", "fvgpt.config.xǁTrainConfigǁwith_method__mutmut_*",
+    "fvgpt.config.x_mmrl_template__mutmut_*"]
+UNDECORATED = ("torch.no_grad()", "classmethod", "staticmethod", "property")
 
 CPU = ("device placement: the tests run on CPU, where .to(None), device=None or no map_location leave every tensor "
        "where it already is; a run on CUDA would kill it")
@@ -145,14 +155,16 @@ EQUIVALENT: dict[tuple[str, str], str] = {
 
 
 def undecorate(source: str) -> str:
-    """`@torch.no_grad()` + def name → def name … followed by `name = torch.no_grad()(name)` in the same scope."""
+    """`@decorator` + def name → def name … followed by `name = decorator(name)` in the same scope, for each single
+    decorator of UNDECORATED."""
     lines = source.splitlines(keepends=True)
     defs = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef) and len(n.decorator_list) == 1
-            and ast.unparse(n.decorator_list[0]) == "torch.no_grad()"]
+            and ast.unparse(n.decorator_list[0]) in UNDECORATED]
     for node in sorted(defs, key=lambda n: -n.lineno):
         decorator = node.decorator_list[0].lineno - 1
         indent = lines[decorator][:len(lines[decorator]) - len(lines[decorator].lstrip())]
-        lines.insert(node.end_lineno, f"{indent}{node.name} = torch.no_grad()({node.name})\n")
+        name = ast.unparse(node.decorator_list[0])
+        lines.insert(node.end_lineno, f"{indent}{node.name} = {name}({node.name})\n")
         del lines[decorator]
     return "".join(lines)
 
@@ -166,20 +178,20 @@ def prepare() -> None:
         path.write_text(undecorate(path.read_text()))
 
 
-def run() -> float:
+def run(scope: list[str]) -> float:
     prepare()
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # one core per mutant; fork-safe torch
     t0 = time.perf_counter()
-    subprocess.run(["mutmut", "run", "--max-children", os.environ.get("MUTATION_WORKERS", "2"), *SCOPE], cwd=WORK,
+    subprocess.run(["mutmut", "run", "--max-children", os.environ.get("MUTATION_WORKERS", "2"), *scope], cwd=WORK,
                    env=env, check=True)
     return time.perf_counter() - t0
 
 
-def results() -> dict[str, int | None]:
+def results(scope: list[str]) -> dict[str, int | None]:
     out = {}
     for meta in (WORK / "mutants" / "fvgpt").glob("*.py.meta"):
         for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
-            if any(fnmatch.fnmatch(name, pattern) for pattern in SCOPE):
+            if any(fnmatch.fnmatch(name, pattern) for pattern in scope):
                 out[name] = code
     return out
 
@@ -191,11 +203,11 @@ def mutated_line(name: str) -> str:
     return " → ".join(" / ".join(line[1:].strip() for line in changed if line[0] == sign) for sign in "-+")
 
 
-def report(seconds: float | None) -> int:
+def report(seconds: float | None, scope: list[str]) -> int:
     from mutmut.stats import status_by_exit_code
 
     by_status: dict[str, list[str]] = {}
-    for name, code in sorted(results().items()):
+    for name, code in sorted(results(scope).items()):
         by_status.setdefault(status_by_exit_code[code], []).append(name)
     if not by_status:
         print("no results: run `python -m tests.mutation.score --run` first")
@@ -221,7 +233,8 @@ def report(seconds: float | None) -> int:
 
 
 def main(argv: list[str]) -> int:
-    return report(run() if "--run" in argv else None)
+    scope = [a for a in argv if a != "--run"] or SCOPE
+    return report(run(scope) if "--run" in argv else None, scope)
 
 
 if __name__ == "__main__":
