@@ -14,11 +14,10 @@ import copy
 import json
 import math
 
-import method_reference as ref
 import pytest
 import torch
-from test_method_wiring import base_split, perturb, read_image
 
+import method_reference as ref
 from fvgpt.backbone import load_backbone
 from fvgpt.config import TrainConfig
 from fvgpt.data import load_index
@@ -27,6 +26,7 @@ from fvgpt.model import FVGPTModel
 from fvgpt.promptsrc import TEACHER_TEMPLATES
 from fvgpt.rundir import RunDirError, read_learner, read_tensors
 from fvgpt.train import train_plugin, train_prompt
+from test_method_wiring import base_split, perturb, read_image
 
 S_FDC = 37.0
 METHODS = {"promptsrc": {}, "mmrl": {"rep_dim": 16}, "mmrl_trunk": {"rep_dim": 16, "rep_layer": 2}}
