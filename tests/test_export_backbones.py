@@ -77,7 +77,22 @@ def test_promptsrc_bundle_keeps_clips_tower_shared(promptsrc_bundle, tiny_bundle
     assert "input" not in coop["towers"]["image"] and "learned_text" not in coop  # CoOp bundles read as before
 
 
-def test_mmrl_bundle_splits_the_tower_after_the_untouched_blocks(mmrl_bundle, mmrl_run, tiny_bundle, tmp_path):
+@pytest.fixture(scope="module")
+def second(promptsrc_run, mmrl_run, tmp_path_factory) -> dict:
+    """A second PromptSRC and a second MMRL classifier on the backbone: the runs' learners and plugins moved by noise,
+    exported (fp32)."""
+    out = {}
+    for name, run in (("promptsrc", promptsrc_run), ("mmrl", mmrl_run)):
+        model = load_run(run).model
+        with torch.no_grad():
+            for p in [*model.prompt.parameters(), *model.plugin.parameters()]:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+        out[name] = export_model(model, tmp_path_factory.mktemp("second") / name,
+                                 ExportOptions(progress=False, parity_images=4), "none", 0)
+    return out
+
+
+def test_mmrl_bundle_splits_the_tower_after_the_untouched_blocks(mmrl_bundle, mmrl_run, tiny_bundle, second):
     """MMRL: trunk (patch embedding + the blocks before the first representation layer) → CLIP's branch and MMRL's
     branch. trunk + CLIP branch computes exactly CLIP's tower (tiny_bundle's); each graph runs once per image; the
     trunk and CLIP branch graphs are shared with another MMRL classifier on the backbone, its MMRL branch is its own."""
@@ -109,10 +124,7 @@ def test_mmrl_bundle_splits_the_tower_after_the_untouched_blocks(mmrl_bundle, mm
     np.testing.assert_allclose(out["mmrl"], f[:, 1:], atol=1e-5)
     np.testing.assert_allclose(out["image"], f[:, 0], atol=1e-5)
 
-    with torch.no_grad():  # another MMRL classifier on the backbone: its own representation, the same trunk
-        for p in model.prompt.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    other = export_model(model, tmp_path / "other", ExportOptions(progress=False, parity_images=4), "none", 0)
+    other = second["mmrl"]  # another MMRL classifier on the backbone: its own representation, the same trunk
     o = _manifest(other)["towers"]
     for role in ("trunk", "image"):
         assert o[role]["variants"]["onnx-fp32"] == towers[role]["variants"]["onnx-fp32"]
@@ -198,13 +210,17 @@ def test_tune_measures_and_chooses_over_every_role(mmrl_bundle, tmp_path):
     assert choice.reason.startswith("tuning profile of")
 
 
-def test_shared_towers_run_each_distinct_graph_once(tiny_bundle, promptsrc_bundle, mmrl_bundle):
+def test_shared_towers_run_each_distinct_graph_once(tiny_bundle, promptsrc_bundle, mmrl_bundle, second):
     """A CoOp, a PromptSRC and an MMRL classifier on one backbone: CLIP's tower runs once for the CoOp classifier and
     PromptSRC's Prior Calibration (5 graph runs per image, not 1 + 2 + 3), and every bundle's features equal its own
-    towers' and give its own scores."""
+    towers' and give its own scores. N PromptSRC classifiers run N + 1 graphs; N MMRL classifiers the trunk and CLIP's
+    branch once and N branches (the spec's N + 1 and 1 + 0.58·N whole-tower passes)."""
     bundles = [Bundle(p) for p in (tiny_bundle, promptsrc_bundle, mmrl_bundle)]
     shared = SharedTowers(bundles, precision="fp32")
     assert shared.graph_runs == 5 and sum(SharedTowers([b], "fp32").graph_runs for b in bundles) == 6
+    for name, alone in (("promptsrc", promptsrc_bundle), ("mmrl", mmrl_bundle)):
+        pair = SharedTowers([Bundle(alone), Bundle(second[name])], "fp32")
+        assert pair.graph_runs == {"promptsrc": 2 + 1, "mmrl": 2 + 2}[name]
     pixels = parity_pixels(bundles[0].preprocess, 5)
     runs = []
     original = TowerRunner.__call__
