@@ -306,7 +306,13 @@ class Manifest:
         return short_id("towers", {role: g.id for role, g in graphs.items()})
 
     def image_tower(self, runtime: str, precision: str) -> TowerGraph:
-        """The image tower's variant for runtime × precision; a BundleError lists the variants there are."""
+        """The image tower's variant for runtime × precision, for a bundle whose features all come from it (one tower
+        role); a BundleError lists the variants there are, or says the bundle has several roles."""
+        if len(self.towers) > 1:
+            raise BundleError(f"this {(self.run or {}).get('method', '')} bundle has the tower roles "
+                              f"{', '.join(self.roles())}, not one image tower: run them with "
+                              f"fvgpt_runtime.bundle.TowerSet or SharedTowers (the server does not run such bundles "
+                              f"yet)")
         return self.tower_graph("image", runtime, precision)
 
     def tower_graph(self, role: str, runtime: str, precision: str) -> TowerGraph:

@@ -174,6 +174,8 @@ def test_the_manifest_rules_for_tower_roles(mmrl_bundle, mmrl_run, tmp_path):
     assert "same runtime × precision variants" in broken(lambda d: d["towers"]["mmrl"]["variants"].pop("onnx-int8"))
     with pytest.raises(BundleError, match="tower roles trunk, image, mmrl"):
         Bundle(mmrl_bundle).tower()
+    with pytest.raises(BundleError, match="not one image tower"):  # what a one-tower server opens: refused by name
+        Manifest.read(mmrl_bundle).image_tower("onnx", "fp32")
     with pytest.raises(ExportError, match="--tensorrt builds an engine of a one-tower bundle"):
         export_model(load_run(mmrl_run).model, tmp_path / "trt", ExportOptions(progress=False, tensorrt=True),
                      "none", 0)
