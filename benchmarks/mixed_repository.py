@@ -28,15 +28,8 @@ if not __package__:  # `python benchmarks/mixed_repository.py`: make the repo im
 
 import numpy as np
 
-from benchmarks.common import (
-    command_line,
-    library_versions,
-    load_average,
-    machine_info,
-    run_reporting_errors,
-    utc_now,
-    write_outputs,
-)
+from benchmarks.common import (command_line, library_versions, load_average, machine_info, run_reporting_errors,
+                               utc_now, write_outputs)
 
 METHODS = ("coop", "promptsrc", "mmrl")
 CLASSES = ["red cat", "green dog", "blue car", "yellow truck", "purple bird", "orange boat", "black chair",
@@ -95,14 +88,12 @@ def training_passes(model) -> float:
 
 
 def generate(out: Path, model_name: str, precision: str, progress: bool) -> dict:
-    """DIR/bundles/<method> and DIR/bundles/facts.json (blocks per role, training passes)."""
-    from fvgpt_export.build import ExportOptions, export_model
-
-    from fvgpt.backbone import load_backbone
-
+    """DIR/bundles/<method> and DIR/bundles/facts.json (blocks per role, training passes); kept when there."""
     facts_path = out / "bundles" / "facts.json"
     if facts_path.is_file() and all((out / "bundles" / m / "manifest.json").is_file() for m in METHODS):
         return json.loads(facts_path.read_text())
+    from fvgpt.backbone import load_backbone  # torch: only to generate
+    from fvgpt_export.build import ExportOptions, export_model
     backbone = load_backbone(model_name, "none", "cpu", 0)
     facts = {}
     for i, method in enumerate(METHODS):
@@ -119,13 +110,13 @@ def generate(out: Path, model_name: str, precision: str, progress: bool) -> dict
 
 
 def run(args) -> dict:
+    from PIL import Image
+
+    from fvgpt.photos import photo_paths
     from fvgpt_runtime.bundle import Bundle
     from fvgpt_runtime.host import round_robin
     from fvgpt_runtime.preprocess import preprocess
     from fvgpt_runtime.shared_towers import SharedTowers
-    from PIL import Image
-
-    from fvgpt.photos import photo_paths
 
     out = Path(args.out)
     facts = generate(out, args.model, args.precision, not args.quiet)
