@@ -57,8 +57,9 @@ class PromptLearner(nn.Module):
         self.ctx = nn.Parameter(ctx.detach().float().clone())
 
     @classmethod
-    def initial(cls, backbone: Backbone, n_ctx: int, init: str | None = None, std: float = 0.02) -> PromptLearner:
-        return cls(initial_context(backbone, n_ctx, init, std))
+    def initial(cls, backbone: Backbone, n_ctx: int, init: str | None = None) -> PromptLearner:
+        """CoOp's start: N(0, 0.02²) vectors, or the token embeddings of `init` (which must be n_ctx tokens)."""
+        return cls(initial_context(backbone, n_ctx, init))
 
     @classmethod
     def for_config(cls, backbone: Backbone, cfg: TrainConfig) -> PromptLearner:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -76,11 +77,14 @@ def reference_features(backbone, name: str, weights: dict, pixels: torch.Tensor)
     return list(ref.mmrl_image(backbone.model, pixels, tokens(weights, "to_visual"), weights["proj_rep"]))
 
 
-def reference_text(backbone, name: str, weights: dict, labels: list[str]) -> torch.Tensor:
+def reference_text(backbone, name: str, weights: dict, labels: list[str],
+                   template: str = "a photo of a {}.") -> torch.Tensor:
+    """The learner's text features through open_clip; MMRL's prompt is its template."""
     if name == "promptsrc":
         return ref.promptsrc_text(backbone.model, backbone.tokenizer, ref.learned_texts(labels, 4), weights["ctx"],
                                   weights["text_deep"])
-    return ref.mmrl_text(backbone.model, backbone.tokenizer, ref.zero_shot_texts(labels), tokens(weights, "to_text"))
+    return ref.mmrl_text(backbone.model, backbone.tokenizer, [template.format(ref.words(c)) for c in labels],
+                         tokens(weights, "to_text"))
 
 
 class BlockCalls:
@@ -172,7 +176,8 @@ def test_learners_start_as_their_papers_say(backbone):
 # ---- stage 1: one step -------------------------------------------------------------------------------------------
 def reference_stage1(backbone, name: str, weights: dict, pixels, targets, labels, cfg) -> dict[str, torch.Tensor]:
     """The stage-1 objective from open_clip's forward and the plain formulas."""
-    text = reference_text(backbone, name, weights, labels)
+    template = cfg.mmrl_template or "a photo of a {}."
+    text = reference_text(backbone, name, weights, labels, template)
     kinds = reference_features(backbone, name, weights, pixels)
     f_clip = ref.image_features(backbone.model, pixels)
     s = backbone.logit_scale
@@ -180,7 +185,7 @@ def reference_stage1(backbone, name: str, weights: dict, pixels, targets, labels
         teacher = ref.teacher_text(backbone.model, backbone.tokenizer, labels, TEACHER_TEMPLATES)
         return ref.promptsrc_loss(s * kinds[0] @ text.t(), s * f_clip @ teacher.t(), text, teacher, kinds[0], f_clip,
                                   targets, cfg.text_loss_weight, cfg.image_loss_weight)
-    teacher = ref.text_features(backbone.model, backbone.tokenizer, ref.zero_shot_texts(labels))
+    teacher = ref.text_features(backbone.model, backbone.tokenizer, [template.format(ref.words(c)) for c in labels])
     return ref.mmrl_loss(100 * kinds[0] @ text.t(), 100 * kinds[1] @ text.t(), kinds[0], f_clip, text, teacher,
                          targets, cfg.mmrl_alpha, cfg.reg_weight)
 
@@ -191,7 +196,7 @@ def test_stage1_step_wiring(backbone, index, name):
     reference's; CLIP receives none. Non-default weights, so a weight taken from the wrong field shows."""
     classes = base_split(index.classnames)
     overrides = ({"text_loss_weight": 3.0, "image_loss_weight": 7.0} if name == "promptsrc"
-                 else {"mmrl_alpha": 0.6, "reg_weight": 2.5})
+                 else {"mmrl_alpha": 0.6, "reg_weight": 2.5, "mmrl_template": "itap of a {}."})
     model = learner_model(backbone, classes, name, **overrides)
     samples, pixels, _ = images(backbone, index, classes)
     position = {label: i for i, label in enumerate(classes.base_ids)}
@@ -293,6 +298,28 @@ def test_stage1_run_replays_with_its_optimiser(backbone, index, name, tmp_path):
     assert read_learner(run, backbone, cfg).state_dict().keys() == saved.keys()
 
 
+def test_coop_and_kgcoop_learners_save_load_and_teach(backbone, tmp_path):
+    """CoOp's learner through prompt.safetensors and back; KgCoOp's regulariser pulls toward the zero-shot template's
+    text features, CoOp has none; zero-shot CLIP and MMRL have no text context."""
+    from fvgpt.rundir import atomic_save_tensors
+
+    classes = base_split(["a", "b", "c", "d", "e", "f"])
+    for method in ("coop", "kgcoop"):
+        cfg = TrainConfig(data="unused", method=method)
+        model = FVGPTModel.new_prompt(backbone, classes, cfg)
+        atomic_save_tensors(tmp_path / "prompt.safetensors", model.prompt.state_dict())
+        loaded = read_learner(tmp_path, backbone, cfg)
+        assert torch.equal(loaded.ctx, model.prompt.ctx) and type(loaded) is type(model.prompt)
+        teacher = model.prompt.teacher(model, ["red circle", "a b"])
+        if method == "coop":
+            assert teacher is None
+        else:
+            want = ref.text_features(backbone.model, backbone.tokenizer, ref.zero_shot_texts(["red circle", "a b"]))
+            assert torch.allclose(teacher, want, atol=1e-6)
+    assert FVGPTModel(backbone, classes).context is None
+    assert FVGPTModel.new_prompt(backbone, classes, config("mmrl")).context is None
+
+
 def test_a_learner_of_another_method_is_refused(backbone, tmp_path):
     """prompt.safetensors of one method read as another's: a RunDirError naming the file and the method."""
     classes = base_split(["a", "b", "c", "d", "e", "f"])
@@ -358,9 +385,13 @@ def test_stage2_step_wiring(backbone, index, name):
         assert torch.allclose(out[key].double(), want[key], rtol=1e-4, atol=1e-6), (key, out[key], want[key])
     if name != "promptsrc":
         assert not torch.allclose(h["z_new"], h["z_full"], atol=1e-2)  # MMRL's new head reads z_c, not the fusion
-    heads = model.heads(model.encode_image(pixels), tables)
+    f = model.encode_image(pixels)
+    heads = model.heads(f, tables)
     for key in ("z_full", "z_new", "z_clip", "z_fdc", "z_pc", "b"):
         assert torch.allclose(getattr(heads, key).double(), h[key], atol=1e-4), key
+    z_pc, b = model.new_head(f, tables.learned, tables.clip)  # the export's new head: the same as heads()
+    assert torch.equal(z_pc, heads.z_pc) and torch.equal(b, heads.b)
+    assert torch.allclose(model.base_head(f, model.adapted_text(tables.learned)), heads.z_fdc)
     grads = torch.autograd.grad(want["loss"], list(plugin_weights.values()))
     for (key, p), g in zip(plugin.named_parameters(), grads):
         assert p.grad is not None and torch.allclose(p.grad, g.float(), rtol=1e-3, atol=1e-6), key
@@ -406,5 +437,6 @@ def test_stage2_run_and_evaluation_rows(backbone, index, name, tmp_path):
     other = FVGPTModel(backbone, classes, model.cfg)  # zero-shot: CLIP's tower only
     with pytest.raises(ValueError, match="features of towers"):
         evaluate(other, index, 32, progress=False, features=feats)
-    assert feats.towers.startswith(method) and eval_features(other, index, 32, progress=False).towers == "clip"
+    assert re.fullmatch(f"{method}-[0-9a-f]{{16}}", feats.towers)
+    assert eval_features(other, index, 32, progress=False).towers == "clip"
     assert math.isfinite(metrics["models"]["fvgpt"]["hm"])
