@@ -169,4 +169,4 @@ def text_features(encoder: TextEncoder, token_ids: torch.Tensor, tokens: torch.T
             rep = tokens[i - start].to(x.dtype).expand(x.shape[0], -1, -1)
             x = torch.cat([x[:, :1], rep, x[:, 1 if i == start else 1 + n:]], dim=1)
         x = block(x, attn_mask=grown if i >= start else encoder.attn_mask)
-    return encoder.pool(x, token_ids, shift=n if len(tokens) else 0)
+    return encoder.pool(x, token_ids, shift=n)

@@ -183,6 +183,8 @@ def read_learner(run_dir: Path, backbone: Backbone, cfg: TrainConfig) -> nn.Modu
     tensors = read_tensors(run_dir / "prompt.safetensors")
     try:
         return LEARNERS[cfg.method].from_state(backbone, cfg, tensors)
+    except FVGPTError:  # the backbone's own problem, said as it is
+        raise
     except (KeyError, RuntimeError) as exc:
         raise RunDirError(f"{run_dir / 'prompt.safetensors'} does not hold a {cfg.method} learner for this config "
                           f"({type(exc).__name__}: {exc})") from None

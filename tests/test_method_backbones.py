@@ -318,6 +318,27 @@ def test_coop_and_kgcoop_learners_save_load_and_teach(backbone, tmp_path):
             assert torch.allclose(teacher, want, atol=1e-6)
     assert FVGPTModel(backbone, classes).context is None
     assert FVGPTModel.new_prompt(backbone, classes, config("mmrl")).context is None
+    pixels = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    coop = FVGPTModel.new_prompt(backbone, classes, TrainConfig(data="unused"))
+    assert torch.equal(coop.encode_tuned(pixels), coop.encode_image(pixels).unsqueeze(1))  # one feature: CLIP's
+
+
+def test_the_learners_need_a_clip_vit(backbone, monkeypatch, tmp_path):
+    """PromptSRC and MMRL loop over a CLIP ViT's blocks: another image tower is refused, naming the method, when a
+    learner is made and when one is read."""
+    from fvgpt.backbone import BackboneError
+    from fvgpt.rundir import atomic_save_tensors
+
+    classes = base_split(["a", "b", "c", "d", "e", "f"])
+    for name in ("promptsrc", "mmrl"):
+        model = FVGPTModel.new_prompt(backbone, classes, config(name))
+        atomic_save_tensors(tmp_path / "prompt.safetensors", model.prompt.state_dict())
+        with monkeypatch.context() as mp:
+            mp.setattr(backbone.model.visual, "pool_type", "avg")
+            with pytest.raises(BackboneError, match=f"fvgpt-tiny: {name} needs a CLIP ViT image tower"):
+                FVGPTModel.new_prompt(backbone, classes, config(name))
+            with pytest.raises(BackboneError, match=f"{name} needs a CLIP ViT"):
+                read_learner(tmp_path, backbone, config(name))
 
 
 def test_a_learner_of_another_method_is_refused(backbone, tmp_path):

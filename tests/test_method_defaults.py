@@ -199,6 +199,7 @@ def test_defaults_that_live_in_code():
     assert [fvgpt.mmrl.first_rep_layer(None, n) for n in (12, 4, 3, 2)] == [6, 2, 2, 1]
     assert fvgpt.mmrl.first_rep_layer(9, 4) == 4 and fvgpt.mmrl.REP_STD == 0.02
     assert fvgpt.promptsrc.gpa_weights(10, 15, 1)[-1] == pytest.approx(0.99592, abs=1e-5)  # the spec's 0.9959
+    assert fvgpt.promptsrc.gpa_weights(10, 1000, 1)[-1] == 1.0  # a mean far past the epochs: the last, no underflow
     assert rows["activations of adapters and gates"][1] == "ReLU"
     plugin = FVGPTPlugin(512, 64, 32, 1e-3, 100.0, 2.0)
     for adapter in (plugin.image_adapter, plugin.text_adapter):

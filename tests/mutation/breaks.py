@@ -71,7 +71,7 @@ BREAKS: dict[str, tuple[str, str, str]] = {
     "MMRL α and 1 − α swapped": ("losses.py", "loss = alpha * ce_class + (1 - alpha) * ce_rep",
                                   "loss = (1 - alpha) * ce_class + alpha * ce_rep"),
     "MMRL new head on the fused logits": ("mmrl.py", '"new": (1.0, 0.0)}', '"new": (alpha, 1.0 - alpha)}'),
-    "MMRL text EOT not moved": ("mmrl.py", "return encoder.pool(x, token_ids, shift=n if len(tokens) else 0)",
+    "MMRL text EOT not moved": ("mmrl.py", "return encoder.pool(x, token_ids, shift=n)",
                                 "return encoder.pool(x, token_ids)"),
     "x_fg through CLIP's tower (PromptSRC, MMRL)": (
         "model.py", "f, tuned_fg = self.encode_image(pixels), self.encode_tuned(x_fg)",
