@@ -11,6 +11,7 @@ prompt aggregate), and evaluation's rows (MMRL: base on the fused logits, new on
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import re
@@ -461,3 +462,6 @@ def test_stage2_run_and_evaluation_rows(backbone, index, name, tmp_path):
     assert re.fullmatch(f"{method}-[0-9a-f]{{16}}", feats.towers)
     assert eval_features(other, index, 32, progress=False).towers == "clip"
     assert math.isfinite(metrics["models"]["fvgpt"]["hm"])
+    model.cfg = dataclasses.replace(model.cfg, fdc=False)  # PC only: no base branch, so no foreground gate to report
+    gates = evaluate(model, index, 32, progress=False, features=feats)["gates"]
+    assert gates["frg"] is None and metrics["gates"]["frg"]["r"]["n"] > 0
