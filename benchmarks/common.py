@@ -82,41 +82,6 @@ def decode_batch(photos: list[tuple[str, bytes]], batch: int, cfg) -> np.ndarray
     return np.stack(arrays)
 
 
-def server_processes(server_pid: int) -> dict[str, list]:
-    """The worker processes (psutil.Process) of a `bentoml serve` process, by role: "api" (the FVGPT service) and
-    "encoder" (fvgpt-encoder), told apart by their command lines."""
-    import psutil
-
-    roles: dict[str, list] = {"api": [], "encoder": []}
-    for proc in psutil.Process(server_pid).children(recursive=True):
-        try:
-            cmd = proc.cmdline()
-        except psutil.NoSuchProcess:
-            continue
-        if "_bentoml_impl.worker.service" in cmd:
-            roles["encoder" if "fvgpt-encoder" in cmd else "api"].append(proc)
-    return roles
-
-
-def rss_mib(server_pid: int) -> dict[str, float]:
-    """RSS of the API worker, the encoder worker and all the server's processes together."""
-    import psutil
-
-    out = {"api": 0.0, "encoder": 0.0, "total": 0.0}
-    root = psutil.Process(server_pid)
-    roles = server_processes(server_pid)
-    for proc in [root, *root.children(recursive=True)]:
-        try:
-            rss = proc.memory_info().rss / 2**20
-        except psutil.NoSuchProcess:
-            continue
-        out["total"] += rss
-        for role in ("api", "encoder"):
-            if any(p.pid == proc.pid for p in roles[role]):
-                out[role] += rss
-    return out
-
-
 def write_outputs(out: Path, stem: str, report: dict, rows: list[dict]) -> tuple[Path, Path]:
     """`stem`.json (the whole report) and `stem`.csv (one row per measurement, the columns of the first row)."""
     out.mkdir(parents=True, exist_ok=True)

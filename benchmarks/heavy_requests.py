@@ -36,7 +36,7 @@ if not __package__:  # `python benchmarks/heavy_requests.py`: make the repo impo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (BenchError, command_line, library_versions, load_average, machine_info, photo_bytes,
-                               run_and_write, server_processes, utc_now)
+                               run_and_write, utc_now)
 from benchmarks.soak import Server, heavy_pngs, tiny_bundle
 
 MODULES = {"fvgpt": "fvgpt", "fvgpt_runtime": "runtime", "fvgpt_export": "export", "fvgpt_serving": "serving"}
@@ -46,8 +46,8 @@ ADMIT_PIXELS = 1_000_000_000
 def checkout_env(checkout: Path, work: Path) -> dict[str, str]:
     """Environment that makes `python -m fvgpt.cli` import the packages of another checkout (links named as the
     installed modules, first on PYTHONPATH, ahead of this checkout's editable install)."""
-    if not (checkout / "serving" / "service.py").is_file():
-        raise BenchError(f"--baseline {checkout}: not a checkout of this repository (no serving/service.py)")
+    if not (checkout / "serving" / "cli.py").is_file():
+        raise BenchError(f"--baseline {checkout}: not a checkout of this repository (no serving/cli.py)")
     links = work / "baseline-path"
     links.mkdir()
     for module, folder in MODULES.items():
@@ -59,6 +59,8 @@ class RssPeak:
     """The API process's RSS, sampled every 50 ms while in use."""
 
     def __init__(self, server: Server):
+        from fvgpt_serving.process import server_processes
+
         self.proc = server_processes(server.proc.pid)["api"][0]
         self.peak = 0.0
         self._stop = threading.Event()

@@ -13,7 +13,7 @@ classifiers take minutes and little disk. The result is DIR/clf-0000/1/ ... (re-
 
 run: for each size K, a server on a view of the first K classifiers (hard links again), and per K: the time until
 all K are loaded and ready; the images/s of one-image requests at --concurrency when each names one random
-classifier, and when each names all of them ("models": "*"); the RSS of the API and encoder processes; the time a new
+classifier, and when each names all of them ("models": "*"); the RSS of the API and tower processes; the time a new
 bundle renamed into the folder takes to be served. RSS per added classifier is the slope between the smallest and
 each larger K. Writes model_repository.json and .csv.
 """
@@ -36,7 +36,7 @@ if not __package__:  # `python benchmarks/model_repository.py`: make the repo im
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (BenchError, command_line, int_list, library_versions, load_average, machine_info,
-                               photo_bytes, rss_mib, utc_now, write_outputs)
+                               photo_bytes, utc_now, write_outputs)
 from benchmarks.http_load import check_service, multipart, parse_target, run_level
 
 PREFIX = "clf"
@@ -174,7 +174,8 @@ class Server:
     """`fvgpt serve --repository DIR` on a free loopback port, stopped by process id."""
 
     def __init__(self, folder: Path, log: Path, poll_s: float, env: dict[str, str]):
-        from fvgpt_serving.cli import free_port, server_command
+        from fvgpt_serving.cli import server_command
+        from fvgpt_serving.process import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -187,13 +188,13 @@ class Server:
                                      stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait(self, timeout_s: float) -> float:
-        from fvgpt_serving.cli import wait_ready
+        from fvgpt_serving.process import wait_ready
 
         wait_ready(self.proc, self.url, timeout_s)
         return time.perf_counter() - self.started
 
     def stop(self) -> None:
-        from fvgpt_serving.cli import stop
+        from fvgpt_serving.process import stop
 
         stop(self.proc)
         self.log.close()
@@ -250,8 +251,10 @@ def measure(repository: Path, k: int, args, work: Path) -> dict:
                   f"{r['errors']} errors", file=sys.stderr)
         row["all_cost_vs_one"] = (row["one_images_per_s"] / row["all_images_per_s"]
                                   if row["all_images_per_s"] else None)
+        from fvgpt_serving.process import rss_mib
+
         rss = rss_mib(server.proc.pid)
-        row |= {"rss_api_mib": rss["api"], "rss_encoder_mib": rss["encoder"], "rss_total_mib": rss["total"]}
+        row |= {"rss_api_mib": rss["api"], "rss_tower_mib": rss["tower"], "rss_total_mib": rss["total"]}
         pickups = [pickup_seconds(server, src, folder, f"new-{i}", headers, args.ready_timeout)
                    for i, src in enumerate(extra)]
         row |= {"pickup_s_max": max(pickups, default=None), "pickup_s_mean": sum(pickups) / len(pickups)
@@ -299,7 +302,7 @@ def run(args) -> dict:
 
 
 def markdown_table(report: dict) -> str:
-    lines = ["| K | load s | one: images/s | all: images/s | all ÷ one cost | RSS API MiB | RSS encoder MiB | "
+    lines = ["| K | load s | one: images/s | all: images/s | all ÷ one cost | RSS API MiB | RSS tower MiB | "
              "MiB per added classifier | pick-up s (max) |", "|---|---|---|---|---|---|---|---|---|"]
 
     def f(v, fmt=".2f"):
@@ -308,7 +311,7 @@ def markdown_table(report: dict) -> str:
     for r in report["results"]:
         lines.append(f"| {r['classifiers']} | {f(r['load_s'], '.1f')} | {f(r['one_images_per_s'])} | "
                      f"{f(r['all_images_per_s'])} | {f(r['all_cost_vs_one'])} | {f(r['rss_api_mib'], '.0f')} | "
-                     f"{f(r['rss_encoder_mib'], '.0f')} | {f(r['rss_per_added_classifier_mib'], '.3f')} | "
+                     f"{f(r['rss_tower_mib'], '.0f')} | {f(r['rss_per_added_classifier_mib'], '.3f')} | "
                      f"{f(r['pickup_s_max'])} |")
     return "\n".join(lines)
 

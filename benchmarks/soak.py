@@ -9,7 +9,7 @@ multipart, bad base64 and data URIs, broken and oversized images, hostile labels
 methods, protocol garbage, a lying Content-Length); beside them one slowloris thread keeps a connection with
 half-sent headers or a half-sent body open at all times. Faults are injected at fixed fractions of the run:
 
-  25%  the encoder process is killed (SIGKILL); BentoML starts a new one
+  25%  the tower worker is killed (SIGKILL); the engine starts a new one and opens its towers again
   50%  big inputs: four requests of sixteen grey 7000² PNGs, and sixteen 26 MiB bodies at once
   75%  SIGTERM to the server while eight requests of eight grey 3000² PNGs each (seconds of decoding) are in
        flight, besides the clients' traffic: they must all be answered, the server must exit 0; a new server is
@@ -17,9 +17,9 @@ half-sent headers or a half-sent body open at all times. Faults are injected at 
 
 Reported: requests by kind and outcome; 5xx answers outside the faults' own windows (a fault's window runs from its
 injection until /readyz is 200 again; target 0) and 500s anywhere (target 0); p50/p99 latency of valid requests; the
-RSS of the API and encoder processes every second; batch-independence violations: every valid answer is compared with
-the bundle's answer for the same image computed alone in this process (same ranking, probabilities within 1e-5;
-target 0). Writes soak.json and soak.csv (the RSS series).
+RSS of the API worker and the tower worker every second; batch-independence violations: every valid answer is
+compared with the bundle's answer for the same image computed alone in this process (same ranking, probabilities
+within 1e-5; target 0). Writes soak.json and soak.csv (the RSS series).
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ if not __package__:  # `python benchmarks/soak.py`: make the repo importable lik
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (BenchError, command_line, latency_summary, library_versions, load_average,
-                               machine_info, photo_bytes, run_and_write, server_processes, utc_now)
+                               machine_info, photo_bytes, run_and_write, utc_now)
 
 MAX_MINUTES = 60.0
 LABEL_SETS = (None, ["a cat", "a rocket", "a cup of coffee"], ["an astronaut", "a dog"])
@@ -85,7 +85,7 @@ class Server:
     """`fvgpt serve BUNDLE` on a free loopback port, in its own process group."""
 
     def __init__(self, bundle: Path, log: Path, env: dict[str, str]):
-        from fvgpt_serving.cli import free_port
+        from fvgpt_serving.process import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -95,12 +95,12 @@ class Server:
                                      start_new_session=True)
 
     def wait(self, timeout_s: float = 300) -> None:
-        from fvgpt_serving.cli import wait_ready
+        from fvgpt_serving.process import wait_ready
 
         wait_ready(self.proc, self.url, timeout_s)
 
     def close(self) -> None:
-        from fvgpt_serving.cli import stop
+        from fvgpt_serving.process import stop
 
         stop(self.proc)
         self.log.close()
@@ -285,11 +285,13 @@ def slowloris(soak: Soak, timeout_s: float) -> None:
 def sample_rss(soak: Soak, server_pid_of, t_start: float) -> None:
     import psutil
 
+    from fvgpt_serving.process import server_processes
+
     while not soak.stop.is_set():
-        row = {"t": round(time.time() - t_start, 1), "api_mib": None, "encoder_mib": None}
+        row = {"t": round(time.time() - t_start, 1), "api_mib": None, "tower_mib": None}
         try:
             roles = server_processes(server_pid_of())
-            for role in ("api", "encoder"):
+            for role in ("api", "tower"):
                 row[f"{role}_mib"] = round(sum(p.memory_info().rss for p in roles[role]) / 2**20, 1)
         except (psutil.Error, IndexError):
             pass
@@ -301,31 +303,30 @@ def sample_rss(soak: Soak, server_pid_of, t_start: float) -> None:
 # ---- faults -----------------------------------------------------------------------------------------------------
 
 def wait_ready_again(url: str, timeout_s: float = 120) -> float:
-    import httpx
+    """When /readyz answered 200 again (time.time())."""
+    from fvgpt_serving.process import wait_ready
 
+    try:
+        wait_ready(None, url, timeout_s, every_s=0.2)
+    except RuntimeError as exc:
+        raise BenchError(f"{url}: {exc}") from None
+    return time.time()
+
+
+def kill_tower_worker(soak: Soak, server: Server) -> None:
+    from fvgpt_serving.process import server_processes
+
+    tower = server_processes(server.proc.pid)["tower"][0]
     t0 = time.time()
-    while time.time() - t0 < timeout_s:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return time.time()
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise BenchError(f"{url} was not ready again within {timeout_s:.0f} s")
-
-
-def kill_encoder(soak: Soak, server: Server) -> None:
-    encoder = server_processes(server.proc.pid)["encoder"][0]
-    t0 = time.time()
-    encoder.send_signal(signal.SIGKILL)
+    tower.send_signal(signal.SIGKILL)
     probe = time.time()
     import httpx
 
     readyz = httpx.get(f"{server.url}/readyz", timeout=10)
     readyz_s = time.time() - probe
     back = wait_ready_again(server.url)
-    soak.windows.append(("encoder kill", t0, back))
-    soak.faults.append({"fault": "encoder kill", "readyz_while_down": readyz.status_code,
+    soak.windows.append(("tower worker kill", t0, back))
+    soak.faults.append({"fault": "tower worker kill", "readyz_while_down": readyz.status_code,
                         "readyz_answer_s": round(readyz_s, 3), "back_after_s": round(back - t0, 1)})
 
 
@@ -413,7 +414,7 @@ def summarize(soak: Soak) -> dict:
                               if r.kind in ("hostile", "slowloris") and not r.outcome.startswith("4xx"))
     valid_ok = [r.latency for r in outside if r.kind == "valid" and r.outcome == "200"]
     api = [row["api_mib"] for row in soak.rss if row["api_mib"]]
-    encoder = [row["encoder_mib"] for row in soak.rss if row["encoder_mib"]]
+    tower = [row["tower_mib"] for row in soak.rss if row["tower_mib"]]
     return {"requests": len(soak.records), "outcomes": outcomes,
             "5xx_outside_fault_windows": dict(fivexx), "500_anywhere": sum(r.outcome == "500" for r in soak.records),
             "transport_errors_outside_fault_windows": sum(not r.outcome[0].isdigit() and r.kind == "valid"
@@ -422,7 +423,7 @@ def summarize(soak: Soak) -> dict:
             "valid_latency": latency_summary(valid_ok), "valid_ok": len(valid_ok),
             "batch_independence_violations": len(soak.violations), "violations": soak.violations[:20],
             "rss_mib": {"api_first": api[0] if api else None, "api_max": max(api, default=None),
-                        "api_last": api[-1] if api else None, "encoder_max": max(encoder, default=None)},
+                        "api_last": api[-1] if api else None, "tower_max": max(tower, default=None)},
             "faults": soak.faults}
 
 
@@ -456,7 +457,7 @@ def run(args) -> dict:
         for t in threads:
             t.start()
         duration = args.minutes * 60
-        schedule = [(0.25, lambda: kill_encoder(soak, servers[-1])),
+        schedule = [(0.25, lambda: kill_tower_worker(soak, servers[-1])),
                     (0.50, lambda: big_inputs(soak, servers[-1].url, args.timeout)),
                     (0.75, lambda: servers.append(sigterm(soak, servers[-1], bundle, log, env, args.timeout)))]
         for at, fault in schedule:

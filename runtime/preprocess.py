@@ -84,6 +84,8 @@ def preprocess(image: Image.Image, cfg: Preprocess) -> np.ndarray:
         image = image.resize((cfg.size, cfg.size), resample)
     else:
         image = _center_crop(_resize_shortest(image, cfg.size, resample), cfg.size)
-    arr = np.asarray(image.convert("RGB") if image.mode == "L" else image, dtype=np.float32) / np.float32(255.0)
-    arr = (arr - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
+    arr = np.asarray(image.convert("RGB") if image.mode == "L" else image, dtype=np.float32)  # a new array
+    arr /= np.float32(255.0)  # in place: the same operations in the same order, without three temporary copies
+    arr -= np.asarray(cfg.mean, np.float32)
+    arr /= np.asarray(cfg.std, np.float32)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))

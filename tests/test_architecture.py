@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fvgpt_serving.cli import free_port, server_command, stop, wait_ready
+from fvgpt_serving.cli import server_command
+from fvgpt_serving.process import free_port, stop, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = {"fvgpt": REPO / "fvgpt", "fvgpt_runtime": REPO / "runtime", "fvgpt_export": REPO / "export",
@@ -24,6 +26,8 @@ TORCH = {"torch", "torchvision", "open_clip"}
 FOLDER_NAMES = {"export", "serving", "runtime"}  # never importable names of installed code
 # benchmark scripts on the serving hot path: they measure the runtime, so they may not pull torch in
 TORCH_FREE_BENCHMARKS = {"benchmarks.common", "benchmarks.http_load", "benchmarks.graph_overhead"}
+# web frameworks: only the shell around the serving engine (fvgpt_serving.shell) may import them
+WEB = {"bentoml", "_bentoml_sdk", "_bentoml_impl", "starlette", "uvicorn", "h11", "fastapi", "circus"}
 
 
 def _modules() -> dict[str, Path]:
@@ -79,6 +83,10 @@ def violations() -> list[str]:
                 "imports the exporter from serving": package == "fvgpt_serving" and top in {"fvgpt_export",
                                                                                           "benchmarks"},
                 "imports benchmarks from the library": package != "benchmarks" and top == "benchmarks",
+                "imports a web framework outside the serving shell": top in WEB and (
+                    package in ("fvgpt", "fvgpt_runtime", "fvgpt_export") or module.startswith("fvgpt_serving.engine")),
+                "imports the serving shell from the engine": module.startswith("fvgpt_serving.engine")
+                    and name.startswith("fvgpt_serving.shell"),
             }
             problems += [f"{module} imports {name}: {rule}" for rule, broken in rules.items() if broken]
     return problems
@@ -89,14 +97,25 @@ def test_import_rules_hold():
 
 
 def test_the_checker_sees_a_violation(tmp_path, monkeypatch):
-    """The rules are live: a runtime module that imports torch lazily, inside a function, is caught."""
+    """The rules are live: a runtime module that imports torch lazily, inside a function, is caught, and so is an
+    engine module that imports BentoML, Starlette or uvicorn, or the shell."""
     fake = tmp_path / "runtime"
     fake.mkdir()
     (fake / "bad.py").write_text("def f():\n    import torch\n    from fvgpt.model import FVGPTModel\n")
     monkeypatch.setitem(PACKAGES, "fvgpt_runtime", fake)
+    serving = tmp_path / "serving"
+    shutil.copytree(REPO / "serving", serving)
+    (serving / "engine" / "bad.py").write_text("import bentoml\n\ndef f():\n    from starlette.requests import "
+                                               "Request\n    import uvicorn\n    from ..shell import service\n")
+    monkeypatch.setitem(PACKAGES, "fvgpt_serving", serving)
     found = violations()
     assert any("fvgpt_runtime.bad imports torch" in v for v in found)
     assert any("fvgpt_runtime.bad imports fvgpt.model" in v for v in found)
+    for name in ("bentoml", "starlette.requests", "uvicorn"):
+        assert f"fvgpt_serving.engine.bad imports {name}: imports a web framework outside the serving shell" in found
+    assert "fvgpt_serving.engine.bad imports fvgpt_serving.shell.service: imports the serving shell from the " \
+           "engine" in found
+    assert not [v for v in found if "fvgpt_serving.shell" in v.split(" imports ")[0]]  # the shell may
 
 
 BLOCKER = textwrap.dedent("""

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from conftest import needs_torch
-from fvgpt_serving.cli import free_port, stop, wait_ready
+from fvgpt_serving.process import free_port, stop, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -293,7 +293,7 @@ def test_model_repository_generates_valid_bundles_and_measures_a_server(generate
     for row in report["results"]:
         assert row["one_errors"] == row["all_errors"] == 0 and row["one_requests"] == row["all_requests"] == 6
         assert row["one_images_per_s"] > 0 and row["all_images_per_s"] > 0 and row["load_s"] > 0
-        assert row["rss_api_mib"] > 0 and row["rss_encoder_mib"] > 0 and row["pickups"] == 1
+        assert row["rss_api_mib"] > 0 and row["rss_tower_mib"] > 0 and row["pickups"] == 1
         assert 0 < row["pickup_s_max"] < 30
     assert report["results"][0]["rss_per_added_classifier_mib"] is None
     assert report["results"][1]["rss_per_added_classifier_mib"] is not None

@@ -30,7 +30,8 @@ from fvgpt_runtime.manifest import MANIFEST, Manifest
 from fvgpt_runtime.openvino import unsupported
 from fvgpt_runtime.preprocess import preprocess
 from fvgpt_runtime.tuning import PROFILE, choose, read_profile
-from fvgpt_serving.cli import free_port, server_command, stop, wait_ready
+from fvgpt_serving.cli import server_command
+from fvgpt_serving.process import free_port, stop, wait_ready
 
 pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install '.[openvino]')")
 QUICK = {"progress": False, "parity_images": 16, "calibration_images": 16}

@@ -1,9 +1,11 @@
-"""A model repository in one server: real `bentoml serve` processes on loopback, real bundles, no mocks.
+"""A model repository in one engine, in-process: real bundles, real towers in the engine's worker process, the
+folder polled for changes; no server, no mocks.
 
-One repository server for the module (API key set, polling every 2 s) holds two classifiers' versions on the tiny
+One repository engine for the module (API key set, polling every 0.5 s) holds two classifiers' versions on the tiny
 tower (shapes@1, shapes@2), a zero-shot classifier on it (animals, unversioned), two generated classifiers on another
 tower (other-a, other-b), a bundle that fails verification (broken) and a folder that is no bundle (empty). A second
-server serves other-a's bundle alone, for the "equals serving that bundle alone" comparison.
+engine serves other-a's bundle alone, for the "equals serving that bundle alone" comparison. (The OpenAPI document is
+checked against a real server's answers in tests/test_serving_http.py.)
 """
 from __future__ import annotations
 
@@ -13,16 +15,13 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
-from openapi_schema_validator import OAS30Validator
-from openapi_schema_validator import validate as validate_schema
-from openapi_spec_validator import validate as validate_document
 
 from fvgpt_runtime.bundle import Bundle
 from fvgpt_runtime.manifest import Manifest
-from fvgpt_serving.repository import Found, Snapshot, scan
-from test_serving import Server, assert_matches, b64, photo_bytes, post_files, post_json, returned, running
+from fvgpt_runtime.repository import Found, scan
+from fvgpt_serving.engine.repository import Snapshot
+from serving_support import assert_matches, b64, engine_client, photo_bytes, post_files, post_json, returned
 
 pytestmark = pytest.mark.slow
 
@@ -47,18 +46,15 @@ def layout(tiny_bundle, tiny_bundle_seed2, tiny_zero_shot_bundle, generated_repo
 
 
 @pytest.fixture(scope="module")
-def servers(layout, generated_repository, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("repository-logs")
-    repo = Server(layout, logs / "repository.log", repository=True, FVGPT_API_KEY=KEY, FVGPT_POLL_S="2",
-                  FVGPT_READY_TTL_S="0")
-    alone = Server(generated_repository / "clf-0000" / "1", logs / "alone.log")
-    with running(repo, alone):
+def servers(layout, generated_repository):
+    with engine_client(layout, repository=True, FVGPT_API_KEY=KEY, FVGPT_POLL_S="0.5", FVGPT_READY_TTL_S="0") as repo, \
+            engine_client(generated_repository / "clf-0000" / "1", FVGPT_POLL_S="0") as alone:
         yield repo, alone
 
 
 @pytest.fixture(scope="module")
-def url(servers) -> str:
-    return servers[0].url
+def url(servers):
+    return servers[0]
 
 
 def bundles(layout: Path) -> dict[str, Bundle]:
@@ -67,13 +63,13 @@ def bundles(layout: Path) -> dict[str, Bundle]:
             "other-b@7": Bundle(layout / "other-b" / "7")}
 
 
-def listed(url: str) -> dict[str, dict]:
-    r = httpx.get(f"{url}/models", headers=AUTH, timeout=30)
+def listed(url) -> dict[str, dict]:
+    r = url.get("/models", headers=AUTH)
     assert r.status_code == 200, r.text
     return {f"{m['name']}@{m['version']}": m for m in r.json()["models"]}
 
 
-def wait_for(url: str, condition, what: str) -> float:
+def wait_for(url, condition, what: str) -> float:
     t0 = time.monotonic()
     while time.monotonic() - t0 < PICKUP_TIMEOUT_S:
         if condition(listed(url)):
@@ -93,9 +89,9 @@ def swap_in(source: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def tower_images(url: str) -> dict[str, int]:
-    """Images each tower has run (the encoder's count, GET /info)."""
-    return {t["tower_id"]: t["images"] for t in httpx.get(f"{url}/info", headers=AUTH).json()["towers"]}
+def tower_images(url) -> dict[str, int]:
+    """Images each tower has run (GET /info)."""
+    return {t["tower_id"]: t["images"] for t in url.get("/info", headers=AUTH).json()["towers"]}
 
 
 # ---- layout rules (no server) -----------------------------------------------------------------------------------
@@ -136,10 +132,10 @@ def test_models_lists_every_version_with_its_state(url, layout):
     assert {m["tower_id"] for k, m in models.items() if k.split("@")[0] in ("shapes", "animals")} == {tiny_tower}
     assert models["other-a@1"]["tower_id"] == models["other-b@7"]["tower_id"] == other_tower
     assert models["animals@1"]["kind"] == "zero-shot" and models["shapes@1"]["classes"] == 6
-    info = httpx.get(f"{url}/info", headers=AUTH).json()
+    info = url.get("/info", headers=AUTH).json()
     assert {t["tower_id"] for t in info["towers"]} == {tiny_tower, other_tower}  # one tower per tower id
     assert info["classifiers"] == {"versions": len(models), "ready": 5} and "model_id" not in info
-    assert httpx.get(f"{url}/info?model=shapes@1", headers=AUTH).json()["tower"]["tower_id"] == tiny_tower
+    assert url.get("/info", params={"model": "shapes@1"}, headers=AUTH).json()["tower"]["tower_id"] == tiny_tower
 
 
 def test_selection_forms(url, layout):
@@ -188,7 +184,7 @@ LABEL_SETS = {"every class": None, "new labels": ["a cat", "an astronaut", "a cu
 def test_every_classifier_equals_its_bundle_alone(servers, layout, labels):
     """Several classifiers on two towers in one request: each result equals that bundle's own (in-process
     Bundle.classify on the same bytes, and a server holding only that bundle for other-a)."""
-    url, alone = servers[0].url, servers[1].url
+    url, alone = servers
     chosen = LABEL_SETS[labels]
     refs = ["shapes@1", "shapes@2", "animals@1", "other-a@1", "other-b@7"]
     images = [photo_bytes(i) for i in range(3)]
@@ -233,7 +229,7 @@ def test_hot_add_replace_and_remove(url, layout, tiny_bundle, tiny_bundle_seed2)
     assert r.status_code == 200, r.text
     assert_matches(old, r.json()["results"][0], photo_bytes(3), None)
 
-    answers: list[httpx.Response] = []
+    answers: list = []
     stop = threading.Event()
 
     def hammer() -> None:  # requests in flight while the version is replaced
@@ -270,7 +266,7 @@ def test_broken_bundles_are_refused_and_the_others_keep_serving(url, layout, tin
     os.replace(bad, layout / "garbled")
     wait_for(url, lambda m: m.get("garbled@1", {}).get("state") == "failed", "garbled refused")
     assert "not valid JSON" in listed(url)["garbled@1"]["reason"]
-    assert httpx.get(f"{url}/readyz", timeout=30).status_code == 200
+    assert url.ready()
     r = post_json(url, {"images": [b64(photo_bytes(0))], "models": "*"}, AUTH)
     assert r.status_code == 200 and len(r.json()["results"][0]["models"]) == 4
     swap_in(layout / "shapes" / "1", layout / "broken" / "1")  # fixed by a good copy
@@ -281,54 +277,22 @@ def test_broken_bundles_are_refused_and_the_others_keep_serving(url, layout, tin
 
 
 def test_admin_reload_picks_up_at_once_and_needs_the_key(url, layout, tiny_zero_shot_bundle):
-    assert httpx.post(f"{url}/admin/reload").status_code == 401
-    assert httpx.get(f"{url}/models").status_code == 401
+    assert url.post("/admin/reload").status_code == 401
+    assert url.get("/models").status_code == 401
     staging = layout / ".pets"
     shutil.copytree(tiny_zero_shot_bundle, staging)
     os.replace(staging, layout / "pets")
-    r = httpx.post(f"{url}/admin/reload", headers=AUTH, timeout=60)
+    r = url.post("/admin/reload", headers=AUTH)
     assert r.status_code == 200, r.text
     assert {m["name"]: m["state"] for m in r.json()["models"]}["pets"] == "ready"
     assert post_json(url, {"images": [b64(photo_bytes(0))], "model": "pets"}, AUTH).status_code == 200
     shutil.rmtree(layout / "pets")
-    r = httpx.post(f"{url}/admin/reload", headers=AUTH, timeout=60)
+    r = url.post("/admin/reload", headers=AUTH)
     assert "pets@1" in r.json()["changes"]["removed"] and "pets" not in {m["name"] for m in r.json()["models"]}
 
 
-def test_openapi_document_has_our_routes_and_their_schemas(url, layout):
-    doc = httpx.get(f"{url}/docs.json").json()  # no key: like BentoML's own
-    validate_document(doc)  # a valid OpenAPI 3.0 document, BentoML's part included
-    for path, method in (("/classify", "post"), ("/models", "get"), ("/labels", "get"), ("/info", "get"),
-                         ("/admin/reload", "post")):
-        assert "200" in doc["paths"][path][method]["responses"], path
-    body = doc["paths"]["/classify"]["post"]["requestBody"]["content"]
-    assert set(body) == {"application/json", "multipart/form-data"}
-
-    def check(instance, name: str) -> None:
-        validate_schema(instance, {"$ref": f"#/components/schemas/{name}", "components": doc["components"]},
-                        cls=OAS30Validator)
-
-    request = {"images": [b64(photo_bytes(0))], "models": ["shapes", "other-a"], "labels": ["a cat", "cat"],
-               "top_k": 2}
-    check(request, "ClassifyJSON")
-    check(request | {"models": "*"}, "ClassifyJSON")
-    with pytest.raises(Exception):
-        check(request | {"topk": 2}, "ClassifyJSON")  # the schema forbids what the server refuses
-    check(post_json(url, request, AUTH).json(), "MultiClassifyResponse")
-    single = post_files(url, [photo_bytes(0)], AUTH, model="shapes").json()
-    check(single, "ClassifyResponse")
-    with pytest.raises(Exception):
-        check(single, "MultiClassifyResponse")
-    check(post_json(url, {"images": ["http://x"], "model": "shapes"}, AUTH).json(), "Error")
-    check(httpx.get(f"{url}/models", headers=AUTH).json(), "ModelsResponse")
-    check(httpx.get(f"{url}/labels?model=animals", headers=AUTH).json(), "LabelsResponse")
-    check(httpx.get(f"{url}/info?model=other-a", headers=AUTH).json(), "InfoResponse")
-    check(httpx.get(f"{url}/info", headers=AUTH).json(), "InfoResponse")
-    check(httpx.post(f"{url}/admin/reload", headers=AUTH, timeout=60).json(), "ReloadResponse")
-
-
 def test_labels_need_a_model_when_there_are_several(url, layout):
-    r = httpx.get(f"{url}/labels", headers=AUTH)
+    r = url.get("/labels", headers=AUTH)
     assert r.status_code == 400 and "name one with 'model'" in r.json()["error"]
-    doc = httpx.get(f"{url}/labels?model=shapes@1", headers=AUTH).json()
+    doc = url.get("/labels", params={"model": "shapes@1"}, headers=AUTH).json()
     assert doc["model_id"] == Bundle(layout / "shapes" / "1").model_id and len(doc["classes"]) == 6

@@ -1,70 +1,42 @@
-"""The model repository of the API process: which classifiers a folder holds, in which versions, which of them are
-loaded (ready) and which were refused (failed, with the reason), and how a request's `model`/`models` resolve.
+"""The live model repository: which classifier versions a server holds, each loaded once, and how a request's
+"model" / "models" resolve to them. The folder layout and references are fvgpt_runtime.repository's.
 
-Layout (like Triton's model repository):
-
-    DIR/NAME/VERSION/manifest.json ...   a classifier NAME in integer-named versions; the highest ready one is served
-                                         unless a request names one (NAME@VERSION)
-    DIR/NAME/manifest.json ...           a classifier with one version, "1"
-
-A single bundle (`fvgpt serve BUNDLE`) is a repository of one: NAME is the bundle folder's name, its version "1".
-Entries whose name starts with "." are ignored, so `cp -r b DIR/.b.tmp && mv DIR/.b.tmp DIR/b` adds a bundle
-atomically, and `fvgpt export` (which writes into a hidden sibling and renames) can write into DIR directly.
-
-Each version folder has a signature (its entries' inode, size and mtime): a scan that sees a new or changed signature
-loads that version again, one that no longer sees it removes it. Loading verifies the bundle (manifest digest, every
-file's sha256), loads its tables and heads, its tokenizer and text graph (so the loaded classifier no longer reads its
-folder) and runs the heads once; anything that fails refuses that version alone, with the reason.
+Loading a version verifies its bundle once (manifest digest and every file's sha256, the tower graphs included),
+loads its tables, heads, tokenizer and text graph (so the loaded classifier never reads its folder again), runs its
+heads once, and resolves its tower variant (fvgpt_runtime.tuning.choose: the tuning profile, narrowed by
+--runtime/--precision) into a TowerSpec the tower pool opens as it is. Anything that fails refuses that version alone,
+with the reason.
 
 Requests hold the Classifier objects they resolved, never the repository: a request finishes on the version it
-started with, whatever happens to the folder meanwhile. The repository is only changed by one task at a time (the
-service's sync), and publishes immutable snapshots, so readers need no lock.
+started with, whatever happens to the folder meanwhile. The repository is changed by one task at a time (the
+engine's sync) and publishes immutable snapshots, so readers need no lock.
 """
 from __future__ import annotations
 
 import logging
-import os
-import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-
 from fvgpt_runtime.bundle import Bundle
-from fvgpt_runtime.manifest import MANIFEST, BundleError
+from fvgpt_runtime.manifest import BundleError
+from fvgpt_runtime.repository import Found, scan, split_ref, version_order
 from fvgpt_runtime.tuning import check_request, choose
 
-from .errors import ApiError
+from .errors import ApiError, retry_later
+from .models import ALL_MODELS, ModelRecord
+from .tower_worker import TowerSpec
 
-logger = logging.getLogger("bentoml.fvgpt")
+logger = logging.getLogger("fvgpt.engine")
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-VERSION = re.compile(r"^[0-9]{1,9}$")
-SINGLE_VERSION = "1"
-ALL = "*"
 REMOVAL_RECHECK_S = 0.25
 
 
 @dataclass(frozen=True)
-class Found:
-    """One version folder a scan saw (or a folder that cannot be one: `problem` says why)."""
-
-    name: str
-    version: str
-    path: Path
-    signature: tuple = ()
-    problem: str | None = None
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return self.name, self.version
-
-
-@dataclass(frozen=True)
 class Classifier:
-    """One version of one classifier, as /models lists it. `bundle` is set when ready."""
+    """One version of one classifier, as /models lists it. `bundle` and `tower` are set when ready."""
 
     name: str
     version: str
@@ -73,10 +45,7 @@ class Classifier:
     state: str
     reason: str | None = None
     bundle: Bundle | None = field(default=None, repr=False, compare=False)
-    tower_id: str | None = None  # the tower variant it runs (fvgpt_runtime.tuning.choose: runtime × precision)
-    runtime: str | None = None
-    precision: str | None = None
-    device: str | None = None
+    tower: TowerSpec | None = field(default=None, repr=False, compare=False)
 
     @property
     def ref(self) -> str:
@@ -86,75 +55,24 @@ class Classifier:
     def ready(self) -> bool:
         return self.state == "ready"
 
+    @property
+    def tower_id(self) -> str | None:
+        return self.tower.tower_id if self.tower else None
+
     def failed(self, reason: str) -> Classifier:
-        return replace(self, state="failed", reason=reason, bundle=None)
+        return replace(self, state="failed", reason=reason, bundle=None, tower=None)
 
-    def record(self, default: bool) -> dict:
-        b = self.bundle
-        return {"name": self.name, "version": self.version, "default": default, "state": self.state,
-                "reason": self.reason, "kind": b.kind if b else None, "model_id": b.model_id if b else None,
-                "tower_id": self.tower_id, "runtime": self.runtime, "precision": self.precision,
-                "classes": len(b.classes.names) if b else None}
+    def record(self, default: bool) -> ModelRecord:
+        b, t = self.bundle, self.tower
+        return ModelRecord.model_construct(
+            name=self.name, version=self.version, default=default, state=self.state, reason=self.reason,
+            kind=b.kind if b else None, model_id=b.model_id if b else None, tower_id=self.tower_id,
+            runtime=t.runtime if t else None, precision=t.precision if t else None,
+            classes=len(b.classes.names) if b else None)
 
-
-# ---- scanning ---------------------------------------------------------------------------------------------------
-
-def signature(folder: Path) -> tuple:
-    """What changes when a version folder is replaced (new inode) or a file in it is written, added or removed."""
-    st = folder.stat()
-    with os.scandir(folder) as entries:
-        files = sorted((e.name, (s := e.stat(follow_symlinks=False)).st_ino, s.st_size, s.st_mtime_ns)
-                       for e in entries)
-    return (st.st_ino, st.st_mtime_ns, *files)
-
-
-def _found(name: str, version: str, path: Path) -> Found:
-    try:
-        return Found(name, version, path, signature(path))
-    except OSError as exc:  # removed while we looked: the next scan will not see it
-        return Found(name, version, path, problem=f"cannot read {path}: {exc.strerror or exc}")
-
-
-def scan(source: Path, single: bool) -> list[Found]:
-    """Every version folder under `source` (or the one bundle), sorted by (name, version)."""
-    if single:
-        return [_found(source.name, SINGLE_VERSION, source)]
-    if not source.is_dir():
-        return []
-    found: list[Found] = []
-    for entry in sorted(os.scandir(source), key=lambda e: e.name):
-        if entry.name.startswith(".") or not entry.is_dir():
-            continue
-        path = Path(entry.path)
-        if not NAME.match(entry.name):
-            found.append(Found(entry.name, "", path, problem=f"{entry.name!r} is not a classifier name: use letters, "
-                                                             f"digits, '_', '-' and '.', at most 64 characters"))
-        elif (path / MANIFEST).is_file():
-            found.append(_found(entry.name, SINGLE_VERSION, path))
-        else:
-            versions = [v for v in os.scandir(path) if v.is_dir() and not v.name.startswith(".")]
-            for v in versions:
-                if VERSION.match(v.name):
-                    found.append(_found(entry.name, str(int(v.name)), Path(v.path)))
-                else:
-                    found.append(Found(entry.name, v.name, Path(v.path), problem="version folders are named by "
-                                                                                  "integers (1, 2, ...)"))
-            if not versions:
-                found.append(Found(entry.name, "", path, problem=f"{path} holds neither a bundle ({MANIFEST}) nor "
-                                                                 f"version folders (1/, 2/, ...)"))
-    return sorted(found, key=lambda f: (f.name, version_order(f.version)))
-
-
-def version_order(version: str) -> tuple[int, str]:
-    return (int(version), "") if VERSION.match(version) else (-1, version)
-
-
-# ---- loading ----------------------------------------------------------------------------------------------------
 
 def load(found: Found, runtime: str, precision: str | None, max_batch: int) -> Classifier:
-    """A ready Classifier, or a failed one with the reason; never raises for anything inside the bundle. Its tower
-    variant is the one fvgpt_runtime.tuning chooses for this host (the bundle's tuning profile, narrowed by
-    --runtime/--precision, or the safe default)."""
+    """A ready Classifier, or a failed one with the reason; never raises for anything inside the bundle."""
     base = Classifier(found.name, found.version, found.path, found.signature, "loading")
     if found.problem:
         return base.failed(found.problem)
@@ -165,9 +83,9 @@ def load(found: Found, runtime: str, precision: str | None, max_batch: int) -> C
         except BundleError as exc:
             return base.failed(f"{exc}; the server runs --runtime {runtime} --precision {precision or 'default'}")
         choice = choose(found.path, bundle.manifest, runtime, precision)
-        tower = bundle.manifest.image_tower(choice.runtime, choice.precision)
-        logger.info("fvgpt repository: %s@%s runs tower %s-%s: %s", found.name, found.version, choice.runtime,
-                    choice.precision, choice.reason)
+        graph = bundle.manifest.image_tower(choice.runtime, choice.precision)
+        logger.info("fvgpt repository: %s runs tower %s-%s: %s", base.ref, choice.runtime, choice.precision,
+                    choice.reason)
         if bundle.max_batch < max_batch:
             return base.failed(f"the bundle's graphs take batches of at most {bundle.max_batch}, and the server "
                                f"forms batches of up to {max_batch} (--max-batch-size)")
@@ -177,12 +95,10 @@ def load(found: Found, runtime: str, precision: str | None, max_batch: int) -> C
         if logits.shape != (1, len(bundle.classes.names)):
             return base.failed(f"the heads return {logits.shape}, not (1, {len(bundle.classes.names)})")
     except Exception as exc:  # noqa: BLE001 - an untrusted bundle may fail in any library; it must not stop others
-        return base.failed(f"{type(exc).__name__}: {exc}")
-    return replace(base, state="ready", bundle=bundle, tower_id=tower.id, runtime=choice.runtime,
-                   precision=choice.precision, device=choice.device)
+        return base.failed(f"{type(exc).__name__}: {' '.join(str(exc).split())}")
+    tower = TowerSpec(graph.id, found.path, bundle.manifest, choice.runtime, choice.precision, choice.device)
+    return replace(base, state="ready", bundle=bundle, tower=tower)
 
-
-# ---- state and resolution ---------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Snapshot:
@@ -207,11 +123,11 @@ class Snapshot:
     def ready(self) -> list[Classifier]:
         return [c for c in self.classifiers.values() if c.ready]
 
-    def records(self) -> list[dict]:
+    def records(self) -> list[ModelRecord]:
         return [c.record(self.defaults.get(c.name) is c) for c in self.classifiers.values()]
 
     def towers(self) -> dict[str, Classifier]:
-        """One ready classifier per tower id (the first by name): where a tower can be opened from."""
+        """One ready classifier per tower id (the first by name): what each open tower serves."""
         out: dict[str, Classifier] = {}
         for c in self.ready:
             out.setdefault(c.tower_id, c)
@@ -222,13 +138,13 @@ class Snapshot:
 
     def one(self, ref: str) -> Classifier:
         """"NAME" (its default version) or "NAME@VERSION" → a ready classifier, else a 404 or 503 naming why."""
-        name, at, version = ref.partition("@")
+        name, version = split_ref(ref)
         versions = self._versions(name)
         if not versions:
             self._check_any()
             raise ApiError(404, f"no classifier named {name!r}; the repository has: {', '.join(self.names)} "
                                 f"(GET /models)")
-        if at:
+        if version is not None:
             chosen = [c for c in versions if c.version == version]
             if not chosen:
                 raise ApiError(404, f"classifier {name!r} has no version {version!r}; it has: "
@@ -249,11 +165,11 @@ class Snapshot:
                 return [self.one(self.names[0])]
             raise ApiError(400, f"the server holds {len(self.names)} classifiers: name one with 'model' (or several "
                                 f"with 'models', or \"models\": \"*\" for all): {', '.join(self.names)}")
-        if models == [ALL]:
+        if models == [ALL_MODELS]:
             self._check_any()
             chosen = sorted(self.defaults.values(), key=lambda c: c.name)
             if not chosen:
-                raise ApiError(503, "no classifier is ready (GET /models has the reasons)", {"Retry-After": "1"})
+                raise retry_later("no classifier is ready (GET /models has the reasons)")
         else:
             chosen = [self.one(ref) for ref in models]
         if len(chosen) > limit:
@@ -263,7 +179,7 @@ class Snapshot:
     def _check_any(self) -> None:
         if not self.names:
             if not self.scanned:
-                raise ApiError(503, "the model repository is still loading; retry shortly", {"Retry-After": "1"})
+                raise retry_later("the model repository is still loading; retry shortly")
             raise ApiError(404, "the model repository holds no classifiers yet")
 
 
@@ -271,7 +187,7 @@ def _servable(c: Classifier) -> Classifier:
     if c.ready:
         return c
     if c.state == "loading":
-        raise ApiError(503, f"classifier {c.ref} is loading; retry shortly", {"Retry-After": "1"})
+        raise retry_later(f"classifier {c.ref} is loading; retry shortly")
     raise ApiError(503, f"classifier {c.ref} is not served: {c.reason}")
 
 

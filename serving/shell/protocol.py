@@ -1,14 +1,13 @@
-"""The HTTP/1.1 protocol the API worker's uvicorn speaks: uvicorn's h11 protocol plus the timeouts it lacks and JSON
-for the errors it answers itself.
+"""The HTTP/1.1 protocol the server's uvicorn speaks: uvicorn's h11 protocol plus the limits it lacks, and JSON for the
+errors it answers itself (installed by shell/internals.py).
 
-uvicorn 0.54 bounds only the idle time between requests (`timeout_keep_alive`, which BentoML 1.4.40 exposes as
-`bentoml serve --timeout-keep-alive`): once the first byte of a request has arrived, nothing bounds how long its
-headers or its body may take, so slowloris connections (half-sent headers, a trickled body) each hold a descriptor
-for ever. Here a request's head must be complete within FVGPT_HEADER_TIMEOUT_S of the connection opening or of the
-previous response, and its body within FVGPT_BODY_TIMEOUT_S of its head; past either, the client gets a JSON 408
-and the connection is closed. Malformed HTTP gets a JSON 400 instead of uvicorn's text/plain one.
-
-serving/lifecycle.py installs it on the running uvicorn server (`Config.http_protocol_class`).
+uvicorn bounds only the idle time between requests (`timeout_keep_alive`): once the first byte of a request has
+arrived, nothing bounds how long its headers or its body may take, so slowloris connections (half-sent headers, a
+trickled body) each hold a descriptor for ever. Here a request's head must be complete within FVGPT_HEADER_TIMEOUT_S
+of the connection opening or of the previous response, and its body within FVGPT_BODY_TIMEOUT_S of its head; past
+either, the client gets a JSON 408 and the connection is closed. h11 limits a head to 16 KiB only while it is
+incomplete (a 100 KB head that arrives at once passes); here a head over MAX_HEAD_BYTES is a JSON 400 however it
+arrives. Malformed HTTP gets a JSON 400 instead of uvicorn's text/plain one.
 """
 from __future__ import annotations
 
@@ -17,7 +16,10 @@ import json
 from http import HTTPStatus
 from typing import Any
 
+import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+MAX_HEAD_BYTES = 16 << 10  # request line + headers + the blank line
 
 
 def raw_json_response(status: int, message: str) -> bytes:
@@ -29,7 +31,7 @@ def raw_json_response(status: int, message: str) -> bytes:
 
 
 class GuardedH11Protocol(H11Protocol):
-    """H11Protocol with a head deadline and a body deadline per request (see the module docstring)."""
+    """H11Protocol with a head deadline, a body deadline and a head size limit per request."""
 
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
@@ -47,9 +49,18 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self.conn.their_state is h11.IDLE and self._head_too_large(data):
+            self._disarm()
+            self._give_up(400, f"the request head (request line and headers) is over {MAX_HEAD_BYTES} bytes")
+            return
         cycle = self.cycle
         super().data_received(data)
         self._follow(cycle)
+
+    def _head_too_large(self, data: bytes) -> bool:
+        buffered = self.conn.trailing_data[0] + data
+        end = buffered.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES + 1)
+        return end + 4 > MAX_HEAD_BYTES if end >= 0 else len(buffered) > MAX_HEAD_BYTES
 
     def on_response_complete(self) -> None:
         cycle = self.cycle
@@ -63,9 +74,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def send_400_response(self, msg: str) -> None:
         self._disarm()
-        self.transport.write(raw_json_response(400, "invalid HTTP request received: a malformed request line or "
-                                                    "header, or an oversized head"))
-        self.transport.close()
+        self._give_up(400, "invalid HTTP request received: a malformed request line or header")
 
     # ---- deadlines ----------------------------------------------------------------------------------------------
     def _follow(self, before: Any) -> None:
@@ -99,8 +108,8 @@ class GuardedH11Protocol(H11Protocol):
         if cycle is not None and not partial:  # an idle keep-alive connection: close it, as keep-alive would
             self.transport.close()
             return
-        self._give_up(f"request head timeout: the request line and headers must arrive within "
-                      f"{self.header_timeout_s:g} s (FVGPT_HEADER_TIMEOUT_S)")
+        self._give_up(408, f"request head timeout: the request line and headers must arrive within "
+                           f"{self.header_timeout_s:g} s (FVGPT_HEADER_TIMEOUT_S)")
 
     def _body_timed_out(self, cycle: Any) -> None:
         self._deadline = None
@@ -109,11 +118,11 @@ class GuardedH11Protocol(H11Protocol):
         if cycle.response_started:
             self.transport.close()
         else:
-            self._give_up(f"request body timeout: the body must arrive within {self.body_timeout_s:g} s of the "
-                          f"headers (FVGPT_BODY_TIMEOUT_S)")
+            self._give_up(408, f"request body timeout: the body must arrive within {self.body_timeout_s:g} s of "
+                               f"the headers (FVGPT_BODY_TIMEOUT_S)")
         cycle.disconnected = True  # the app's receive() now returns http.disconnect, and its answer is dropped
         cycle.message_event.set()
 
-    def _give_up(self, message: str) -> None:
-        self.transport.write(raw_json_response(408, message))
+    def _give_up(self, status: int, message: str) -> None:
+        self.transport.write(raw_json_response(status, message))
         self.transport.close()
