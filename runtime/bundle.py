@@ -184,6 +184,11 @@ class Bundle:
     def max_batch(self) -> int:
         return self.manifest.max_batch
 
+    def feature_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Tower role → the per-image shape of the features the heads read from it ((D,), or MMRL's (2, D))."""
+        inputs = {i.name: i.shape for i in self._heads.get_inputs()}
+        return {role: tuple(int(d) for d in inputs[name][1:]) for name, role in self.manifest.heads.features.items()}
+
     # ---- image side -------------------------------------------------------------------------------------------
     def tower(self, precision: str | None = None, runtime: str = "onnx", device: str = "cpu",
               threads: int | None = None) -> TowerRunner:

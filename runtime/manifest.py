@@ -305,14 +305,23 @@ class Manifest:
             return next(iter(graphs.values())).id
         return short_id("towers", {role: g.id for role, g in graphs.items()})
 
+    def tower_keys(self, runtime: str, precision: str) -> dict[str, str]:
+        """Tower role → the key of the computation it is: its graph's id, and for a role that reads another role's
+        output, "<" and that role's key (a graph is the same computation only on the same input). Bundles whose roles
+        have one key share that computation: it runs once per image (SharedTowers, the server's tower pool)."""
+        keys: dict[str, str] = {}
+        for role in self.roles():
+            source = self.towers[role].input
+            keys[role] = self.tower_graph(role, runtime, precision).id + (f"<{keys[source]}" if source else "")
+        return keys
+
     def image_tower(self, runtime: str, precision: str) -> TowerGraph:
         """The image tower's variant for runtime × precision, for a bundle whose features all come from it (one tower
         role); a BundleError lists the variants there are, or says the bundle has several roles."""
         if len(self.towers) > 1:
             raise BundleError(f"this {(self.run or {}).get('method', '')} bundle has the tower roles "
                               f"{', '.join(self.roles())}, not one image tower: run them with "
-                              f"fvgpt_runtime.bundle.TowerSet or SharedTowers (the server does not run such bundles "
-                              f"yet)")
+                              f"fvgpt_runtime.bundle.TowerSet or SharedTowers")
         return self.tower_graph("image", runtime, precision)
 
     def tower_graph(self, role: str, runtime: str, precision: str) -> TowerGraph:

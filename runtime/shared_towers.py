@@ -3,9 +3,10 @@
 Bundles on one backbone share graphs by id (docs/bundle-format.md, "Tower roles"): CLIP's tower serves every CoOp and
 KgCoOp classifier and the Prior Calibration of every PromptSRC classifier; MMRL's trunk and CLIP branch serve every
 MMRL classifier. `SharedTowers` keeps one runner per distinct graph — a graph that reads another role's output is the
-same computation only on the same input, so it is keyed by its id and its input's key — and runs them in an order
-where every input comes first. A server holding a repository, or a benchmark of one, computes the features of all
-its classifiers this way; each bundle's heads then read them as from its own towers.
+same computation only on the same input, so it is keyed by its id and its input's key (Manifest.tower_keys) — and runs
+them in an order where every input comes first. A benchmark of a repository computes the features of all its
+classifiers this way (the server's tower pool keys its towers the same way); each bundle's heads then read them as
+from its own towers.
 """
 from __future__ import annotations
 
@@ -27,14 +28,12 @@ class SharedTowers:
         for bundle in bundles:
             m = bundle.manifest
             chosen = precision or m.default_precision
-            keys: dict[str, str] = {}
-            for role in m.roles():
-                source = m.towers[role].input
-                key = m.tower_graph(role, runtime, chosen).id + (f"<{keys[source]}" if source else "")
+            keys = m.tower_keys(runtime, chosen)
+            for role, key in keys.items():  # roles in running order: every input before its readers
                 if key not in self.nodes:
+                    source = m.towers[role].input
                     self.nodes[key] = (TowerRunner(bundle.path, m, chosen, runtime, device, threads, bundle.pool,
-                                                   role), keys.get(source))
-                keys[role] = key
+                                                   role), keys[source] if source else None)
             self.keys.append(keys)
 
     def __call__(self, pixels: np.ndarray) -> list[dict[str, np.ndarray]]:

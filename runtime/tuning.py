@@ -150,7 +150,9 @@ def check_request(manifest: Manifest, runtime: str, precision: str | None) -> No
         if not tower.precisions("openvino"):
             raise BundleError("--runtime openvino: the bundle has no OpenVINO variants (export with --openvino)")
     elif runtime != "auto" or precision is not None:
-        manifest.image_tower("onnx" if runtime == "auto" else runtime, precision or manifest.default_precision)
+        chosen = precision or manifest.default_precision
+        for role in manifest.roles():  # a bundle of several tower roles needs the variant for every one
+            manifest.tower_graph(role, "onnx" if runtime == "auto" else runtime, chosen)
 
 
 def choose(bundle_dir: Path, manifest: Manifest, runtime: str = "auto", precision: str | None = None,

@@ -129,6 +129,29 @@ def mmrl_bundle(request, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def second(request, tmp_path_factory) -> dict[str, Path]:
+    """A second PromptSRC and a second MMRL classifier on the backbone: the runs' learners and plugins moved by noise,
+    exported (fp32). Read-only."""
+
+    def builder(name: str):
+        def build(out: Path) -> Path:
+            import torch
+            from fvgpt_export.build import ExportOptions, export_model
+
+            from fvgpt.rundir import load_run
+
+            model = load_run(request.getfixturevalue(f"{name}_run")).model
+            with torch.no_grad():
+                for p in [*model.prompt.parameters(), *model.plugin.parameters()]:
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+            return export_model(model, out, ExportOptions(progress=False, parity_images=4), "none", 0)
+
+        return build
+
+    return {name: _bundle(f"{name}-second", builder(name), tmp_path_factory) for name in ("promptsrc", "mmrl")}
+
+
+@pytest.fixture(scope="session")
 def tiny_zero_shot_bundle(tmp_path_factory) -> Path:
     """Zero-shot bundle of plain fvgpt-tiny with three labels. Treat as read-only."""
 

@@ -77,21 +77,6 @@ def test_promptsrc_bundle_keeps_clips_tower_shared(promptsrc_bundle, tiny_bundle
     assert "input" not in coop["towers"]["image"] and "learned_text" not in coop  # CoOp bundles read as before
 
 
-@pytest.fixture(scope="module")
-def second(promptsrc_run, mmrl_run, tmp_path_factory) -> dict:
-    """A second PromptSRC and a second MMRL classifier on the backbone: the runs' learners and plugins moved by noise,
-    exported (fp32)."""
-    out = {}
-    for name, run in (("promptsrc", promptsrc_run), ("mmrl", mmrl_run)):
-        model = load_run(run).model
-        with torch.no_grad():
-            for p in [*model.prompt.parameters(), *model.plugin.parameters()]:
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
-        out[name] = export_model(model, tmp_path_factory.mktemp("second") / name,
-                                 ExportOptions(progress=False, parity_images=4), "none", 0)
-    return out
-
-
 def test_mmrl_bundle_splits_the_tower_after_the_untouched_blocks(mmrl_bundle, mmrl_run, tiny_bundle, second):
     """MMRL: trunk (patch embedding + the blocks before the first representation layer) → CLIP's branch and MMRL's
     branch. trunk + CLIP branch computes exactly CLIP's tower (tiny_bundle's); each graph runs once per image; the
