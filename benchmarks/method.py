@@ -18,9 +18,13 @@ The world checks (a)–(c) read zero-shot and CoOp only, so a world can be chose
 `--methods zero_shot,coop` trains nothing else. (a) CoOp New ≤ zero-shot New − 3; (b) zero-shot Base on the foreground
 view ≥ zero-shot Base on the full image + 3; (c) CoOp Base ≥ zero-shot Base + 3 (means over seeds, in points).
 
+Interrupted? Run the same command again: run dirs already under DIR/runs are reused when finished (evaluated, not
+trained again) and resumed when not; one made with other settings is refused.
+
 Writes DIR/method.json (`methods`: mean, std over seeds and binomial SE at the main rate; `world_checks`,
-`sensitivity`, `gates`, `per_seed`, settings with the steps per stage, machine), method.csv (one row per rate ×
-method × seed), method.md (the tables) and method.png (bars with error bars, HM against the correlation rate).
+`sensitivity`, `gates`, `per_seed`, settings with the steps per stage, `reused_runs`, machine), method.csv (one row
+per rate × method × seed), method.md (the tables) and method.png (bars with error bars, HM against the correlation
+rate).
 """
 from __future__ import annotations
 
@@ -147,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quick", action="store_true",
                    help=f"a smoke run for tests: {QUICK['classes']} classes, {QUICK['shots']} shots, "
                         f"{QUICK['test_images']} test images per split, one epoch, seeds 1,2, one extra rate (0)")
-    g.add_argument("--out", required=True, help="results folder (tasks/ and runs/ go under it too)")
+    g.add_argument("--out", required=True, help="results folder (tasks/ and runs/ go under it too; finished runs there are reused)")
     return p
 
 
@@ -175,17 +179,64 @@ def learner_config(cfg, learner: str):
     return c
 
 
+def _recorded(cfg) -> dict:
+    """What a run is: its config but where it runs."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in ("device", "workers")}
+
+
+def _reopen(run: Path, want) -> bool:
+    """Whether `run` holds a run of config `want` to reuse (finished) or resume (interrupted); False when there is none.
+    A folder without a config (training interrupted while it was set up) is removed; a run of other settings is
+    refused rather than mixed into the table."""
+    from fvgpt.rundir import read_config
+
+    if not (run / "config.json").is_file():
+        shutil.rmtree(run, ignore_errors=True)
+        return False
+    if _recorded(read_config(run)[0]) != _recorded(want):
+        raise BenchError(f"{run} holds a run of other settings; rerun with the options it was made with, choose "
+                         f"another --out or remove it")
+    return True
+
+
+def _copy_run(source: Path, run: Path, cfg, record) -> None:
+    """`run` as a copy of `source` whose config is `cfg`; built under another name and renamed, so an interrupted
+    copy is never taken for a run."""
+    from fvgpt.rundir import write_config
+
+    partial = run.with_name(run.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source, partial)
+    write_config(partial, cfg, record)  # the run dir says which row it is
+    partial.rename(run)
+
+
+def _stage_seconds(run: Path, stage: str) -> float:
+    """Seconds of the stage's epochs (train_log.jsonl), the same whether the run was trained now or reused."""
+    lines = (run / "train_log.jsonl").read_text().splitlines()
+    return sum(r["seconds"] for r in map(json.loads, lines) if r["stage"] == stage)
+
+
+def finished_runs(runs: Path) -> int:
+    """Run dirs under runs/<cell>/ whose every started stage has finished (stage 1 alone, or both)."""
+    from fvgpt.rundir import read_json
+
+    return sum(1 for p in runs.glob("*/*/progress.json") if not p.parent.name.endswith(".partial")
+               and (d := read_json(p)) and all(s["done"] for s in d.values()))
+
+
 def run_cell(cfg, runs: Path, names: list[str], progress: bool) -> dict[str, dict]:
     """The rows `names` on one task and seed: {method: evaluate() row, plus "gates" for the FVG-PT rows, "train_s"
-    and the test image counts}."""
+    and the test image counts}. A run dir already under `runs` (an earlier, interrupted benchmark) is reused when
+    finished and resumed when not, never trained again."""
     from fvgpt.data import index_for
     from fvgpt.evaluate import eval_features, evaluate
-    from fvgpt.rundir import load_run, read_config, write_config
+    from fvgpt.rundir import load_run, read_config
     from fvgpt.train import train
 
     index = index_for(cfg, draw=False)  # evaluation reads only the test list
     learners = list(dict.fromkeys(METHODS[n].learner for n in names))
-    trained, features, results, train_s = _trained(names), {}, {}, {}
+    trained, features, results = _trained(names), {}, {}
 
     def scored(model) -> dict:  # one pass of the towers per distinct set of towers (CLIP's; each learner's own)
         if (key := model.towers()) not in features:
@@ -193,32 +244,29 @@ def run_cell(cfg, runs: Path, names: list[str], progress: bool) -> dict[str, dic
         return evaluate(model, index, cfg.eval_batch, progress=False, features=features[key])
 
     for learner in learners:
-        stage1 = runs / learner
-        t0 = time.perf_counter()
-        train(learner_config(cfg, learner), stage1, stage="prompt", progress=False)
-        train_s[learner] = time.perf_counter() - t0
+        stage1, want = runs / learner, learner_config(cfg, learner)
+        train(want, stage1, stage="prompt", resume=_reopen(stage1, want), progress=False)
         metrics = scored(load_run(stage1).model)
         counts = {"n_base": metrics["test_images"]["base"], "n_new": metrics["test_images"]["new"]}
         for name in names:
             if METHODS[name].learner == learner and METHODS[name].switches is None:
-                results[name] = metrics["models"][METHODS[name].row] | counts | {"train_s": train_s[learner]}
+                results[name] = (metrics["models"][METHODS[name].row] | counts
+                                 | {"train_s": _stage_seconds(stage1, "prompt")})
+        stored, record = read_config(stage1)
         for name in [n for n in METHODS if METHODS[n].learner == learner]:
             method = METHODS[name]
             if method.switches is None or not (name in names or name in trained):
                 continue
-            run = runs / name
-            shutil.copytree(runs / method.shares if method.shares else stage1, run)
-            stored, record = read_config(run)
-            write_config(run, replace(stored, **method.switches), record)  # the run dir says which row it is
+            run, want = runs / name, replace(stored, **method.switches)
+            if not _reopen(run, want):
+                _copy_run(runs / method.shares if method.shares else stage1, run, want, record)
             if not method.shares:
-                t0 = time.perf_counter()
-                train(replace(stored, **method.switches), run, stage="plugin", resume=True, progress=False)
-                train_s[name] = time.perf_counter() - t0
+                train(want, run, stage="plugin", resume=True, progress=False)
             if name in names:
                 metrics = scored(load_run(run).model)
                 (run / "metrics.json").write_text(json.dumps(metrics, indent=1))
                 results[name] = (metrics["models"]["fvgpt"] | counts
-                                 | {"gates": metrics["gates"], "train_s": train_s[method.shares or name]})
+                                 | {"gates": metrics["gates"], "train_s": _stage_seconds(run, "plugin")})
         if progress:
             print(f"  {learner} and its FVG-PT rows done", flush=True)
     return results
@@ -411,8 +459,9 @@ def run(args) -> dict:
         args.seeds, args.sensitivity, args.steps = QUICK["seeds"], QUICK["sensitivity"], QUICK["steps"]
     main_spec = from_args(TaskSpec, args, **overrides)
     rates = [main_spec.correlation] + [r for r in args.sensitivity if r != main_spec.correlation]
-    if (out / "runs").exists():
-        raise BenchError(f"{out / 'runs'} exists from an earlier run; choose another --out or remove it")
+    reused = finished_runs(out / "runs")
+    if reused:
+        print(f"reusing {reused} finished runs under {out / 'runs'}", flush=True)
     settings = world_train_settings(main_spec, args.steps)
     if args.epochs:
         settings |= {"prompt_epochs": args.epochs, "plugin_epochs": args.epochs}
@@ -458,7 +507,7 @@ def run(args) -> dict:
                      "se": "binomial standard error of the mean accuracy on the split's test images (shared by the "
                            "seeds); HM's by the delta method",
                      "d_fg": "KL(p_full ‖ p_fg) at τ = 1 of each row's base head, mean over base test images"},
-        "command": command_line(), "started_utc": utc_now(), "seconds": round(seconds, 1),
+        "reused_runs": reused, "command": command_line(), "started_utc": utc_now(), "seconds": round(seconds, 1),
         "load_average": {"start": load_start, "end": load_average()}, "machine": machine_info(),
         "versions": library_versions(),
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 
@@ -106,6 +107,38 @@ def test_checks_only_trains_no_fvgpt(tmp_path):
     assert list(doc["methods"]) == ["zero_shot", "coop"] and doc["gates"]["0.9"] == {}
     assert doc["world_checks"]["0.9"]["pass"] in (True, False)
     assert sorted(p.name for p in (tmp_path / "runs" / "corr0.9-seed1").iterdir()) == ["coop"]
+
+
+def test_a_rerun_reuses_finished_runs_and_resumes_the_rest(tmp_path, capsys):
+    """An interrupted benchmark run again with the same command: finished run dirs are evaluated, not trained again
+    (their files untouched); an interrupted plugin stage resumes and a missing row is made, to the numbers of the
+    uninterrupted run; a run dir of other settings is refused, not mixed into the table."""
+    args = ["--quick", "--methods", "zero_shot,coop,fvgpt_coop,fvgpt_coop_pc_only", "--out", str(tmp_path)]
+    assert main(args) == 0
+    first = json.loads((tmp_path / "method.json").read_text())
+    cell1, cell2 = tmp_path / "runs" / "corr0.9-seed1", tmp_path / "runs" / "corr0.9-seed2"
+    stamps = {p: p.stat().st_mtime_ns for p in cell1.rglob("*") if p.is_file() and p.name != "metrics.json"}
+    cut = cell2 / "fvgpt_coop"  # interrupted in its first plugin epoch: no state, no weights, no log line
+    (cut / "plugin.safetensors").unlink()
+    (cut / "state" / "plugin.pt").unlink()
+    (cut / "progress.json").write_text(json.dumps({"prompt": {"epochs_done": 1, "done": True},
+                                                   "plugin": {"epochs_done": 0, "done": False}}))
+    log = [line for line in (cut / "train_log.jsonl").read_text().splitlines() if '"plugin"' not in line]
+    (cut / "train_log.jsonl").write_text("\n".join(log) + "\n")
+    shutil.rmtree(cell2 / "fvgpt_coop_pc_only")  # its copy never made
+    capsys.readouterr()
+    assert main(args) == 0
+    # 0.9 seed 1: three; 0.9 seed 2: CoOp's stage 1; --quick's rate 0: CoOp and FVG-PT on both seeds
+    assert "reusing 8 finished runs" in capsys.readouterr().out
+    second = json.loads((tmp_path / "method.json").read_text())
+    assert second["reused_runs"] == 8
+    assert second["methods"] == first["methods"] and second["world_checks"] == first["world_checks"]
+    assert ([{k: v for k, v in r.items() if k != "train_s"} for r in second["per_seed"]]
+            == [{k: v for k, v in r.items() if k != "train_s"} for r in first["per_seed"]])
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert json.loads((cut / "progress.json").read_text())["plugin"]["done"]
+    assert main(args[:-2] + ["--epochs", "2", "--out", str(tmp_path)]) == 2
+    assert "holds a run of other settings" in capsys.readouterr().err
 
 
 def test_bad_options_are_refused(tmp_path, capsys):
