@@ -16,7 +16,7 @@ from PIL import Image
 from fvgpt_runtime.bundle import Bundle
 from fvgpt_runtime.manifest import Manifest
 from fvgpt_runtime.preprocess import preprocess
-from serving_support import assert_matches, engine_client, photo_bytes, post_files, returned
+from serving_support import Server, assert_matches, engine_client, photo_bytes, post_files, returned, running
 
 pytestmark = pytest.mark.slow
 
@@ -120,3 +120,21 @@ def test_readers_of_one_trunk_in_one_batch_get_their_own_rows(client, layout):
     np.testing.assert_allclose(got_a[ka["mmrl"]], want_a["mmrl"], atol=1e-5)
     np.testing.assert_allclose(got_a[ka["image"]], want_a["image"], atol=1e-5)
     np.testing.assert_allclose(got_b[kb["mmrl"]], want_b["mmrl"], atol=1e-5)
+
+
+def test_over_http_the_shell_answers_as_the_engine(client, layout, tmp_path):
+    """The real BentoML shell on the same repository: GET /models lists the same towers, /classify the same answers."""
+    server = Server(layout, tmp_path / "server.log", repository=True, FVGPT_POLL_S="0", FVGPT_PRECISION=PRECISION)
+    with running(server):
+        listed = {m["name"]: m["towers"] for m in server.get("/models").json()["models"]}
+        assert listed == {m["name"]: m["towers"] for m in client.get("/models").json()["models"]}
+        images = [photo_bytes(2)]
+        over_http = post_files(server, images, models=["*"])
+        assert over_http.status_code == 200, over_http.text
+        in_process = post_files(client, images, models=["*"]).json()
+        pairs = list(zip(over_http.json()["results"][0]["models"], in_process["results"][0]["models"], strict=True))
+        assert [r["model"] for r, _ in pairs] == sorted(CLASSIFIERS)
+        for http, engine in pairs:
+            assert (http["model"], http["head"], list(returned(http))) == \
+                (engine["model"], engine["head"], list(returned(engine)))
+            assert max(abs(v - returned(engine)[k]) for k, v in returned(http).items()) <= 1e-6
