@@ -104,10 +104,10 @@ class TrainConfig:
                                          "tower (default: 6 of 12, i.e. ⌈layers/2⌉)", "mmrl")
     mmrl_alpha: float = option(0.7, "MMRL: weight α of the class-token logits (1 − α: representation logits)",
                                "mmrl")
-    reg_weight: float = option(1.0, "MMRL: weight λ of the cosine regularisers toward zero-shot CLIP", "mmrl")
+    reg_weight: float = option(1.0, "MMRL: weight λ of the cosine regularisers toward CLIP without prompts", "mmrl")
     mmrl_scale: float = option(100.0, "MMRL: logit scale of its logits (its code's constant 100)", "mmrl")
-    mmrl_template: str | None = option(None, "MMRL: the hand-written text prompt (default: its per-dataset "
-                                             "template, \"a photo of a {}.\" for other data)", "mmrl")
+    mmrl_template: str | None = option(None, "MMRL: the text prompt written by hand (default: its template per "
+                                             "dataset, \"a photo of a {}.\" for other data)", "mmrl")
     # ---- stage 2: the FVG-PT plugin
     plugin_epochs: int = option(10, "stage-2 epochs", "plugin")
     plugin_lr: float | None = option(None, "stage-2 learning rate (default: the method's stage-1 value)", "plugin")
