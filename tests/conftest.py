@@ -193,8 +193,9 @@ def generated_repository(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def world_run(tmp_path_factory) -> Path:
     """A finished two-stage run of the pretrained micro-CLIP (the committed checkpoint) on a small world task (4 base,
-    4 new classes). Its logits are decided, unlike the random fvgpt-tiny's near-ties, so an int8 tower's top-1 can be
-    held to the gate. Treat as read-only."""
+    4 new classes) of world v1's images (no distractor, white light). Its logits are decided, unlike the random
+    fvgpt-tiny's near-ties or world v2's images, whose distractors and cast leave near-ties that an int8 tower flips,
+    so an int8 tower's top-1 can be held to the gate. Treat as read-only."""
     if not HAVE_TORCH:
         pytest.skip(f"training {TORCH_MISSING}")
     from fvgpt.config import TrainConfig
@@ -203,7 +204,7 @@ def world_run(tmp_path_factory) -> Path:
     from fvgpt.world import world_train_settings
     from fvgpt.world_clip import verified_checkpoint
 
-    spec = TaskSpec(classes=8, shots=4, test_images=32, correlation=0.5)
+    spec = TaskSpec(classes=8, shots=4, test_images=32, correlation=0.5, distractors=0.0, light=0.0)
     task = make_task(tmp_path_factory.mktemp("world") / "task", spec)
     cfg = TrainConfig(**(world_train_settings(spec) | {"prompt_epochs": 2, "plugin_epochs": 2}), data=str(task),
                       pretrained=str(verified_checkpoint()), shots=4, base_classes=base_classes(task), eval_batch=64)
