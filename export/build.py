@@ -24,7 +24,7 @@ from fvgpt.backbone import load_backbone
 from fvgpt.classes import ClassSplit
 from fvgpt.config import weights_source
 from fvgpt.errors import FVGPTError
-from fvgpt.labels import ZERO_SHOT_TEMPLATE, learned_template
+from fvgpt.labels import ZERO_SHOT_TEMPLATE
 from fvgpt.model import FVGPTModel, TextTables
 from fvgpt.rundir import load_run, read_json
 from fvgpt_runtime.bundle import Bundle
@@ -93,7 +93,8 @@ def tower_roles(model: FVGPTModel) -> list[Role]:
                                                                                        prompt.vision_deep)})]
     start = ClipBranchGraph(model).start
     return [Role("trunk", "trunk", TrunkGraph(model), None, {"graph": "clip-trunk", "blocks": start}, "tokens"),
-            Role("image", "clip-branch", ClipBranchGraph(model), "trunk", {"graph": "clip-branch", "from_block": start}),
+            Role("image", "clip-branch", ClipBranchGraph(model), "trunk",
+                 {"graph": "clip-branch", "from_block": start}),
             Role("mmrl", "mmrl-branch", MMRLBranchGraph(model), "trunk",
                  {"graph": "mmrl-branch", "from_block": start,
                   "prompts": tensor_digest(prompt.visual_tokens(), prompt.proj_rep)})]

@@ -67,8 +67,8 @@ def eval_features(model: FVGPTModel, index: DatasetIndex, batch_size: int = 100,
         areas.append(batch["mask"].to(bb.device).mean(dim=(1, 2, 3)))
     if not feats:
         raise DataError(f"{index.root}: none of the {len(index.test)} test images could be read")
-    return EvalFeatures(model.towers(), torch.cat(feats), torch.cat(fg_feats), torch.cat(labels), torch.cat(has_mask).bool(),
-                        torch.cat(areas), dropped)
+    return EvalFeatures(model.towers(), torch.cat(feats), torch.cat(fg_feats), torch.cat(labels),
+                        torch.cat(has_mask).bool(), torch.cat(areas), dropped)
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
 """The training objectives: stage 1 (CoOp cross-entropy, KgCoOp's regulariser, PromptSRC's and MMRL's objectives) and
-stage 2 (docs/method.md E3, E4, E7, E8, E12, E14). They take logits computed by the model object (fvgpt.model) and weights from the TrainConfig."""
+stage 2 (docs/method.md E3, E4, E7, E8, E12, E14). They take logits computed by the model object (fvgpt.model) and
+weights from the TrainConfig."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING

@@ -61,7 +61,8 @@ class MMRL(nn.Module):
         CLIP's proj: MMRL loads CLIP with strict=False and the checkpoint has no proj_rep)."""
         visual = vit(backbone, "mmrl")
         width, layers = visual.conv1.out_channels, len(visual.transformer.resblocks)
-        text_width, text_layers = backbone.text.token_embedding.weight.shape[1], len(backbone.text.transformer.resblocks)
+        text = backbone.text
+        text_width, text_layers = text.token_embedding.weight.shape[1], len(text.transformer.resblocks)
         dev = backbone.device
         rep = torch.randn(cfg.rep_tokens, cfg.rep_dim, device=dev) * REP_STD
         one_visual, one_text = nn.Linear(cfg.rep_dim, width, device=dev), nn.Linear(cfg.rep_dim, text_width, device=dev)

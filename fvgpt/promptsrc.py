@@ -75,7 +75,8 @@ class PromptSRC(nn.Module):
     def for_config(cls, backbone: Backbone, cfg: TrainConfig) -> PromptSRC:
         """PromptSRC's start: the text context from cfg.ctx_init ("a photo of a"), every other prompt N(0, 0.02²)."""
         visual, dev = vit(backbone, "promptsrc"), backbone.device
-        text_width, text_layers = backbone.text.token_embedding.weight.shape[1], len(backbone.text.transformer.resblocks)
+        text = backbone.text
+        text_width, text_layers = text.token_embedding.weight.shape[1], len(text.transformer.resblocks)
         width, layers = visual.conv1.out_channels, len(visual.transformer.resblocks)
         ctx = initial_context(backbone, cfg.n_ctx, cfg.ctx_init, PROMPT_STD)
         text_deep = torch.randn(prompt_depth(cfg.prompt_depth, text_layers) - 1, cfg.n_ctx, text_width, device=dev)

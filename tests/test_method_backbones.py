@@ -155,7 +155,8 @@ def test_learners_start_as_their_papers_say(backbone):
                                 TrainConfig(data="u", method="promptsrc", n_ctx_vision=300)).prompt
     ids = backbone.tokenizer(["a photo of a"])[0, 1:5]
     assert torch.equal(src.ctx, backbone.model.token_embedding.weight[ids])
-    assert src.text_deep.shape == (1, 4, 64) and src.vision_ctx.shape == (300, 64) and src.vision_deep.shape == (1, 300, 64)
+    assert src.text_deep.shape == (1, 4, 64) and src.vision_ctx.shape == (300, 64)
+    assert src.vision_deep.shape == (1, 300, 64)
     assert 0.018 < src.vision_ctx.std() < 0.022 and 0.015 < src.text_deep.std() < 0.025
     assert all(p.requires_grad for p in src.parameters())
     micro = load_backbone("fvgpt-micro", "none")

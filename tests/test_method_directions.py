@@ -1,6 +1,7 @@
 """Every KL and cross-entropy of the method checked in its direction (docs/method.md E3, E4, E7, E8, E12, E13,
-KgCoOp's regulariser, PromptSRC's and MMRL's stage-1 objectives), on asymmetric distributions where the reversed direction gives another number, against the
-plain formulas of tests/method_reference.py. Each test first asserts that the inputs do tell the directions apart."""
+KgCoOp's regulariser, PromptSRC's and MMRL's stage-1 objectives), on asymmetric distributions where the reversed
+direction gives another number, against the plain formulas of tests/method_reference.py. Each test first asserts
+that the inputs do tell the directions apart."""
 from __future__ import annotations
 
 import dataclasses
@@ -128,7 +129,8 @@ def test_promptsrc_objective_directions(weights):
     image, image_clip = _unit_rows(N, 24), _unit_rows(N, 25, 0.2)
     out = promptsrc_objective(z, z_clip, text, text_clip, image, image_clip, y, *weights)
     want = ref.promptsrc_loss(z, z_clip, text, text_clip, image, image_clip, y, *weights)
-    assert_direction(out["scl_logits"], ref.kl(z_clip, z, 1.0).sum() / z.numel(), ref.kl(z, z_clip, 1.0).sum() / z.numel())
+    n = z.numel()
+    assert_direction(out["scl_logits"], ref.kl(z_clip, z, 1.0).sum() / n, ref.kl(z, z_clip, 1.0).sum() / n)
     assert not torch.allclose(want["scl_logits"], ref.kl(z_clip, z, 1.0).mean(), rtol=1e-2)  # / B·C, not / B
     assert_direction(out["ce"], ref.ce(z, y).mean(), ref.ce(z_clip, y).mean())
     for key in ("loss", "ce", "scl_text", "scl_image", "scl_logits"):

@@ -62,8 +62,8 @@ BREAKS: dict[str, tuple[str, str, str]] = {
     "PromptSRC L_SCL logits KL reversed": (
         "losses.py", "F.kl_div(F.log_softmax(z, dim=-1), F.log_softmax(z_clip, dim=-1),",
         "F.kl_div(F.log_softmax(z_clip, dim=-1), F.log_softmax(z, dim=-1),"),
-    "PromptSRC GPA ignored (last epoch's prompts)": ("train.py", "        trainable.load_state_dict(average.result())\n",
-                                                      "        pass\n"),
+    "PromptSRC GPA ignored (last epoch's prompts)": (
+        "train.py", "        trainable.load_state_dict(average.result())\n", "        pass\n"),
     "PromptSRC visual prompts after ln_pre": (
         "promptsrc.py", "x = visual.ln_pre(torch.cat([x, self.vision_ctx.to(x.dtype).expand(x.shape[0], -1, -1)], "
                         "dim=1))",
