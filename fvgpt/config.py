@@ -233,10 +233,10 @@ class TrainConfig:
 
 
 def mmrl_template(dataset: str | None) -> str:
-    """MMRL's hand-written prompt for a CoOp dataset (its CUSTOM_TEMPLATES, trainers/mmrl.py); ImageNet's
-    "a photo of a {}." for any other data."""
+    """MMRL's hand-written prompt for a CoOp dataset (its CUSTOM_TEMPLATES, trainers/mmrl.py: one for each of CoOp's
+    11); ImageNet's "a photo of a {}." for any other data."""
     spec = lookup(dataset) if dataset else None
-    return MMRL_TEMPLATES.get(spec.title, ZERO_SHOT_TEMPLATE) if spec else ZERO_SHOT_TEMPLATE
+    return MMRL_TEMPLATES[spec.title] if spec else ZERO_SHOT_TEMPLATE
 
 
 def weights_source(pretrained: str) -> str:
