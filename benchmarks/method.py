@@ -1,5 +1,6 @@
-"""Does FVG-PT fix what it is for? Zero-shot CLIP, CoOp, KgCoOp, FVG-PT on each, and the paper's ablations of FVG-PT
-(its Table 3) on each, in the generated world (fvgpt.world) with the committed micro-CLIP, over several seeds.
+"""Does FVG-PT fix what it is for? Zero-shot CLIP, CoOp, KgCoOp, PromptSRC, MMRL, FVG-PT on each, and the paper's
+ablations of FVG-PT (its Table 3) on CoOp and KgCoOp, in the generated world (fvgpt.world) with the committed
+micro-CLIP, over several seeds.
 
     python -m benchmarks.method [--world-seed S] [--classes N] [--split random|colour|pattern] [--distractors D]
                                 [--correlation R] [--shots K] [--seeds 1,2,3,4,5] [--sensitivity 0,0.5]
@@ -7,10 +8,11 @@
 
 For each correlation rate (the main one and the --sensitivity ones) and each seed, a task is drawn (the seed picks
 the K-shot training images; the test set is the same for every seed and rate, its scenes balanced per class), stage 1
-is trained once per prompt learner (CoOp, KgCoOp) and stage 2 once per distinct FVG-PT training on a copy of that run
-dir. Every row is evaluated by fvgpt.evaluate on one pass of the frozen tower over the test images (Base: base head on
-base classes; New: new head on new classes; HM; D_fg at τ = 1 on the base test images), and the FRG/BRG gate
-statistics are collected. The ablation rows run at the main rate only.
+is trained once per stage-1 learner (CoOp, KgCoOp, PromptSRC, MMRL, each with its own config's defaults and the same
+epochs) and stage 2 once per distinct FVG-PT training on a copy of that run dir. Every row is evaluated by
+fvgpt.evaluate on one pass of the frozen towers over the test images (one for CLIP's tower, shared by CoOp and KgCoOp;
+one per PromptSRC or MMRL run; Base: base head on base classes; New: new head on new classes; HM; D_fg at τ = 1 on the
+base test images), and the FRG/BRG gate statistics are collected. The ablation rows run at the main rate only.
 
 The world checks (a)–(c) read zero-shot and CoOp only, so a world can be chosen without looking at FVG-PT:
 `--methods zero_shot,coop` trains nothing else. (a) CoOp New ≤ zero-shot New − 3; (b) zero-shot Base on the foreground
@@ -76,12 +78,18 @@ def fvgpt_rows(learner: str) -> dict[str, Method]:
                                        False, "FDC only")}
 
 
-# one entry per row: a new prompt learner is a Method for its stage-1 row plus fvgpt_rows(learner)
+# one entry per row: a new prompt learner is a Method for its stage-1 row plus fvgpt_rows(learner) (or only the full
+# FVG-PT row: the Table 3 ablations are the paper's on CoOp)
 METHODS: dict[str, Method] = {"zero_shot": Method("coop", "zero-shot"), "coop": Method("coop", "coop"),
-                              "kgcoop": Method("kgcoop", "kgcoop"), **fvgpt_rows("coop"), **fvgpt_rows("kgcoop")}
+                              "kgcoop": Method("kgcoop", "kgcoop"), **fvgpt_rows("coop"), **fvgpt_rows("kgcoop"),
+                              "promptsrc": Method("promptsrc", "promptsrc"),
+                              "fvgpt_promptsrc": fvgpt_rows("promptsrc")["fvgpt_promptsrc"],
+                              "mmrl": Method("mmrl", "mmrl"), "fvgpt_mmrl": fvgpt_rows("mmrl")["fvgpt_mmrl"]}
 # TrainConfig fields that are per task or seed, or say nothing about the method
 UNRECORDED = ("data", "dataset", "root", "seed", "shots", "base_classes", "pretrained", "split_file", "image_dir",
-              "test_fraction", "workers", "init_seed", "device", "method", "ctx_init", "prompt_augment")
+              "test_fraction", "workers", "init_seed", "device", "method", "ctx_init", "prompt_augment",
+              "prompt_lr", "prompt_batch", "plugin_lr", "plugin_batch", "optimizer", "mmrl_template")
+LEARNERS = ("coop", "kgcoop", "promptsrc", "mmrl")
 QUICK = {"classes": 4, "shots": 2, "test_images": 8, "steps": 1, "seeds": [1, 2], "sensitivity": [0.0]}
 CHECKS = {"a": ("CoOp New − zero-shot New", -3.0, "≤"),
           "b": ("zero-shot Base on the foreground view − zero-shot Base", 3.0, "≥"),
@@ -167,6 +175,17 @@ def _trained(names: list[str]) -> list[str]:
     return list(dict.fromkeys(METHODS[n].shares or n for n in names if METHODS[n].switches is not None))
 
 
+def learner_config(cfg, learner: str):
+    """The task's config for a stage-1 learner: its own defaults (fvgpt.config.METHOD_DEFAULTS: learning rates,
+    batch, optimiser, ...) taken afresh, the world's crop scale kept, the same epochs for every learner (the paper
+    runs each backbone's config for 10 epochs); PromptSRC's GPA with the shape FVG-PT's config gives it at 10 epochs
+    (mean 15, std 1: in effect the last epoch) stretched to the run's epochs."""
+    c = cfg.with_method(learner, keep=("crop_scale",))
+    if learner == "promptsrc":
+        c = replace(c, gpa_mean=1.5 * c.prompt_epochs, gpa_std=0.1 * c.prompt_epochs)
+    return c
+
+
 def _recorded(cfg) -> dict:
     """What a run is: its config but where it runs."""
     return {k: v for k, v in cfg.to_dict().items() if k not in ("device", "workers")}
@@ -224,13 +243,17 @@ def run_cell(cfg, runs: Path, names: list[str], progress: bool) -> dict[str, dic
 
     index = index_for(cfg, draw=False)  # evaluation reads only the test list
     learners = list(dict.fromkeys(METHODS[n].learner for n in names))
-    trained, features, results = _trained(names), None, {}
+    trained, features, results = _trained(names), {}, {}
+
+    def scored(model) -> dict:  # one pass of the towers per distinct set of towers (CLIP's; each learner's own)
+        if (key := model.towers()) not in features:
+            features[key] = eval_features(model, index, cfg.eval_batch, progress=False)
+        return evaluate(model, index, cfg.eval_batch, progress=False, features=features[key])
+
     for learner in learners:
-        stage1, want = runs / learner, replace(cfg, method=learner, ctx_init=None, prompt_augment=None)
+        stage1, want = runs / learner, learner_config(cfg, learner)
         train(want, stage1, stage="prompt", resume=_reopen(stage1, want), progress=False)
-        model = load_run(stage1).model
-        features = features or eval_features(model, index, cfg.eval_batch, progress=False)  # one backbone
-        metrics = evaluate(model, index, cfg.eval_batch, progress=False, features=features)
+        metrics = scored(load_run(stage1).model)
         counts = {"n_base": metrics["test_images"]["base"], "n_new": metrics["test_images"]["new"]}
         for name in names:
             if METHODS[name].learner == learner and METHODS[name].switches is None:
@@ -247,7 +270,7 @@ def run_cell(cfg, runs: Path, names: list[str], progress: bool) -> dict[str, dic
             if not method.shares:
                 train(want, run, stage="plugin", resume=True, progress=False)
             if name in names:
-                metrics = evaluate(load_run(run).model, index, cfg.eval_batch, progress=False, features=features)
+                metrics = scored(load_run(run).model)
                 (run / "metrics.json").write_text(json.dumps(metrics, indent=1))
                 results[name] = (metrics["models"]["fvgpt"] | counts
                                  | {"gates": metrics["gates"], "train_s": _stage_seconds(run, "plugin")})
@@ -431,7 +454,7 @@ def plot(report: dict, path: Path) -> str | None:
 def run(args) -> dict:
     import torch
 
-    from fvgpt.config import TrainConfig
+    from fvgpt.config import PER_METHOD, TrainConfig
     from fvgpt.world import WORLD_MODEL, TaskSpec, base_classes, from_args, make_task, world_train_settings
 
     torch.set_num_threads(args.threads)
@@ -468,7 +491,10 @@ def run(args) -> dict:
              "base_fg": round(row["base_fg"], 4), "train_s": round(row["train_s"], 2)}
             for rate, cells in per_rate.items() for seed, cell in cells.items() for m, row in cell.items()]
     train = TrainConfig(**settings, data="task")
-    batches = math.ceil(math.ceil(main_spec.classes / 2) * main_spec.shots / train.prompt_batch)
+    images = math.ceil(main_spec.classes / 2) * main_spec.shots
+    per_learner = {learner: learner_config(train, learner) for learner in LEARNERS
+                   if any(METHODS[m].learner == learner for m in args.methods)}
+    batches = math.ceil(images / train.prompt_batch)
     return {
         "methods": summarise(per_rate[main_key]),
         "world_checks": {rate: world_checks(cells) for rate, cells in per_rate.items()},
@@ -480,6 +506,10 @@ def run(args) -> dict:
                      "quick": args.quick,
                      "steps": {"prompt": train.prompt_epochs * batches, "plugin": train.plugin_epochs * batches},
                      "train": {k: v for k, v in train.to_dict().items() if k not in UNRECORDED},
+                     "per_learner": {learner: {k: getattr(c, k) for k in (*PER_METHOD, "gpa_mean", "gpa_std")}
+                                     | {"steps": {"prompt": c.prompt_epochs * math.ceil(images / c.prompt_batch),
+                                                  "plugin": c.plugin_epochs * math.ceil(images / c.plugin_batch)}}
+                                     for learner, c in per_learner.items()},
                      "threads": args.threads, "std": "sample standard deviation over seeds (ddof = 1)",
                      "se": "binomial standard error of the mean accuracy on the split's test images (shared by the "
                            "seeds); HM's by the delta method",

@@ -24,7 +24,7 @@ from fvgpt.backbone import load_backbone
 from fvgpt.classes import ClassSplit
 from fvgpt.config import weights_source
 from fvgpt.errors import FVGPTError
-from fvgpt.labels import ZERO_SHOT_TEMPLATE, learned_template
+from fvgpt.labels import ZERO_SHOT_TEMPLATE
 from fvgpt.model import FVGPTModel, TextTables
 from fvgpt.rundir import load_run, read_json
 from fvgpt_runtime.bundle import Bundle
@@ -32,7 +32,9 @@ from fvgpt_runtime.manifest import (MANIFEST, TOWER_RUNTIMES, BackboneInfo, Grap
                                     Tower, TowerGraph, sha256_file, short_id)
 from fvgpt_runtime.tokenizer import VOCAB_FILE
 
-from .graphs import TRACE_BATCH, CosineHeadsGraph, ExplainGraph, FVGPTHeadsGraph, TextGraph, export_graph
+from .graphs import (TRACE_BATCH, ClipBranchGraph, CosineHeadsGraph, ExplainGraph, FVGPTHeadsGraph, MMRLBranchGraph,
+                     MMRLTextGraph, OwnTowerHeadsGraph, PromptedTowerGraph, PromptSRCTextGraph, TextGraph, TrunkGraph,
+                     export_graph)
 from .parity import (PARITY_REFERENCE, calibration_pixels, check_bundle, check_explain, check_variant,
                      explain_reference, gate, parity_pixels, run_in_batches)
 from .precision import convert_fp16, quantize_int8, quantize_openvino_int8
@@ -42,9 +44,61 @@ TABLES = "tables.safetensors"
 TEXT_GRAPH = "text.onnx"
 HEADS_GRAPH = "heads.onnx"
 VOCAB = f"tokenizer/{VOCAB_FILE}"
-# tower files other than tower.<precision>.onnx: OpenVINO runs the ONNX fp32 graph at fp32 and bf16, its int8 is an IR
-TOWER_FILES = {("openvino", "fp32"): ("tower.fp32.onnx", None), ("openvino", "bf16"): ("tower.fp32.onnx", None),
-               ("openvino", "int8"): ("tower.openvino-int8.xml", "tower.openvino-int8.bin")}
+
+
+def tower_files(stem: str, runtime: str, precision: str) -> tuple[str, str | None]:
+    """(file, weights file) of one tower graph: `<stem>.<precision>.onnx`; OpenVINO runs the ONNX fp32 graph at fp32
+    and bf16, its int8 is an IR (`<stem>.openvino-int8.xml` + `.bin`)."""
+    if runtime == "openvino":
+        return (f"{stem}.fp32.onnx", None) if precision != "int8" else (f"{stem}.openvino-int8.xml",
+                                                                        f"{stem}.openvino-int8.bin")
+    return f"{stem}.{precision}.onnx", None
+
+
+@dataclass
+class Role:
+    """One tower role of a bundle: its graph (a torch module), the file stem, the role it reads (None: pixels), and
+    the facts its id is made of beside the backbone's (model, weights, preprocessing, precision, runtime)."""
+
+    name: str
+    stem: str
+    module: torch.nn.Module
+    input: str | None
+    facts: dict
+    output: str = "features"  # the graph's output name ("tokens" for a trunk)
+
+    @property
+    def input_name(self) -> str:
+        return "pixels" if self.input is None else "tokens"
+
+
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """sha256 of tensors' float32 bytes: the learned constants a graph bakes in."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(t.detach().cpu().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tower_roles(model: FVGPTModel) -> list[Role]:
+    """The image side of a bundle: CLIP's own tower ("image", the same graph for every bundle on the backbone); for
+    PromptSRC its prompted tower beside it ("promptsrc", this classifier's); for MMRL CLIP's tower split after the
+    blocks it leaves untouched: a "trunk" shared by CLIP's branch ("image") and MMRL's ("mmrl", this classifier's)."""
+    clip_tower = Role("image", "tower", model.tower, None, {"graph": "clip-image-tower"})
+    if not model.own_tower:
+        return [clip_tower]
+    prompt = model.prompt
+    if model.cfg.method == "promptsrc":
+        return [clip_tower, Role("promptsrc", "promptsrc-tower", PromptedTowerGraph(model), None,
+                                 {"graph": "promptsrc-tower", "prompts": tensor_digest(prompt.vision_ctx,
+                                                                                       prompt.vision_deep)})]
+    start = ClipBranchGraph(model).start
+    return [Role("trunk", "trunk", TrunkGraph(model), None, {"graph": "clip-trunk", "blocks": start}, "tokens"),
+            Role("image", "clip-branch", ClipBranchGraph(model), "trunk",
+                 {"graph": "clip-branch", "from_block": start}),
+            Role("mmrl", "mmrl-branch", MMRLBranchGraph(model), "trunk",
+                 {"graph": "mmrl-branch", "from_block": start,
+                  "prompts": tensor_digest(prompt.visual_tokens(), prompt.proj_rep)})]
 
 
 class ExportError(FVGPTError):
@@ -124,12 +178,15 @@ def _reference(model: FVGPTModel, pixels: np.ndarray) -> dict[str, np.ndarray]:
 
 @torch.no_grad()
 def heads_reference(model: FVGPTModel, features: torch.Tensor, tables: TextTables) -> dict[str, np.ndarray]:
-    """Features and the logits every bundle output must reproduce, from the model object's own heads."""
+    """Features (named as the heads graph's inputs) and the logits every bundle output must reproduce, from the model
+    object's own heads. `features`: model.encode_image's."""
     if model.plugin is None:
         return {"features": features.numpy(), "logits": model.heads(features, tables).z_clip.numpy()}
+    f_clip, tuned = model.split(features)
     base = model.heads(features, tables.rows(model.classes.base_ids))
-    return {"features": features.numpy(), "base_logits": base.z_fdc.numpy(),
-            "new_logits": model.heads(features, tables).z_pc.numpy()}
+    inputs = {"features": tuned.numpy(), "clip_features": f_clip.numpy()} if model.own_tower else \
+        {"features": features.numpy()}
+    return inputs | {"base_logits": base.z_fdc.numpy(), "new_logits": model.heads(features, tables).z_pc.numpy()}
 
 
 def bundle_tables(model: FVGPTModel, tables: TextTables | None = None) -> dict[str, np.ndarray]:
@@ -140,26 +197,47 @@ def bundle_tables(model: FVGPTModel, tables: TextTables | None = None) -> dict[s
         arrays = {"learned": tables.learned, "clip": tables.clip}
         if model.plugin is not None:
             arrays["adapted"] = model.adapted_text(tables.learned[model.classes.base_ids])
-            arrays["context"] = model.context
-        else:
-            arrays["context"] = torch.zeros(1, model.backbone.text.token_embedding.weight.shape[1])
+        arrays["context"] = model.context if model.context is not None else \
+            torch.zeros(1, model.backbone.text.token_embedding.weight.shape[1])
+        arrays |= learned_text_inputs(model)
     return {k: v.detach().cpu().float().numpy() for k, v in arrays.items()}
 
 
-def _export_graphs(tmp: Path, model: FVGPTModel, opts: ExportOptions) -> list[str]:
-    """tower.fp32.onnx, text.onnx and heads.onnx; returns the heads' output names."""
+def learned_text_inputs(model: FVGPTModel) -> dict[str, torch.Tensor]:
+    """The learner's text prompts its own text graph takes as inputs (tables of the bundle): PromptSRC's deep
+    prompts, MMRL's layers' tokens R_t."""
+    if not model.own_tower:
+        return {}
+    if model.cfg.method == "promptsrc":
+        return {"context": model.prompt.ctx, "text_deep": model.prompt.text_deep}
+    return {"rep_text": model.prompt.text_tokens()}
+
+
+def _export_graphs(tmp: Path, model: FVGPTModel, roles: list[Role], opts: ExportOptions) -> list[str]:
+    """The fp32 tower graphs of every role, text.onnx (and the learner's text graph), heads.onnx; returns the heads'
+    output names."""
     bb = model.backbone
     size, dim = bb.preprocess.size, bb.embed_dim
-    with _timed(opts, "tower graph (fp32)"):
-        export_graph(model.tower, {"pixels": torch.randn(TRACE_BATCH, 3, size, size)}, tmp / "tower.fp32.onnx",
-                     ["features"], {"pixels": {0: "batch"}}, opts.opset, {"batch": opts.max_batch})
+    examples = {None: torch.randn(TRACE_BATCH, 3, size, size)}
+    for role in roles:
+        with _timed(opts, f"{role.name} tower graph (fp32)"), torch.no_grad():
+            example = examples[role.input]
+            export_graph(role.module, {role.input_name: example}, tmp / f"{role.stem}.fp32.onnx", [role.output],
+                         {role.input_name: {0: "batch"}}, opts.opset, {"batch": opts.max_batch})
+            examples[role.name] = role.module(example)
+    width = bb.text.token_embedding.weight.shape[1]
     with _timed(opts, "text graph"):
-        width = bb.text.token_embedding.weight.shape[1]
         example = {"token_ids": bb.tokenize(["X X a cat.", "a photo of a dog."]), "context": torch.randn(2, width),
                    "use_context": torch.tensor([1.0, 0.0])}
         export_graph(TextGraph(model), example, tmp / TEXT_GRAPH, ["text_features"],
                      {"token_ids": {0: "texts"}, "use_context": {0: "texts"}, "context": {0: "n_ctx"}}, opts.opset,
                      {"n_ctx": bb.context_length - 2})
+    if (learned := learned_text_graph(model)) is not None:
+        graph, file, _ = learned
+        with _timed(opts, "the learner's text graph"):
+            example = {"token_ids": bb.tokenize(["X X X X a cat.", "X X X X dog."])}
+            example |= {k: v.detach() for k, v in learned_text_inputs(model).items()}
+            export_graph(graph, example, tmp / file, ["text_features"], {"token_ids": {0: "texts"}}, opts.opset, {})
     with _timed(opts, "heads graph"):
         rows = torch.nn.functional.normalize(torch.randn(3, dim), dim=-1)
         features = {"features": torch.nn.functional.normalize(torch.randn(TRACE_BATCH, dim), dim=-1)}
@@ -167,17 +245,39 @@ def _export_graphs(tmp: Path, model: FVGPTModel, opts: ExportOptions) -> list[st
             graph, outputs = CosineHeadsGraph(model), ["logits"]
             example, dynamic = features | {"clip": rows}, {"clip": {0: "labels"}}
         else:
-            graph, outputs = FVGPTHeadsGraph(model), ["base_logits", "new_logits"]
+            outputs = ["base_logits", "new_logits"]
+            if model.own_tower:
+                graph = OwnTowerHeadsGraph(model)
+                kinds = len(model.fusion["base"])
+                features = {"features": torch.nn.functional.normalize(torch.randn(TRACE_BATCH, kinds, dim), dim=-1),
+                            "clip_features": features["features"]}
+            else:
+                graph = FVGPTHeadsGraph(model)
             example = features | {"learned": rows, "clip": rows.flip(0), "adapted": rows[:2]}
             dynamic = {"learned": {0: "labels"}, "clip": {0: "labels"}, "adapted": {0: "base_labels"}}
-        export_graph(graph.eval(), example, tmp / HEADS_GRAPH, outputs, {"features": {0: "batch"}} | dynamic,
-                     opts.opset, {})
+        export_graph(graph.eval(), example, tmp / HEADS_GRAPH, outputs,
+                     {name: {0: "batch"} for name in features} | dynamic, opts.opset, {})
     return outputs
 
 
-def model_id_of(kind: str, backbone: str, bundle_dir: Path) -> str:
-    """A bundle's model id: its kind, backbone and the content of what makes it this classifier (heads, tables)."""
-    identity = hashlib.sha256((sha256_file(bundle_dir / HEADS_GRAPH) + sha256_file(bundle_dir / TABLES)).encode())
+def learned_text_graph(model: FVGPTModel) -> tuple[torch.nn.Module, str, dict] | None:
+    """The learner's own text graph, its file and the facts of its id (None: the shared text graph with the context
+    serves it: CoOp, KgCoOp, zero-shot)."""
+    if not model.own_tower:
+        return None
+    if model.cfg.method == "promptsrc":
+        return PromptSRCTextGraph(model), "promptsrc-text.onnx", {"graph": "promptsrc-text",
+                                                                   "depth": int(model.prompt.text_deep.shape[0]) + 1}
+    tokens = model.prompt.text_tokens()
+    return MMRLTextGraph(model), "mmrl-text.onnx", {"graph": "mmrl-text", "layers": int(tokens.shape[0]),
+                                                     "tokens": int(tokens.shape[1])}
+
+
+def model_id_of(kind: str, backbone: str, bundle_dir: Path, own: list[str] = ()) -> str:
+    """A bundle's model id: its kind, backbone and the content of what makes it this classifier (heads, tables, and
+    the tower graphs of its own: `own`)."""
+    files = [HEADS_GRAPH, TABLES, *own]
+    identity = hashlib.sha256("".join(sha256_file(bundle_dir / f) for f in files).encode())
     return f"{kind}-{backbone}-{identity.hexdigest()[:12]}"
 
 
@@ -190,38 +290,57 @@ def export_model(model: FVGPTModel, out: str | Path, opts: ExportOptions, pretra
 def _write_bundle(out: Path, opts: ExportOptions, model: FVGPTModel, pretrained: str, init_seed: int,
                   run: dict | None) -> Path:
     bb = model.backbone
+    roles = tower_roles(model)
+    if opts.explain and len(roles) > 1:
+        raise ExportError(f"--explain maps a one-tower bundle's image tower; a {model.cfg.method} bundle has the "
+                          f"towers {', '.join(r.name for r in roles)}: export it without --explain")
+    if opts.tensorrt and len(roles) > 1:
+        raise ExportError(f"--tensorrt builds an engine of a one-tower bundle; a {model.cfg.method} bundle has the "
+                          f"towers {', '.join(r.name for r in roles)}: serve it on ONNX Runtime or OpenVINO")
     fingerprint = bb.fingerprint()
     tmp = _prepare_out(out, opts.force)
     try:
-        outputs = _export_graphs(tmp, model, opts)
+        outputs = _export_graphs(tmp, model, roles, opts)
         save_file(bundle_tables(model), str(tmp / TABLES))
         (tmp / VOCAB).parent.mkdir()
         shutil.copyfile(bb.vocabulary_path(), tmp / VOCAB)
 
-        def tower_graph(runtime: str, precision: str) -> TowerGraph:
-            facts = {"graph": "clip-image-tower", "model": bb.name, "weights": fingerprint,
-                     "preprocess": bb.preprocess.to_dict(), "precision": precision}
-            if runtime != "onnx":  # ONNX Runtime's ids predate runtimes in the format and stay as they were
-                facts["runtime"] = runtime
-            file, weights = TOWER_FILES.get((runtime, precision), (f"tower.{precision}.onnx", None))
-            return TowerGraph(file, short_id("tower", facts), runtime, precision, weights)
+        def tower_graphs(runtime: str, precision: str) -> dict[str, TowerGraph]:
+            """Every role's graph of runtime × precision; ids from the role's facts and the backbone's."""
+            graphs = {}
+            for role in roles:
+                facts = role.facts | {"model": bb.name, "weights": fingerprint, "preprocess": bb.preprocess.to_dict(),
+                                      "precision": precision}
+                if runtime != "onnx":  # ONNX Runtime's ids predate runtimes in the format and stay as they were
+                    facts["runtime"] = runtime
+                file, weights = tower_files(role.stem, runtime, precision)
+                graphs[role.name] = TowerGraph(file, short_id("tower", facts), runtime, precision, weights)
+            return graphs
 
         fvgpt_kind = model.plugin is not None
         n_ctx = 0 if model.context is None else int(model.context.shape[0])
+        fp32 = tower_graphs("onnx", "fp32")
+        text_id = {"model": bb.name, "weights": fingerprint, "context_length": bb.context_length}
+        learned = learned_text_graph(model)
+        own = [fp32[r.name].file for r in roles if "prompts" in r.facts]
         manifest = Manifest(
             kind="fvgpt" if fvgpt_kind else "zero-shot",
-            model_id=model_id_of("fvgpt" if fvgpt_kind else "zero-shot", bb.name, tmp),
+            model_id=model_id_of("fvgpt" if fvgpt_kind else "zero-shot", bb.name, tmp, own),
             backbone=BackboneInfo(bb.name, pretrained, init_seed, fingerprint, bb.embed_dim, bb.context_length,
                                   bb.logit_scale),
             preprocess=bb.preprocess, tokenizer=Tokenizer(VOCAB, bb.context_length), classes=model.classes,
-            prompts=Prompts(n_ctx, learned_template(n_ctx) if fvgpt_kind else None, ZERO_SHOT_TEMPLATE),
-            towers={"image": Tower({"onnx-fp32": tower_graph("onnx", "fp32")})}, default_precision="fp32",
-            text=Graph(TEXT_GRAPH, short_id("text", {"graph": "clip-text", "model": bb.name, "weights": fingerprint,
-                                                     "context_length": bb.context_length})),
-            heads=Heads(HEADS_GRAPH, {"features": "image"}, outputs, model.plugin.tau if fvgpt_kind else None),
+            prompts=Prompts(n_ctx, model.prompt.template if fvgpt_kind else None, ZERO_SHOT_TEMPLATE),
+            towers={r.name: Tower({"onnx-fp32": fp32[r.name]}, r.input) for r in roles}, default_precision="fp32",
+            text=Graph(TEXT_GRAPH, short_id("text", {"graph": "clip-text"} | text_id)),
+            heads=Heads(HEADS_GRAPH, {"features": roles[-1].name} | ({"clip_features": "image"} if model.own_tower
+                                                                     else {}),
+                        outputs, model.plugin.tau if fvgpt_kind else None),
             tables=TABLES, max_batch=opts.max_batch, opset=opts.opset,
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), fvgpt_version=fvgpt.__version__, run=run,
-            files=dict.fromkeys(["tower.fp32.onnx", TEXT_GRAPH, HEADS_GRAPH, TABLES, VOCAB, PARITY_REFERENCE]))
+            files=dict.fromkeys([g.file for g in fp32.values()] + [TEXT_GRAPH, HEADS_GRAPH, TABLES, VOCAB,
+                                                                   PARITY_REFERENCE]
+                                + ([learned[1]] if learned else [])),
+            learned_text=Graph(learned[1], short_id("text", learned[2] | text_id)) if learned else None)
         with _timed(opts, "parity: fp32 graphs vs torch"):
             pixels = parity_pixels(bb.preprocess, opts.parity_images)
             reference = _reference(model, pixels)
@@ -233,15 +352,17 @@ def _write_bundle(out: Path, opts: ExportOptions, model: FVGPTModel, pretrained:
             reports = check_bundle(tmp, pixels, reference, engines)
             gate(reports)
         variants = _Variants(tmp, manifest, opts, pixels, reference, reports, engines)
+        stems = {r.name: r.stem for r in roles}
         if opts.precision != "fp32":
             convert = quantize_int8 if opts.precision == "int8" else convert_fp16
-            variants.add(tower_graph("onnx", opts.precision),
-                         lambda g: convert(tmp / "tower.fp32.onnx", tmp / g.file), required=True)
+            variants.add(tower_graphs("onnx", opts.precision),
+                         lambda role, g: convert(tmp / f"{stems[role]}.fp32.onnx", tmp / g.file), required=True)
             manifest.default_precision = opts.precision
         if opts.explain:
-            _explain_graphs(tmp, model, manifest, opts, pixels, reference, reports, tower_graph)
+            _explain_graphs(tmp, model, manifest, opts, pixels, reference, reports,
+                            lambda runtime, precision: tower_graphs(runtime, precision)["image"])
         if opts.openvino:
-            _openvino_variants(variants, tower_graph, bb.preprocess, tmp)
+            _openvino_variants(variants, tower_graphs, roles, bb.preprocess, tmp)
         if opts.tensorrt:
             manifest.tensorrt = _tensorrt(tmp, manifest, opts, pixels, reference, reports)
         manifest.parity = {"images": int(len(pixels)), "generated_images": opts.parity_images,
@@ -260,7 +381,8 @@ def _write_bundle(out: Path, opts: ExportOptions, model: FVGPTModel, pretrained:
 
 
 class _Variants:
-    """Adds tower variants to a bundle under construction, each only after its parity checks passed."""
+    """Adds tower variants (one runtime × precision, a graph per tower role) to a bundle under construction, each
+    only after its parity checks passed."""
 
     def __init__(self, tmp: Path, manifest: Manifest, opts: ExportOptions, pixels: np.ndarray,
                  reference: dict[str, np.ndarray], reports: dict, engines: dict[str, list[str]]):
@@ -268,31 +390,36 @@ class _Variants:
         self.reports, self.engines = reports, engines
         self.refused: dict[str, dict] = {}  # variant key → the failing checks, for the record
 
-    def add(self, graph: TowerGraph, make: Callable[[TowerGraph], None], required: bool) -> None:
-        """Write the variant's files, gate it, keep it if it passes. A required variant that fails fails the export;
-        an optional one is left out (files deleted) and recorded in `refused`."""
-        tower = self.manifest.towers["image"].variants
-        with _timed(self.opts, f"{graph.key} tower graph"):
-            make(graph)
-        tower[graph.key] = graph
-        self.manifest.files |= dict.fromkeys(graph.files)
+    def add(self, graphs: dict[str, TowerGraph], make: Callable[[str, TowerGraph], None], required: bool) -> None:
+        """Write the variant's files (`make(role, graph)` per role), gate it, keep it if it passes. A required
+        variant that fails fails the export; an optional one is left out (files deleted) and recorded in
+        `refused`."""
+        any_graph = next(iter(graphs.values()))
+        key, towers = any_graph.key, self.manifest.towers
+        with _timed(self.opts, f"{key} tower graph(s)"):
+            for role, graph in graphs.items():
+                make(role, graph)
+        for role, graph in graphs.items():
+            towers[role].variants[key] = graph
+            self.manifest.files |= dict.fromkeys(graph.files)
         self.manifest.write(self.tmp)
-        with _timed(self.opts, f"parity: {graph.key} tower vs torch"):
-            checks = check_variant(Bundle(self.tmp, verify=False), graph.runtime, graph.precision, self.pixels,
-                                   self.reference)
+        with _timed(self.opts, f"parity: {key} towers vs torch"):
+            checks = check_variant(Bundle(self.tmp, verify=False), any_graph.runtime, any_graph.precision,
+                                   self.pixels, self.reference)
         if required or all(c["passed"] for c in checks.values()):
             self.reports |= checks
             gate(self.reports)
-            self.engines.setdefault(graph.runtime, []).append(graph.precision)
+            self.engines.setdefault(any_graph.runtime, []).append(any_graph.precision)
             return
-        del tower[graph.key]
-        shared = {f for g in tower.values() for f in g.files}
-        for name in set(graph.files) - shared:
+        for role in graphs:
+            del towers[role].variants[key]
+        shared = {f for t in towers.values() for g in t.variants.values() for f in g.files}
+        for name in {f for g in graphs.values() for f in g.files} - shared:
             del self.manifest.files[name]
             (self.tmp / name).unlink()
         self.manifest.write(self.tmp)
-        self.refused[graph.key] = {k: c["failures"] for k, c in checks.items() if not c["passed"]}
-        _say(self.opts, f"  {graph.key} refused by the parity gate, not written: {self.refused[graph.key]}")
+        self.refused[key] = {k: c["failures"] for k, c in checks.items() if not c["passed"]}
+        _say(self.opts, f"  {key} refused by the parity gate, not written: {self.refused[key]}")
 
 
 def _explain_graphs(tmp: Path, model: FVGPTModel, manifest: Manifest, opts: ExportOptions, pixels: np.ndarray,
@@ -323,21 +450,40 @@ def _explain_graphs(tmp: Path, model: FVGPTModel, manifest: Manifest, opts: Expo
             gate(reports)
 
 
-def _openvino_variants(variants: _Variants, tower_graph: Callable[[str, str], TowerGraph], pre, tmp: Path) -> None:
-    """OpenVINO fp32 and bf16 (compile settings on the ONNX fp32 graph; bf16 only where this CPU can run it, else
-    it could not be gated here) and NNCF int8 (an IR calibrated on images drawn like the parity set)."""
+def _openvino_variants(variants: _Variants, tower_graphs: Callable[[str, str], dict[str, TowerGraph]],
+                       roles: list[Role], pre, tmp: Path) -> None:
+    """OpenVINO fp32 and bf16 (compile settings on the ONNX fp32 graphs; bf16 only where this CPU can run it, else
+    it could not be gated here) and NNCF int8 (IRs calibrated on images drawn like the parity set; a role that reads
+    another's output is calibrated on that role's fp32 output)."""
     from fvgpt_runtime.openvino import unsupported
 
-    def make_int8(graph: TowerGraph) -> None:
-        calibration = calibration_pixels(pre, variants.opts.calibration_images)
-        quantize_openvino_int8(tmp / "tower.fp32.onnx", tmp / graph.file, calibration)
+    inputs: dict[str, np.ndarray] = {}
+
+    def make_int8(role: str, graph: TowerGraph) -> None:
+        if not inputs:
+            inputs.update(calibration_inputs(tmp, roles, calibration_pixels(pre, variants.opts.calibration_images)))
+        stem = next(r.stem for r in roles if r.name == role)
+        quantize_openvino_int8(tmp / f"{stem}.fp32.onnx", tmp / graph.file, inputs[role])
 
     for precision in TOWER_RUNTIMES["openvino"]:
         if reason := unsupported(precision):
             _say(variants.opts, f"  openvino-{precision} not written: {reason}")
             continue
-        variants.add(tower_graph("openvino", precision), make_int8 if precision == "int8" else lambda g: None,
+        variants.add(tower_graphs("openvino", precision), make_int8 if precision == "int8" else lambda r, g: None,
                      required=False)
+
+
+def calibration_inputs(tmp: Path, roles: list[Role], pixels: np.ndarray) -> dict[str, np.ndarray]:
+    """Each role's input on the calibration images: the pixels, or the fp32 graph of the role it reads run on them."""
+    import onnxruntime as ort
+
+    inputs: dict[str, np.ndarray] = {}
+    outputs: dict[str | None, np.ndarray] = {None: pixels}
+    for role in roles:
+        inputs[role.name] = outputs[role.input]
+        session = ort.InferenceSession(str(tmp / f"{role.stem}.fp32.onnx"), providers=["CPUExecutionProvider"])
+        outputs[role.name] = session.run(None, {role.input_name: inputs[role.name]})[0]
+    return inputs
 
 
 def _tensorrt(tmp: Path, manifest: Manifest, opts: ExportOptions, pixels: np.ndarray,

@@ -28,6 +28,7 @@ from onnxscript import opset23
 from torch import nn
 
 from fvgpt.explain import ExplainTower
+from fvgpt.mmrl import MMRL, text_features, trunk_blocks
 from fvgpt.model import FVGPTModel
 
 TRACE_BATCH = 2
@@ -126,6 +127,86 @@ class FVGPTHeadsGraph(nn.Module):
     def forward(self, features: torch.Tensor, learned: torch.Tensor, clip: torch.Tensor,
                 adapted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model.base_head(features, adapted), self.model.new_head(features, learned, clip)[0]
+
+
+class OwnTowerHeadsGraph(FVGPTHeadsGraph):
+    """The heads of a learner with a tower of its own (PromptSRC, MMRL): its features (B, K, D) and CLIP's
+    clip_features (B, D) from two tower roles; otherwise FVGPTHeadsGraph."""
+
+    def forward(self, features: torch.Tensor, clip_features: torch.Tensor, learned: torch.Tensor, clip: torch.Tensor,
+                adapted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return super().forward(torch.cat([clip_features.unsqueeze(1), features], dim=1), learned, clip, adapted)
+
+
+class PromptedTowerGraph(nn.Module):
+    """pixels → PromptSRC's prompted image features (B, 1, D); its visual prompts are constants of the graph."""
+
+    def __init__(self, model: FVGPTModel):
+        super().__init__()
+        self.visual, self.prompt = model.tower.visual, model.prompt
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.prompt.tuned_image(self.visual, pixels)
+
+
+class TrunkGraph(nn.Module):
+    """pixels → the tokens after CLIP's blocks before MMRL's first representation layer (B, tokens, width)."""
+
+    def __init__(self, model: FVGPTModel):
+        super().__init__()
+        self.visual, self.prompt = model.tower.visual, model.prompt
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.prompt.trunk(self.visual, pixels)
+
+
+class ClipBranchGraph(nn.Module):
+    """The trunk's tokens → CLIP's own image features (B, D): the rest of the vanilla tower."""
+
+    def __init__(self, model: FVGPTModel):
+        super().__init__()
+        self.visual, self.start = model.tower.visual, trunk_blocks(model.tower.visual, len(model.prompt.to_visual))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return MMRL.vanilla_branch(self.visual, tokens, self.start)
+
+
+class MMRLBranchGraph(nn.Module):
+    """The trunk's tokens → MMRL's [f_c, f_r] (B, 2, D); its layers' tokens R_v = F^v(R) and P_r are constants."""
+
+    def __init__(self, model: FVGPTModel):
+        super().__init__()
+        self.visual = model.tower.visual
+        with torch.no_grad():
+            self.register_buffer("rep", model.prompt.visual_tokens().detach().clone())
+            self.register_buffer("proj_rep", model.prompt.proj_rep.detach().clone())
+        self.branch = model.prompt.branch
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.branch(self.visual, tokens, self.rep, self.proj_rep)
+
+
+class PromptSRCTextGraph(nn.Module):
+    """token ids (N, L), context (n_ctx, W), deep prompts (depth − 1, n_ctx, W) → PromptSRC's text features (N, D).
+    The prompts are inputs, so the graph is the same for every PromptSRC classifier on the backbone."""
+
+    def __init__(self, model: FVGPTModel):
+        super().__init__()
+        self.encoder = model.text_encoder
+
+    def forward(self, token_ids: torch.Tensor, context: torch.Tensor, text_deep: torch.Tensor) -> torch.Tensor:
+        return self.encoder(token_ids, context, deep=text_deep)
+
+
+class MMRLTextGraph(nn.Module):
+    """token ids (N, L), the layers' tokens R_t (K, n, W) → MMRL's text features (N, D); the tokens are an input."""
+
+    def __init__(self, model: FVGPTModel):
+        super().__init__()
+        self.encoder = model.text_encoder
+
+    def forward(self, token_ids: torch.Tensor, rep_text: torch.Tensor) -> torch.Tensor:
+        return text_features(self.encoder, token_ids, rep_text)
 
 
 class CosineHeadsGraph(nn.Module):

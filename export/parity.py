@@ -91,9 +91,9 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], 
         ref, cand = reference[name], cand.astype(np.float32)
         diff = float(np.abs(cand - ref).max())
         report["max_abs_diff"][name] = diff
-        if name == "features":
+        if name.endswith("features"):  # features, clip_features: every image's (and every kind's) vector
             cos = (cand * ref).sum(-1) / (np.linalg.norm(cand, axis=-1) * np.linalg.norm(ref, axis=-1))
-            report["min_cosine"] = float(cos.min())
+            report["min_cosine"] = min(float(cos.min()), report.get("min_cosine", 1.0))
             if limits.min_cosine is not None and cos.min() < limits.min_cosine:
                 failures.append(f"features min cosine {cos.min():.6f} < {limits.min_cosine:g}")
         else:
@@ -158,10 +158,10 @@ def _strict(precision: str, runtime: str) -> bool:
 
 def check_tower(bundle: Bundle, precision: str, runtime: str, pixels: np.ndarray,
                 reference: dict[str, np.ndarray], device: str = "cpu") -> dict:
-    """Features of one tower graph: fp32 gated on max |Δ|, reduced precision on the min cosine (a backstop; the
-    answers are judged end to end)."""
-    tower = bundle.tower(precision, runtime, device)
-    out = run_in_batches(lambda x: {"features": tower(x)}, pixels)
+    """Features of the tower graphs (every role the heads read, under the heads' input names): fp32 gated on max |Δ|,
+    reduced precision on the min cosine (a backstop; the answers are judged end to end)."""
+    towers = bundle.towers(precision, runtime, device)
+    out = run_in_batches(lambda x: _by_input(bundle, towers(x)), pixels)
     strict = _strict(precision, runtime)
     return compare(reference, out, Limits(FEATURES_MAX_ABS if strict else None, None,
                                           None if strict else REDUCED_MIN_COSINE))
@@ -169,14 +169,15 @@ def check_tower(bundle: Bundle, precision: str, runtime: str, pixels: np.ndarray
 
 def check_heads(bundle: Bundle, reference: dict[str, np.ndarray]) -> dict:
     """The heads graph from the reference features, through the runtime's routing, against the torch heads."""
-    return compare(reference, _routed(bundle, reference["features"]), Limits(FP32_MAX_ABS, FP32_MIN_AGREEMENT))
+    features = {role: reference[name] for name, role in bundle.manifest.heads.features.items()}
+    return compare(reference, _routed(bundle, features), Limits(FP32_MAX_ABS, FP32_MIN_AGREEMENT))
 
 
 def check_end_to_end(bundle: Bundle, precision: str, runtime: str, pixels: np.ndarray,
                      reference: dict[str, np.ndarray], device: str = "cpu") -> dict:
-    """pixels → tower → routed heads, against the torch model's logits."""
-    tower = bundle.tower(precision, runtime, device)
-    out = run_in_batches(lambda x: _routed(bundle, tower(x)), pixels)
+    """pixels → towers → routed heads, against the torch model's logits."""
+    towers = bundle.towers(precision, runtime, device)
+    out = run_in_batches(lambda x: _routed(bundle, towers(x)), pixels)
     strict = _strict(precision, runtime)
     return compare(reference, out, Limits(FP32_MAX_ABS if strict else None,
                                           FP32_MIN_AGREEMENT if strict else REDUCED_MIN_AGREEMENT))
@@ -186,7 +187,7 @@ def check_batch_independence(bundle: Bundle, precision: str, runtime: str, pixel
                              device: str = "cpu") -> dict:
     """Probes at spread positions of a full batch of parity images, each also run alone: through the tower and the
     routed heads, the ranking of every label must be identical and every probability within the tolerance."""
-    tower = bundle.tower(precision, runtime, device)
+    tower = bundle.towers(precision, runtime, device)
     full = min(FULL_BATCH, bundle.max_batch, len(pixels))
     batch = pixels[:full]
     probes = sorted(set(np.linspace(0, full - 1, min(BATCH_PROBES, full)).round().astype(int).tolist()))
@@ -220,7 +221,12 @@ def check_text(bundle: Bundle) -> dict:
             "limits": {"max_abs": TEXT_MAX_ABS}, "passed": not failures, "failures": failures}
 
 
-def _routed(bundle: Bundle, features: np.ndarray) -> dict[str, np.ndarray]:
+def _by_input(bundle: Bundle, by_role: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Tower outputs by role → by the heads graph's input names (the reference's names for them)."""
+    return {name: by_role[role] for name, role in bundle.manifest.heads.features.items()}
+
+
+def _routed(bundle: Bundle, features: np.ndarray | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The outputs the reference holds, each reached the way a client reaches it: the base classes route to the base
     head, the full class list (when some are new) to the new head; zero-shot bundles have one head."""
     if bundle.kind != "fvgpt":

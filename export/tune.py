@@ -155,7 +155,7 @@ def tune(bundle_dir: str | Path, batch_sizes: list[int] | None = None, threads: 
         bar.say(f"{c.name}: parity gate on this host ({len(pixels)} images)")
         try:
             summary = _gate_summary(check_variant(bundle, c.runtime, c.precision, pixels, reference, c.device))
-            tower = bundle.tower(c.precision, c.runtime, c.device, threads)
+            tower = bundle.towers(c.precision, c.runtime, c.device, threads)
         except Exception as exc:  # noqa: BLE001 - a candidate that cannot run here is reported, the others go on
             skipped[c.name] = f"failed to run here: {type(exc).__name__}: {exc}"
         else:
@@ -180,9 +180,8 @@ def tune(bundle_dir: str | Path, batch_sizes: list[int] | None = None, threads: 
     bar.close()
     rows = {c: [{"batch_size": b, "images_per_s": b * len(t) / sum(t), **latency_summary(t)}
                 for b, t in times[c].items()] for c in towers}
-    image = manifest.towers["image"]
     measured = [{"name": c.name, "runtime": c.runtime, "precision": c.precision, "device": c.device,
-                 "tower_id": image.find(c.runtime, c.precision).id, "provider": towers[c].provider,
+                 "tower_id": manifest.variant_id(c.runtime, c.precision), "provider": towers[c].provider,
                  "gate": gates[c], "results": rows[c]} for c in towers]
     measured.sort(key=lambda m: m["results"][-1]["images_per_s"], reverse=True)
     best, why = select(measured, batches[-1], prefer)

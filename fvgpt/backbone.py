@@ -124,6 +124,33 @@ def load_backbone(name: str, pretrained: str = "none", device: str = "cpu", init
                     preprocess=preprocess, eval_transform=eval_transform)
 
 
+def vit(backbone: Backbone, method: str) -> nn.Module:
+    """The visual tower, checked to be a CLIP ViT whose blocks a prompt learner can loop over (PromptSRC, MMRL): class
+    token first and pooled, `ln_post` on every token before pooling, a projection."""
+    visual = backbone.model.visual
+    ok = (hasattr(visual, "conv1") and hasattr(visual, "transformer") and getattr(visual, "attn_pool", None) is None
+          and getattr(visual, "pool_type", None) == "tok" and not getattr(visual, "final_ln_after_pool", True)
+          and getattr(visual, "proj", None) is not None)
+    if not ok:
+        raise BackboneError(f"{backbone.name}: {method} needs a CLIP ViT image tower (class-token pooling after "
+                            f"ln_post, a projection); this one is {type(visual).__name__}")
+    return visual
+
+
+def patch_tokens(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """open_clip's ViT input up to (not including) ln_pre: patch embedding, class token first, positional embedding.
+    (B, 1 + patches, width)."""
+    x = visual.conv1(pixels)
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+    return visual.patch_dropout(torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype))
+
+
+def class_features(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """open_clip's ViT output from the last block's tokens: ln_post, class token, projection; L2-normalised."""
+    return F.normalize(visual.ln_post(x[:, 0]) @ visual.proj, dim=-1)
+
+
 class ImageTower(nn.Module):
     """pixels (B, 3, S, S) → L2-normalised image features (B, D): the frozen visual tower, the `tower` graph of a
     bundle. CoOp/KgCoOp (+ FVG-PT) never change it, so zero-shot CLIP and every prompt tuned on this backbone share
@@ -140,11 +167,12 @@ class ImageTower(nn.Module):
 class TextEncoder(nn.Module):
     """open_clip's text tower fed with token embeddings, so learned context vectors can replace placeholder tokens.
 
-    `forward(token_ids, context, use_context)` returns L2-normalised text features. Rows with use_context = 1 have
-    the embeddings at positions 1..n_ctx replaced by `context` (CoOp: "X X X X <label>."); rows with 0 are encoded
-    as plain CLIP text (the zero-shot template). The context is an input, not a weight, so one exported text graph
-    serves every prompt learned on this backbone. The EOT position is found with a float argmax, which ONNX Runtime
-    supports on every provider (int64 ArgMax it does not).
+    `forward(token_ids, context, use_context, deep)` returns L2-normalised text features. Rows with use_context = 1
+    have the embeddings at positions 1..n_ctx replaced by `context` (CoOp: "X X X X <label>.") and, with `deep`
+    (PromptSRC), the tokens at those positions replaced again at the input of blocks 1..len(deep); rows with 0 are
+    encoded as plain CLIP text (the zero-shot template). The prompts are inputs, not weights, so one exported text
+    graph serves every prompt learned on this backbone. The EOT position is found with a float argmax, which ONNX
+    Runtime supports on every provider (int64 ArgMax it does not).
     """
 
     def __init__(self, backbone: Backbone):
@@ -157,20 +185,39 @@ class TextEncoder(nn.Module):
         self.text_projection = owner.text_projection
         self.register_buffer("attn_mask", owner.attn_mask, persistent=False)
 
-    def forward(self, token_ids: torch.Tensor, context: torch.Tensor | None = None,
-                use_context: torch.Tensor | None = None) -> torch.Tensor:
+    @staticmethod
+    def splice(x: torch.Tensor, prompt: torch.Tensor, use_context: torch.Tensor | None) -> torch.Tensor:
+        """x with the tokens at positions 1..n (after the start token) replaced by `prompt` (n, W), in the rows whose
+        use_context is 1 (every row when None)."""
+        n = prompt.shape[0]
+        placeholder = x[:, 1:1 + n]
+        new = prompt.to(x.dtype).unsqueeze(0).expand_as(placeholder)
+        if use_context is not None:  # per row: the prompt, or the row's own tokens
+            new = torch.where(use_context.view(-1, 1, 1) > 0.5, new, placeholder)
+        return torch.cat([x[:, :1], new, x[:, 1 + n:]], dim=1)
+
+    def embed(self, token_ids: torch.Tensor, context: torch.Tensor | None = None,
+              use_context: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings (the context spliced in) plus positional embeddings: the first block's input."""
         x = self.token_embedding(token_ids)
         if context is not None and context.shape[0] > 0:
-            n_ctx = context.shape[0]
-            placeholder = x[:, 1:1 + n_ctx]
-            ctx = context.unsqueeze(0).expand_as(placeholder)
-            if use_context is not None:  # per row: the learned context, or the placeholder tokens' own embeddings
-                ctx = torch.where(use_context.view(-1, 1, 1) > 0.5, ctx, placeholder)
-            x = torch.cat([x[:, :1], ctx, x[:, 1 + n_ctx:]], dim=1)
-        x = x + self.positional_embedding
-        x = self.transformer(x, attn_mask=self.attn_mask)
+            x = self.splice(x, context, use_context)
+        return x + self.positional_embedding
+
+    def pool(self, x: torch.Tensor, token_ids: torch.Tensor, shift: int = 0, normalize: bool = True) -> torch.Tensor:
+        """ln_final, the token at the EOT position (+ `shift` tokens inserted before it), the projection."""
         x = self.ln_final(x)
-        eot = token_ids.float().argmax(dim=-1)
+        eot = token_ids.float().argmax(dim=-1) + shift
         x = x[torch.arange(x.shape[0], device=x.device), eot]
         x = self.text_projection(x) if isinstance(self.text_projection, nn.Linear) else x @ self.text_projection
-        return F.normalize(x, dim=-1)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def forward(self, token_ids: torch.Tensor, context: torch.Tensor | None = None,
+                use_context: torch.Tensor | None = None, deep: torch.Tensor | None = None,
+                normalize: bool = True) -> torch.Tensor:
+        x = self.embed(token_ids, context, use_context)
+        for i, block in enumerate(self.transformer.resblocks):
+            if deep is not None and 0 < i <= deep.shape[0]:
+                x = self.splice(x, deep[i - 1], use_context)
+            x = block(x, attn_mask=self.attn_mask)
+        return self.pool(x, token_ids, normalize=normalize)

@@ -23,7 +23,7 @@ D_FG_TAUS = (1, 2)
 
 def model_rows(model: FVGPTModel) -> dict[str, tuple[str, str]]:
     """Model row → (base head, new head), as Heads attributes."""
-    rows = {"zero-shot": ("z_clip", "z_clip"), model.cfg.method: ("z_full", "z_full")}
+    rows = {"zero-shot": ("z_clip", "z_clip"), model.cfg.method: ("z_full", "z_new")}
     if model.plugin is not None:
         rows["fvgpt"] = ("z_fdc", "z_pc")
     return rows
@@ -31,10 +31,12 @@ def model_rows(model: FVGPTModel) -> dict[str, tuple[str, str]]:
 
 @dataclass
 class EvalFeatures:
-    """The frozen tower's features of every readable test image and of its foreground view, with labels and masks:
-    everything evaluate() reads from the images. They depend only on the backbone and the foreground fill, so every
-    model on one backbone (CoOp, KgCoOp, each FVG-PT variant) can be scored on one pass."""
+    """The frozen towers' features of every readable test image and of its foreground view, with labels and masks:
+    everything evaluate() reads from the images. They depend only on the towers (`towers`: the backbone's, and the
+    learner's when it has a tower of its own) and the foreground fill, so every model on those towers (CoOp, KgCoOp
+    and their FVG-PT variants; a PromptSRC or MMRL run and its FVG-PT variants) can be scored on one pass."""
 
+    towers: str
     f: torch.Tensor
     f_fg: torch.Tensor
     labels: torch.Tensor
@@ -64,8 +66,8 @@ def eval_features(model: FVGPTModel, index: DatasetIndex, batch_size: int, progr
         areas.append(batch["mask"].to(bb.device).mean(dim=(1, 2, 3)))
     if not feats:
         raise DataError(f"{index.root}: none of the {len(index.test)} test images could be read")
-    return EvalFeatures(torch.cat(feats), torch.cat(fg_feats), torch.cat(labels), torch.cat(has_mask).bool(),
-                        torch.cat(areas), dropped)
+    return EvalFeatures(model.towers(), torch.cat(feats), torch.cat(fg_feats), torch.cat(labels),
+                        torch.cat(has_mask).bool(), torch.cat(areas), dropped)
 
 
 @torch.no_grad()
@@ -76,6 +78,8 @@ def evaluate(model: FVGPTModel, index: DatasetIndex, batch_size: int = 100, prog
     base_fg is the base head's accuracy on the foreground views of the base test images with masks. `features`:
     eval_features() of this index on this model's backbone, when several models are scored on one pass."""
     feats = features if features is not None else eval_features(model, index, batch_size, progress)
+    if feats.towers != model.towers():
+        raise ValueError(f"features of towers {feats.towers} given to a model on {model.towers()}")
     f, f_fg, labels, has_mask, area, dropped = (feats.f, feats.f_fg, feats.labels, feats.has_mask, feats.area,
                                                 feats.dropped)
     split = model.classes
@@ -125,9 +129,10 @@ def _frg_statistics(model: FVGPTModel, z_full: torch.Tensor, z_fg: torch.Tensor,
 
 
 def _brg_statistics(heads, target: torch.Tensor) -> dict:
-    """The BRG's blend b on one split, overall and where only one of z_full and z_CLIP is right: a gate that
-    learned something leans toward CLIP (higher b) where CLIP is the one that is right."""
-    full_right, clip_right = heads.z_full.argmax(-1) == target, heads.z_clip.argmax(-1) == target
+    """The BRG's blend b on one split, overall and where only one of its inputs, the stage-1 model's new-class logits
+    (z_full but for MMRL) and z_CLIP, is right: a gate that learned something leans toward CLIP (higher b) where
+    CLIP is the one that is right."""
+    full_right, clip_right = heads.z_new.argmax(-1) == target, heads.z_clip.argmax(-1) == target
     return {"b": _mean_std(heads.b), "b_when_only_clip_right": _mean_std(heads.b[clip_right & ~full_right]),
             "b_when_only_full_right": _mean_std(heads.b[full_right & ~clip_right])}
 

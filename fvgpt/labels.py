@@ -5,6 +5,14 @@ Torch-free: the bundle runtime and the server use it too (docs/architecture.md, 
 from __future__ import annotations
 
 ZERO_SHOT_TEMPLATE = "a photo of a {}."  # the hand-crafted prompt of zero-shot CLIP (docs/method.md, defaults)
+# MMRL's hand-written prompt per CoOp dataset (its trainers/mmrl.py, CUSTOM_TEMPLATES), keyed by CoOp's class name
+MMRL_TEMPLATES = {"OxfordPets": "a photo of a {}, a type of pet.",
+                  "OxfordFlowers": "a photo of a {}, a type of flower.",
+                  "FGVCAircraft": "a photo of a {}, a type of aircraft.", "DescribableTextures": "{} texture.",
+                  "EuroSAT": "a centered satellite photo of {}.", "StanfordCars": "a photo of a {}.",
+                  "Food101": "a photo of {}, a type of food.", "SUN397": "a photo of a {}.",
+                  "Caltech101": "a photo of a {}.", "UCF101": "a photo of a person doing {}.",
+                  "ImageNet": "a photo of a {}."}
 CONTEXT_PLACEHOLDER = "X"  # one token whose embedding a learned context vector replaces
 
 

@@ -1,5 +1,6 @@
-"""The training objectives: stage 1 (CoOp cross-entropy, KgCoOp's regulariser) and stage 2 (docs/method.md E3, E4,
-E7, E8, E12, E14). They take logits computed by the model object (fvgpt.model) and weights from the TrainConfig."""
+"""The training objectives: stage 1 (CoOp cross-entropy, KgCoOp's regulariser, PromptSRC's and MMRL's objectives) and
+stage 2 (docs/method.md E3, E4, E7, E8, E12, E14). They take logits computed by the model object (fvgpt.model) and
+weights from the TrainConfig."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -18,6 +19,36 @@ if TYPE_CHECKING:
 def kgcoop_regulariser(learned: torch.Tensor, zero_shot: torch.Tensor) -> torch.Tensor:
     """KgCoOp: 1 − mean cosine between the learned-prompt and the hand-crafted text features of each class."""
     return 1.0 - F.cosine_similarity(learned, zero_shot, dim=-1).mean()
+
+
+def promptsrc_objective(z: torch.Tensor, z_clip: torch.Tensor, text: torch.Tensor, text_clip: torch.Tensor,
+                        image: torch.Tensor, image_clip: torch.Tensor, labels: torch.Tensor, text_weight: float,
+                        image_weight: float) -> dict[str, torch.Tensor]:
+    """PromptSRC: CE(z, y) + L_SCL, the self-regulation toward frozen CLIP on the same images (its trainers/
+    promptsrc.py): text_weight·mean|G − G_CLIP| + image_weight·mean|f − f_CLIP| (L1 over elements, unit-norm
+    features) + Σ p_CLIP·(log p_CLIP − log p) / (B·C), i.e. KL(p_CLIP ‖ p) summed and divided by the logits' size,
+    at temperature 1. z: the prompted model's logits; z_clip: CLIP's on the regulariser's text features."""
+    ce = F.cross_entropy(z, labels)
+    scl_text = F.l1_loss(text, text_clip)
+    scl_image = F.l1_loss(image, image_clip)
+    scl_logits = F.kl_div(F.log_softmax(z, dim=-1), F.log_softmax(z_clip, dim=-1), reduction="sum",
+                          log_target=True) / z.numel()
+    loss = ce + text_weight * scl_text + image_weight * scl_image + scl_logits
+    return {"loss": loss, "ce": ce.detach(), "scl_text": scl_text.detach(), "scl_image": scl_image.detach(),
+            "scl_logits": scl_logits.detach()}
+
+
+def mmrl_objective(z_class: torch.Tensor, z_rep: torch.Tensor, image: torch.Tensor, image_clip: torch.Tensor,
+                   text: torch.Tensor, text_clip: torch.Tensor, labels: torch.Tensor, alpha: float,
+                   reg_weight: float) -> dict[str, torch.Tensor]:
+    """MMRL: α·CE(z_c, y) + (1 − α)·CE(z_r, y) + λ·(1 − mean cos(f_c, f_CLIP)) + λ·(1 − mean cos(g, g_CLIP)) (its
+    MMRL_Loss); no regulariser on the representation features."""
+    ce_class, ce_rep = F.cross_entropy(z_class, labels), F.cross_entropy(z_rep, labels)
+    reg_image = 1 - F.cosine_similarity(image, image_clip, dim=-1).mean()
+    reg_text = 1 - F.cosine_similarity(text, text_clip, dim=-1).mean()
+    loss = alpha * ce_class + (1 - alpha) * ce_rep + reg_weight * reg_image + reg_weight * reg_text
+    return {"loss": loss, "ce_class": ce_class.detach(), "ce_rep": ce_rep.detach(), "reg_image": reg_image.detach(),
+            "reg_text": reg_text.detach()}
 
 
 def trust_target(z_full: torch.Tensor, z_fg: torch.Tensor, labels: torch.Tensor, delta: float) -> torch.Tensor:

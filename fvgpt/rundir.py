@@ -24,14 +24,14 @@ import open_clip
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from .backbone import Backbone, load_backbone
 from .classes import ClassSplit
 from .config import CONFIG_SCHEMA, DATA_SOURCE, ConfigError, TrainConfig, config_json
 from .errors import FVGPTError
-from .model import FVGPTModel
+from .model import LEARNERS, FVGPTModel
 from .preprocess import Preprocess
-from .prompts import PromptLearner
 
 
 class RunDirError(FVGPTError):
@@ -113,7 +113,8 @@ class BackboneRecord:
 
     @classmethod
     def of(cls, backbone: Backbone, cfg: TrainConfig) -> BackboneRecord:
-        return cls(backbone.embed_dim, backbone.logit_scale, cfg.fdc_logit_scale or backbone.logit_scale,
+        stage_one_scale = cfg.mmrl_scale if cfg.method == "mmrl" else backbone.logit_scale  # S defaults to s_b
+        return cls(backbone.embed_dim, backbone.logit_scale, cfg.fdc_logit_scale or stage_one_scale,
                    backbone.context_length, backbone.preprocess, backbone.fingerprint(), torch.__version__,
                    open_clip.__version__)
 
@@ -177,6 +178,18 @@ def check_weights_source(run_dir: Path, cfg: TrainConfig) -> None:
                       f"\"pretrained\"")
 
 
+def read_learner(run_dir: Path, backbone: Backbone, cfg: TrainConfig) -> nn.Module:
+    """The run's trained stage-1 learner (prompt.safetensors: its state dict) on `backbone`."""
+    tensors = read_tensors(run_dir / "prompt.safetensors")
+    try:
+        return LEARNERS[cfg.method].from_state(backbone, cfg, tensors)
+    except FVGPTError:  # the backbone's own problem, said as it is
+        raise
+    except (KeyError, RuntimeError) as exc:
+        raise RunDirError(f"{run_dir / 'prompt.safetensors'} does not hold a {cfg.method} learner for this config "
+                          f"({type(exc).__name__}: {exc})") from None
+
+
 @dataclass
 class Run:
     """A trained run, rebuilt from its run dir."""
@@ -207,8 +220,7 @@ def load_run(path: str | Path, device: str = "cpu", require_plugin: bool = False
     if backbone.fingerprint() != record.fingerprint:
         raise RunDirError(f"{path}: the {cfg.model} weights from {cfg.pretrained!r} differ from those the run was "
                           f"trained on (fingerprint mismatch; different checkpoint or torch version?)")
-    prompt = PromptLearner(read_tensors(path / "prompt.safetensors")["ctx"].to(device)).requires_grad_(False)
-    model = FVGPTModel(backbone, classes, cfg, prompt)
+    model = FVGPTModel(backbone, classes, cfg, read_learner(path, backbone, cfg).requires_grad_(False))
     if stage_done(path, "plugin"):
         plugin = model.new_plugin(record.fdc_logit_scale)
         try:

@@ -1,10 +1,10 @@
-"""The two training stages (docs/method.md, "Training"): stage 1 ("prompt") learns the CoOp/KgCoOp context on the
-base classes; stage 2 ("plugin") trains the FVG-PT plugin with the backbone, the prompt and zero-shot CLIP frozen.
-Both run the model object's objectives (fvgpt.model).
+"""The two training stages (docs/method.md, "Training"): stage 1 ("prompt") trains the stage-1 learner (CoOp/KgCoOp
+context, PromptSRC prompts, MMRL representation) on the base classes; stage 2 ("plugin") trains the FVG-PT plugin with
+the backbone, the learner and zero-shot CLIP frozen. Both run the model object's objectives (fvgpt.model).
 
-Resumable at epoch granularity: after every epoch the trainable weights and optimiser state go to
-`state/<stage>.pt`, and each epoch reseeds every random source from (seed, stage, epoch), so an interrupted and
-resumed run ends with the same weights as an uninterrupted one.
+Resumable at epoch granularity: after every epoch the trainable weights, the optimiser state (and PromptSRC's running
+Gaussian prompt aggregate) go to `state/<stage>.pt`, and each epoch reseeds every random source from (seed, stage,
+epoch), so an interrupted and resumed run ends with the same weights as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -24,13 +24,14 @@ from .config import TrainConfig
 from .data import DatasetIndex, FewShotDataset, collate, index_for, train_transform
 from .model import FVGPTModel
 from .progress import note, track
-from .prompts import PromptLearner
+from .promptsrc import PromptAverage
 from .rundir import (BackboneRecord, RunDirError, atomic_save_tensors, atomic_torch_save, atomic_write_json,
-                     check_weights_source, read_classes, read_config, read_json, read_tensors, stage_done,
+                     check_weights_source, read_classes, read_config, read_json, read_learner, stage_done,
                      write_config)
 
 EpochHook = Callable[[str, int], None]
 STAGES = ("prompt", "plugin")
+ADAM_BETAS = (0.9, 0.999)  # Dassl's AdamW defaults (MMRL's config)
 _STAGE_SEED = {"prompt": 1, "plugin": 2}
 
 
@@ -65,11 +66,20 @@ def _lr_at(cfg: TrainConfig, lr: float, epoch: int, epochs: int) -> float:
     return 0.5 * lr * (1 + math.cos(math.pi * epoch / epochs))
 
 
+def _optimizer(cfg: TrainConfig, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """SGD with momentum (Dassl's default, CoOp/KgCoOp/PromptSRC) or AdamW (MMRL), with the config's weight decay."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=ADAM_BETAS, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
 def _run_stage(stage: str, cfg: TrainConfig, out: Path, trainable: nn.Module, epochs: int, lr: float,
                loader_for: Callable[[torch.Generator], torch.utils.data.DataLoader],
-               step: Callable[[dict], dict[str, torch.Tensor]], hook: EpochHook | None, progress: bool) -> None:
+               step: Callable[[dict], dict[str, torch.Tensor]], hook: EpochHook | None, progress: bool,
+               average: PromptAverage | None = None) -> None:
+    """`average`: accumulate the weights after every epoch and end on the aggregate (PromptSRC's GPA)."""
     params = [p for p in trainable.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = _optimizer(cfg, params, lr)
     state_path = out / "state" / f"{stage}.pt"
     start = 0
     if state_path.is_file():
@@ -77,6 +87,8 @@ def _run_stage(stage: str, cfg: TrainConfig, out: Path, trainable: nn.Module, ep
         trainable.load_state_dict(state["weights"])
         opt.load_state_dict(state["optimizer"])
         start = int(state["epoch"])
+        if average is not None:
+            average.load_state_dict(state["average"])
     for epoch in range(start, epochs):
         for g in opt.param_groups:
             g["lr"] = _lr_at(cfg, lr, epoch, epochs)
@@ -103,8 +115,11 @@ def _run_stage(stage: str, cfg: TrainConfig, out: Path, trainable: nn.Module, ep
         record = {"stage": stage, "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "images": n,
                   "seconds": round(seconds, 3), "images_per_s": round(n / seconds, 2), "dropped": dropped}
         record |= {k: round(v / n, 6) for k, v in sums.items()}
+        if average is not None:
+            average.add(epoch, trainable.state_dict())
         atomic_torch_save(state_path, {"weights": trainable.state_dict(), "optimizer": opt.state_dict(),
-                                       "epoch": epoch + 1})
+                                       "epoch": epoch + 1}
+                          | ({"average": average.state_dict()} if average is not None else {}))
         with open(out / "train_log.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
         _set_progress(out, stage, epoch + 1, done=False)
@@ -113,6 +128,8 @@ def _run_stage(stage: str, cfg: TrainConfig, out: Path, trainable: nn.Module, ep
                  f"({record['images_per_s']:.1f} img/s)")
         if hook is not None:
             hook(stage, epoch + 1)
+    if average is not None:
+        trainable.load_state_dict(average.result())
     _set_progress(out, stage, epochs, done=True)
 
 
@@ -138,18 +155,19 @@ def _base_loader(model: FVGPTModel, index: DatasetIndex, augment: bool, batch: i
 
 def train_prompt(model: FVGPTModel, out: Path, index: DatasetIndex, hook: EpochHook | None = None,
                  progress: bool = True) -> None:
-    """Stage 1: CoOp / KgCoOp context on the base classes."""
+    """Stage 1: the learner of cfg.method on the base classes (PromptSRC: ending on its Gaussian prompt aggregate)."""
     cfg, dev = model.cfg, model.backbone.device
     base = model.classes.base_names
-    zero_shot = model.tables(base).clip if cfg.method == "kgcoop" else None
+    teacher = model.prompt.teacher(model, base)
     loader_for, targets = _base_loader(model, index, cfg.prompt_augment, cfg.prompt_batch)
+    average = PromptAverage.for_config(cfg) if cfg.method == "promptsrc" else None
 
     def step(batch: dict) -> dict[str, torch.Tensor]:
-        return model.prompt_loss(batch["img"].to(dev), targets(batch["label"]), base, zero_shot)
+        return model.prompt_loss(batch["img"].to(dev), targets(batch["label"]), base, teacher)
 
-    _run_stage("prompt", cfg, out, model.prompt, cfg.prompt_epochs, cfg.prompt_lr, loader_for, step, hook, progress)
-    atomic_save_tensors(out / "prompt.safetensors", {"ctx": model.prompt.ctx},
-                        {"method": cfg.method, "n_ctx": str(cfg.n_ctx)})
+    _run_stage("prompt", cfg, out, model.prompt, cfg.prompt_epochs, cfg.prompt_lr, loader_for, step, hook, progress,
+               average)
+    atomic_save_tensors(out / "prompt.safetensors", model.prompt.state_dict(), {"method": cfg.method})
 
 
 def train_plugin(model: FVGPTModel, out: Path, index: DatasetIndex, fdc_logit_scale: float,
@@ -202,6 +220,6 @@ def train(cfg: TrainConfig, out: str | Path, stage: str = "all", resume: bool = 
     elif not stage_done(out, "prompt"):
         raise RunDirError(f"{out}: the prompt stage has not finished; run --stage prompt or all first")
     if stage in ("plugin", "all") and not stage_done(out, "plugin"):
-        prompt = PromptLearner(read_tensors(out / "prompt.safetensors")["ctx"].to(cfg.device))
+        prompt = read_learner(out, backbone, cfg)
         train_plugin(FVGPTModel(backbone, classes, cfg, prompt), out, index, record.fdc_logit_scale, hook, progress)
     return out

@@ -87,18 +87,20 @@ LABELS = LabelCache()  # the process-wide cache bundles use unless given another
 
 
 class TowerRunner:
-    """One tower graph on one runtime: pixels (B, 3, S, S) → image features (B, D)."""
+    """One tower graph on one runtime: its input (pixels (B, 3, S, S), or another role's output) → its output (image
+    features (B, D) or (B, K, D), or a trunk's tokens)."""
 
     def __init__(self, path: Path, manifest: Manifest, precision: str, runtime: str = "onnx", device: str = "cpu",
-                 threads: int | None = None, pool: SessionPool = SESSIONS):
-        """The tower of the (verified) bundle at `path`; a server's encoder opens it without the bundle's heads."""
+                 threads: int | None = None, pool: SessionPool = SESSIONS, role: str = "image"):
+        """The tower role of the (verified) bundle at `path`; a server's encoder opens it without the bundle's
+        heads."""
         m = manifest
         if runtime not in RUNTIMES:
             raise BundleError(f"unknown runtime {runtime!r} ({', '.join(RUNTIMES)})")
-        graph = m.image_tower(runtime, precision)
-        self.precision, self.runtime, self.tower_id = precision, runtime, graph.id
+        graph = m.tower_graph(role, runtime, precision)
+        self.precision, self.runtime, self.tower_id, self.role = precision, runtime, graph.id, role
         if runtime == "tensorrt":
-            engines = (m.tensorrt or {}).get("image", {})
+            engines = (m.tensorrt or {}).get(role, {})
             if precision not in engines:
                 raise TensorRTUnavailable(f"the bundle has no {precision} TensorRT engine (has: "
                                           f"{', '.join(engines) or 'none'}); export with --tensorrt on a GPU host")
@@ -110,10 +112,33 @@ class TowerRunner:
             self.provider = "OpenVINO CPU"
         else:
             session, self.provider = pool.get(path / graph.file, m.files[graph.file], device, threads)
-            self._run = lambda pixels: session.run(["features"], {"pixels": pixels})[0]
+            source, result = session.get_inputs()[0].name, session.get_outputs()[0].name
+            self._run = lambda x: session.run([result], {source: x})[0]
 
-    def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        return self._run(np.ascontiguousarray(pixels, dtype=np.float32))
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self._run(np.ascontiguousarray(x, dtype=np.float32))
+
+
+class TowerSet:
+    """Every tower role of a bundle on one runtime × precision, each run once per call in the order the roles read
+    each other (MMRL: its trunk, then CLIP's branch and its own): pixels → {role: output} for the roles the heads
+    read."""
+
+    def __init__(self, path: Path, manifest: Manifest, precision: str, runtime: str = "onnx", device: str = "cpu",
+                 threads: int | None = None, pool: SessionPool = SESSIONS):
+        self.runners = {role: TowerRunner(path, manifest, precision, runtime, device, threads, pool, role)
+                        for role in manifest.roles()}
+        self.inputs = {role: manifest.towers[role].input for role in self.runners}
+        self.outputs = sorted(set(manifest.heads.features.values()))
+        self.precision, self.runtime = precision, runtime
+        self.tower_id = manifest.variant_id(runtime, precision)
+        self.provider = next(iter(self.runners.values())).provider
+
+    def __call__(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for role, runner in self.runners.items():
+            out[role] = runner(pixels if self.inputs[role] is None else out[self.inputs[role]])
+        return {role: out[role] for role in self.outputs}
 
 
 class Bundle:
@@ -139,8 +164,10 @@ class Bundle:
         self._labels = labels
         # the text graph and the learned context fix a label's rows: bundles sharing both share cache entries
         files = self.manifest.files
-        self._label_namespace = files[self.manifest.text.file] + (files[self.manifest.tables] if self.kind == "fvgpt"
-                                                                  else self.manifest.prompts.template)
+        learned = self.manifest.learned_text
+        self._label_namespace = (files[self.manifest.text.file] + (files[learned.file] if learned else "")
+                                 + (files[self.manifest.tables] if self.kind == "fvgpt" else
+                                    self.manifest.prompts.template))
 
     @property
     def kind(self) -> str:
@@ -158,11 +185,26 @@ class Bundle:
     def max_batch(self) -> int:
         return self.manifest.max_batch
 
+    def feature_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Tower role → the per-image shape of the features the heads read from it ((D,), or MMRL's (2, D))."""
+        inputs = {i.name: i.shape for i in self._heads.get_inputs()}
+        return {role: tuple(int(d) for d in inputs[name][1:]) for name, role in self.manifest.heads.features.items()}
+
     # ---- image side -------------------------------------------------------------------------------------------
     def tower(self, precision: str | None = None, runtime: str = "onnx", device: str = "cpu",
               threads: int | None = None) -> TowerRunner:
+        """The image tower of a one-tower bundle (CoOp, KgCoOp, zero-shot): pixels → features."""
+        if len(self.manifest.towers) > 1:
+            raise BundleError(f"{self.path} has the tower roles {', '.join(self.manifest.roles())}: run them with "
+                              f"Bundle.towers()")
         return TowerRunner(self.path, self.manifest, precision or self.manifest.default_precision, runtime, device,
                            threads, self.pool)
+
+    def towers(self, precision: str | None = None, runtime: str = "onnx", device: str = "cpu",
+               threads: int | None = None) -> TowerSet:
+        """Every tower role on one runtime × precision: pixels → {role: output}, what `scores` takes."""
+        return TowerSet(self.path, self.manifest, precision or self.manifest.default_precision, runtime, device,
+                        threads, self.pool)
 
     def explainer(self, precision: str | None = None, threads: int | None = None) -> ExplainRunner:
         """The explain graph (at `precision`, else fp32); a BundleError when the bundle has none."""
@@ -170,14 +212,16 @@ class Bundle:
                              self.pool)
 
     def classify(self, pixels: np.ndarray, labels: list[str] | None = None, precision: str | None = None) -> Scores:
-        """Tower + heads in one call (validation, benchmarks, tests); serving splits the two across processes."""
-        return self.scores(self.tower(precision)(pixels), labels)
+        """Towers + heads in one call (validation, benchmarks, tests); serving splits the two across processes."""
+        return self.scores(self.towers(precision)(pixels), labels)
 
     # ---- text side --------------------------------------------------------------------------------------------
     def open_text(self) -> None:
-        """Load the tokenizer and the text graph now rather than at the first new label: a server does, so a bundle
-        it loaded keeps working after its folder is replaced or removed."""
+        """Load the tokenizer and the text graph(s) now rather than at the first new label: a server does, so a
+        bundle it loaded keeps working after its folder is replaced or removed."""
         self.tokenizer, self._text  # noqa: B018 - cached on first access
+        if self.manifest.learned_text is not None:
+            self._learned_text  # noqa: B018
 
     @cached_property
     def tokenizer(self) -> ClipTokenizer:
@@ -188,6 +232,12 @@ class Bundle:
     def _text(self) -> Any:
         """The text graph's session, held by the bundle from its first use (the pool holds sessions weakly)."""
         text = self.manifest.text.file
+        return self.pool.get(self.path / text, self.manifest.files[text], "cpu", self.threads)[0]
+
+    @cached_property
+    def _learned_text(self) -> Any:
+        """The learner's own text graph (PromptSRC, MMRL), held like `_text`."""
+        text = self.manifest.learned_text.file
         return self.pool.get(self.path / text, self.manifest.files[text], "cpu", self.threads)[0]
 
     def encode_text(self, labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -201,6 +251,14 @@ class Bundle:
                     "use_context": np.zeros(len(labels), np.float32)}
             clip = session.run(["text_features"], feed)[0]
             return clip, clip
+        if self.manifest.learned_text is not None:  # the learner's graph; its prompts are tables of the bundle
+            feed = {"token_ids": self.tokenizer(template), "context": self.tables["context"],
+                    "use_context": np.zeros(len(labels), np.float32)}
+            clip = session.run(["text_features"], feed)[0]
+            learned_session = self._learned_text
+            feed = {i.name: self.tables[i.name] for i in learned_session.get_inputs() if i.name != "token_ids"}
+            feed["token_ids"] = self.tokenizer(prompts(labels, p.learned))
+            return learned_session.run(["text_features"], feed)[0], clip
         feed = {"token_ids": self.tokenizer(prompts(labels, p.learned) + template), "context": self.tables["context"],
                 "use_context": np.array([1.0] * len(labels) + [0.0] * len(labels), np.float32)}
         feats = session.run(["text_features"], feed)[0]

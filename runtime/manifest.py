@@ -1,8 +1,9 @@
 """Bundle format v2 (docs/bundle-format.md): `manifest.json`, read, validated and written by one typed class.
 
-The image side is split into a **tower** (pixels → image features; depends only on the backbone, so every bundle on
-one backbone carries a byte-identical tower with the same `tower_id`) and per-bundle **heads** (image features →
-logits). The text graph takes the learned context as an input, so it too is shared per backbone (`text_id`).
+The image side is split into **towers** (pixels → image features; CLIP's own depends only on the backbone, so every
+bundle on one backbone carries a byte-identical one with the same `tower_id`) and per-bundle **heads** (image features
+→ logits). A tower role may read another's output instead of pixels (MMRL: a trunk shared by CLIP's branch and its
+own). The text graph takes the learned context as an input, so it too is shared per backbone (`text_id`).
 
 Integrity: `files` maps every other file to its sha256, and `digest` is the sha256 of the manifest's own canonical
 JSON without that field, so no byte of a bundle changes unnoticed.
@@ -108,13 +109,17 @@ def _get(d: Any, key: str, kind: type | tuple[type, ...], where: str, optional: 
     return value
 
 
+OPTIONAL_FIELDS = ("input", "learned_text")  # written only when set: bundles without them read as before they existed
+
+
 def _to_json(obj: Any) -> Any:
     if isinstance(obj, Preprocess):
         return obj.to_dict()
     if isinstance(obj, ClassSplit):
         return obj.records()
     if is_dataclass(obj):
-        return {f.name: _to_json(getattr(obj, f.name)) for f in fields(obj)}
+        return {f.name: _to_json(getattr(obj, f.name)) for f in fields(obj)
+                if not (f.name in OPTIONAL_FIELDS and getattr(obj, f.name) is None)}
     if isinstance(obj, dict):
         return {k: _to_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -190,12 +195,15 @@ def variant_key(runtime: str, precision: str) -> str:
 
 @dataclass(frozen=True)
 class Tower:
-    """pixels (B, 3, S, S) → L2-normalised features (B, D), one graph per runtime × precision, keyed "onnx-int8",
-    "openvino-bf16", ... `explain` (optional, `fvgpt export --explain`): graphs keyed the same way that also output
-    each patch's term of the features (B, P, D) for heatmaps (docs/bundle-format.md, "Explain graphs"); ONNX Runtime
-    only. A server runs them for POST /explain, never for /classify."""
+    """pixels (B, 3, S, S) → L2-normalised features (B, D) (or, for a trunk, tokens), one graph per runtime ×
+    precision, keyed "onnx-int8", "openvino-bf16", ... `input`: the role whose output the graphs read instead of
+    pixels (a branch after a trunk), None for pixels. `explain` (optional, `fvgpt export --explain`, one-tower
+    bundles): graphs keyed the same way that also output each patch's term of the features (B, P, D) for heatmaps
+    (docs/bundle-format.md, "Explain graphs"); ONNX Runtime only. A server runs them for POST /explain, never for
+    /classify."""
 
     variants: dict[str, TowerGraph]
+    input: str | None = None
     explain: dict[str, TowerGraph] = field(default_factory=dict)
 
     def find(self, runtime: str, precision: str) -> TowerGraph | None:
@@ -220,7 +228,7 @@ class Tower:
                                     f"runtime and precision")
         if bad := [k for k, g in explain.items() if g.runtime != "onnx"]:
             raise ManifestError(f"manifest field {where}.explain has {bad}: explain graphs run on ONNX Runtime only")
-        return cls(variants, explain)
+        return cls(variants, _get(d, "input", str, where, optional=True), explain)
 
     def all_graphs(self) -> list[TowerGraph]:
         return [*self.variants.values(), *self.explain.values()]
@@ -274,7 +282,7 @@ class Manifest:
     tokenizer: Tokenizer
     classes: ClassSplit
     prompts: Prompts
-    towers: dict[str, Tower]  # role → tower; CoOp/KgCoOp bundles have one role, "image"
+    towers: dict[str, Tower]  # role → tower; "image" is CLIP's own features (CoOp/KgCoOp bundles have no other)
     default_precision: str  # of the ONNX Runtime tower: what a server runs without a tuning profile or override
     text: Graph  # token ids + context → text features
     heads: Heads
@@ -287,16 +295,50 @@ class Manifest:
     run: dict | None = None  # the training run the bundle came from
     tensorrt: dict | None = None  # role → precision → {"file", "build"}
     files: dict[str, str] = field(default_factory=dict)  # every file but the manifest → sha256
+    learned_text: Graph | None = None  # the learner's own text graph (PromptSRC, MMRL); None: `text` with the context
     schema_version: int = SCHEMA_VERSION
 
     @property
     def tower_id(self) -> str:
-        """The default tower's id (the one a server shares between bundles)."""
-        return self.image_tower("onnx", self.default_precision).id
+        """The default towers' id (variant_id at the default precision)."""
+        return self.variant_id("onnx", self.default_precision)
+
+    def roles(self) -> list[str]:
+        """The tower roles in the order they run: each after the role it reads."""
+        return _in_order(self.towers)
+
+    def variant_id(self, runtime: str, precision: str) -> str:
+        """The id of runtime × precision over every tower role: the graph's tower_id when the bundle has one role
+        (ids as before roles existed), else an id of all the roles' ids."""
+        graphs = {role: t.find(runtime, precision) for role, t in self.towers.items()}
+        if missing := [r for r, g in graphs.items() if g is None]:
+            raise BundleError(f"the bundle has no {variant_key(runtime, precision)} graph for tower(s) {missing}")
+        if len(graphs) == 1:
+            return next(iter(graphs.values())).id
+        return short_id("towers", {role: g.id for role, g in graphs.items()})
+
+    def tower_keys(self, runtime: str, precision: str) -> dict[str, str]:
+        """Tower role → the key of the computation it is: its graph's id, and for a role that reads another role's
+        output, "<" and that role's key (a graph is the same computation only on the same input). Bundles whose roles
+        have one key share that computation: it runs once per image (SharedTowers, the server's tower pool)."""
+        keys: dict[str, str] = {}
+        for role in self.roles():
+            source = self.towers[role].input
+            keys[role] = self.tower_graph(role, runtime, precision).id + (f"<{keys[source]}" if source else "")
+        return keys
 
     def image_tower(self, runtime: str, precision: str) -> TowerGraph:
-        """The image tower's variant for runtime × precision; a BundleError lists the variants there are."""
-        tower = self.towers["image"]
+        """The image tower's variant for runtime × precision, for a bundle whose features all come from it (one tower
+        role); a BundleError lists the variants there are, or says the bundle has several roles."""
+        if len(self.towers) > 1:
+            raise BundleError(f"this {(self.run or {}).get('method', '')} bundle has the tower roles "
+                              f"{', '.join(self.roles())}, not one image tower: run them with "
+                              f"fvgpt_runtime.bundle.TowerSet or SharedTowers")
+        return self.tower_graph("image", runtime, precision)
+
+    def tower_graph(self, role: str, runtime: str, precision: str) -> TowerGraph:
+        """A tower role's variant for runtime × precision; a BundleError lists the variants there are."""
+        tower = self.towers[role]
         if (graph := tower.find(runtime, precision)) is None:
             raise BundleError(f"the bundle has no {variant_key(runtime, precision)} tower graph (has: "
                               f"{', '.join(tower.variants)})")
@@ -361,7 +403,8 @@ class Manifest:
                 fvgpt_version=_get(doc, "fvgpt_version", str, ""),
                 parity=_get(doc, "parity", dict, ""), run=_get(doc, "run", dict, "", optional=True),
                 tensorrt=_get(doc, "tensorrt", dict, "", optional=True),
-                files=_get(doc, "files", dict, ""))
+                files=_get(doc, "files", dict, ""),
+                learned_text=Graph.parse(doc["learned_text"], "learned_text") if doc.get("learned_text") else None)
         m.check()
         return m
 
@@ -371,11 +414,20 @@ class Manifest:
             raise ManifestError(f"manifest field default_precision {self.default_precision!r} has no ONNX tower "
                                 f"graph (towers.image.variants: {', '.join(self.towers['image'].variants)})")
         referenced = [self.text.file, self.heads.file, self.tables, self.tokenizer.vocab]
+        referenced += [self.learned_text.file] if self.learned_text else []
         referenced += [f for t in self.towers.values() for g in t.all_graphs() for f in g.files]
         if unlisted := [f for f in referenced if f not in self.files]:
             raise ManifestError(f"manifest field files does not list {unlisted}: they would not be verified")
         if bad := {i: r for i, r in self.heads.features.items() if r not in self.towers}:
             raise ManifestError(f"manifest field heads.features maps {bad} to tower roles that do not exist")
+        if bad := {r: t.input for r, t in self.towers.items() if t.input is not None and t.input not in self.towers}:
+            raise ManifestError(f"manifest field towers: {bad} read tower roles that do not exist")
+        if len(_in_order(self.towers)) < len(self.towers):
+            raise ManifestError("manifest field towers: the roles' inputs form a cycle")
+        keys = {r: sorted(t.variants) for r, t in self.towers.items()}
+        if len({tuple(k) for k in keys.values()}) > 1:
+            raise ManifestError(f"manifest field towers: every role needs the same runtime × precision variants "
+                                f"(has {keys})")
         if self.kind == "fvgpt" and (self.prompts.learned is None or self.heads.tau is None):
             raise ManifestError("manifest fields prompts.learned and heads.tau are required for an fvgpt bundle")
         if not 1 <= self.max_batch <= 4096:
@@ -408,6 +460,15 @@ class Manifest:
             elif DIGESTS(f) != self.files[name]:
                 problems.append(f"{name}: sha256 mismatch (file changed since export)")
         return problems
+
+
+def _in_order(towers: dict[str, Tower]) -> list[str]:
+    """The roles whose chain of inputs starts at pixels, each after the role it reads (a cycle's roles are left
+    out)."""
+    found: list[str] = []
+    while more := [r for r, t in towers.items() if r not in found and (t.input is None or t.input in found)]:
+        found += more
+    return found
 
 
 def open_manifest(bundle_dir: str | Path, verify: bool = True) -> Manifest:

@@ -79,8 +79,8 @@ def mismatch(profile: dict, manifest: Manifest, host: dict[str, Any] | None = No
         return f"measured for another bundle ({profile.get('model_id')})"
     tower = manifest.towers["image"]
     for c in profile.get("candidates", []):
-        graph = tower.find(c["runtime"], c["precision"])
-        if graph is None or graph.id != c.get("tower_id"):
+        if tower.find(c["runtime"], c["precision"]) is None or \
+                manifest.variant_id(c["runtime"], c["precision"]) != c.get("tower_id"):
             return f"measured on other tower graphs ({c['name']} changed since)"
     return None
 
@@ -150,7 +150,9 @@ def check_request(manifest: Manifest, runtime: str, precision: str | None) -> No
         if not tower.precisions("openvino"):
             raise BundleError("--runtime openvino: the bundle has no OpenVINO variants (export with --openvino)")
     elif runtime != "auto" or precision is not None:
-        manifest.image_tower("onnx" if runtime == "auto" else runtime, precision or manifest.default_precision)
+        chosen = precision or manifest.default_precision
+        for role in manifest.roles():  # a bundle of several tower roles needs the variant for every one
+            manifest.tower_graph(role, "onnx" if runtime == "auto" else runtime, chosen)
 
 
 def choose(bundle_dir: Path, manifest: Manifest, runtime: str = "auto", precision: str | None = None,

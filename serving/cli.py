@@ -129,7 +129,9 @@ def check_bundle(settings: Settings) -> None:
     try:
         if not classifier.ready:
             raise BundleError(classifier.reason)
-        open_tower(classifier.tower, settings.threads)
+        opened = {}
+        for tower in classifier.towers:  # each after the tower it reads
+            opened[tower.tower_id] = open_tower(tower, settings.threads, opened.get(tower.source))
     except BundleError as exc:
         raise BundleError(f"{settings.source} cannot be served: {' '.join(str(exc).split())}") from None
     except Exception as exc:  # noqa: BLE001 - whatever ONNX Runtime or TensorRT make of the tower: one line

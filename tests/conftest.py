@@ -88,6 +88,74 @@ def tiny_bundle(request, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def promptsrc_run(demo_data, tmp_path_factory) -> Path:
+    """A finished two-stage PromptSRC run on fvgpt-tiny (the backbone of tiny_run). Treat as read-only."""
+    from fvgpt.train import train
+
+    return train(tiny_config(demo_data, method="promptsrc", prompt_epochs=1, plugin_epochs=1),
+                 tmp_path_factory.mktemp("runs") / "promptsrc", progress=False)
+
+
+@pytest.fixture(scope="session")
+def mmrl_run(demo_data, tmp_path_factory) -> Path:
+    """A finished two-stage MMRL run on fvgpt-tiny, its representation tokens from layer 2 (a one-block trunk). Treat
+    as read-only."""
+    from fvgpt.train import train
+
+    return train(tiny_config(demo_data, method="mmrl", rep_layer=2, rep_dim=32, prompt_epochs=1, plugin_epochs=1),
+                 tmp_path_factory.mktemp("runs") / "mmrl", progress=False)
+
+
+@pytest.fixture(scope="session")
+def promptsrc_bundle(request, tmp_path_factory) -> Path:
+    """fp32 bundle of promptsrc_run: CLIP's tower (tiny_bundle's) beside its prompted tower. Read-only."""
+
+    def build(out: Path) -> Path:
+        from fvgpt_export.build import ExportOptions, export_run
+
+        return export_run(request.getfixturevalue("promptsrc_run"), out,
+                          ExportOptions(progress=False, parity_images=16))
+
+    return _bundle("promptsrc", build, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def mmrl_bundle(request, tmp_path_factory) -> Path:
+    """int8 bundle of mmrl_run: trunk, CLIP branch, MMRL branch. Read-only."""
+
+    def build(out: Path) -> Path:
+        from fvgpt_export.build import ExportOptions, export_run
+
+        return export_run(request.getfixturevalue("mmrl_run"), out,
+                          ExportOptions(precision="int8", progress=False, parity_images=16))
+
+    return _bundle("mmrl", build, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def second(request, tmp_path_factory) -> dict[str, Path]:
+    """A second PromptSRC and a second MMRL classifier on the backbone: the runs' learners and plugins moved by noise,
+    exported (fp32). Read-only."""
+
+    def builder(name: str):
+        def build(out: Path) -> Path:
+            import torch
+            from fvgpt_export.build import ExportOptions, export_model
+
+            from fvgpt.rundir import load_run
+
+            model = load_run(request.getfixturevalue(f"{name}_run")).model
+            with torch.no_grad():
+                for p in [*model.prompt.parameters(), *model.plugin.parameters()]:
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+            return export_model(model, out, ExportOptions(progress=False, parity_images=4), "none", 0)
+
+        return build
+
+    return {name: _bundle(f"{name}-second", builder(name), tmp_path_factory) for name in ("promptsrc", "mmrl")}
+
+
+@pytest.fixture(scope="session")
 def tiny_zero_shot_bundle(tmp_path_factory) -> Path:
     """Zero-shot bundle of plain fvgpt-tiny with three labels. Treat as read-only."""
 

@@ -160,8 +160,8 @@ def text_features(clip_model, tokenizer, texts: list[str], context: torch.Tensor
         return out
 
     handle = clip_model.token_embedding.register_forward_hook(splice) if context is not None else None
-    try:
-        with torch.no_grad():
+    try:  # autograd only where a context asks for gradients (PromptSRC's stage-1 reference)
+        with torch.set_grad_enabled(context is not None and context.requires_grad):
             return F.normalize(clip_model.encode_text(tokenizer(texts)), dim=-1)
     finally:
         if handle is not None:
@@ -200,3 +200,181 @@ def sgd_step(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], bu
         d = grads[name] + WEIGHT_DECAY * p
         buffers[name] = d if name not in buffers else MOMENTUM * buffers[name] + d
         p -= lr * buffers[name]
+
+
+# ---- PromptSRC and MMRL: their towers through open_clip's own forward, their objectives -------------------------
+# The prompts and representation tokens go in through hooks on open_clip's modules (never fvgpt's block loops):
+# a forward hook on the visual patch_dropout (the last step before ln_pre), forward pre-hooks on the resblocks, and
+# a forward hook on ln_post / ln_final to read every token.
+
+class Hooks:
+    """Hooks registered for one forward, removed on exit."""
+
+    def __init__(self):
+        self.handles = []
+
+    def pre(self, module, fn, with_kwargs: bool = False):
+        self.handles.append(module.register_forward_pre_hook(fn, with_kwargs=with_kwargs))
+
+    def post(self, module, fn):
+        self.handles.append(module.register_forward_hook(fn))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def expand(tokens: torch.Tensor, batch: int) -> torch.Tensor:
+    return tokens.unsqueeze(0).expand(batch, -1, -1)
+
+
+def promptsrc_image(clip_model, pixels, vision_ctx, vision_deep) -> torch.Tensor:
+    """PromptSRC's prompted image features: the prompt tokens appended before ln_pre, the last n tokens replaced at the
+    input of blocks 1..len(deep); open_clip's encode_image (class token, proj); L2-normalised."""
+    visual, n = clip_model.visual, vision_ctx.shape[0]
+    with Hooks() as h:
+        h.post(visual.patch_dropout, lambda _m, _i, out: torch.cat([out, expand(vision_ctx, len(out))], 1))
+        for i in range(1, len(vision_deep) + 1):
+            h.pre(visual.transformer.resblocks[i],
+                  lambda _m, args, d=vision_deep[i - 1]: (torch.cat([args[0][:, :-n], expand(d, len(args[0]))], 1),))
+        return F.normalize(clip_model.encode_image(pixels), dim=-1)
+
+
+def promptsrc_text(clip_model, tokenizer, texts: list[str], ctx, deep) -> torch.Tensor:
+    """PromptSRC's prompted text features: CoOp's context at positions 1..n, replaced again at the input of text
+    blocks 1..len(deep); open_clip's encode_text; L2-normalised."""
+    n = ctx.shape[0]
+
+    def replace(_m, args, d):
+        x = args[0]
+        return (torch.cat([x[:, :1], expand(d, len(x)), x[:, 1 + n:]], 1),)
+
+    with Hooks() as h:
+        for i in range(1, len(deep) + 1):
+            h.pre(clip_model.transformer.resblocks[i], lambda m, a, d=deep[i - 1]: replace(m, a, d))
+        return text_features(clip_model, tokenizer, texts, ctx)
+
+
+def teacher_text(clip_model, tokenizer, labels: list[str], templates) -> torch.Tensor:
+    """L2 of the mean over templates of CLIP's unnormalised text features (PromptSRC's fixed embeddings)."""
+    with torch.no_grad():
+        feats = torch.stack([clip_model.encode_text(tokenizer([t.format(words(c)) for c in labels]))
+                             for t in templates])
+    return l2(feats.mean(0))
+
+
+def mmrl_image(clip_model, pixels, tokens, proj_rep) -> tuple[torch.Tensor, torch.Tensor]:
+    """MMRL's (f_c, f_r): the layers' tokens R_v (K, n, W) inserted after the class token at the input of block
+    L − K, overwriting those positions at every later block; f_c = open_clip's encode_image, f_r = the mean of
+    ln_post(representation tokens) · P_r; both L2-normalised."""
+    visual = clip_model.visual
+    blocks = visual.transformer.resblocks
+    start, n = len(blocks) - len(tokens), tokens.shape[1]
+    seen = {}
+
+    def put(_m, args, k):
+        x = args[0]
+        return (torch.cat([x[:, :1], expand(tokens[k], len(x)), x[:, 1 + (n if k else 0):]], 1),)
+
+    with Hooks() as h:
+        for k in range(len(tokens)):
+            h.pre(blocks[start + k], lambda m, a, k=k: put(m, a, k))
+        h.post(visual.ln_post, lambda _m, _i, out: seen.setdefault("tokens", out))
+        f_c = F.normalize(clip_model.encode_image(pixels), dim=-1)
+    return f_c, F.normalize(seen["tokens"][:, 1:1 + n].mean(1) @ proj_rep, dim=-1)
+
+
+def mmrl_text(clip_model, tokenizer, texts: list[str], tokens) -> torch.Tensor:
+    """MMRL's text features: R_t (K, n, W) inserted after the start token at the input of text block L − K and
+    overwritten later, with a causal mask grown by n from that block on; the EOT token read n places later."""
+    blocks = clip_model.transformer.resblocks
+    start, n = len(blocks) - len(tokens), tokens.shape[1]
+    ids = tokenizer(texts)
+    seen = {}
+
+    def put(_m, args, kwargs, k):
+        x = args[0]
+        x = torch.cat([x[:, :1], expand(tokens[k], len(x)), x[:, 1 + (n if k else 0):]], 1)
+        size = x.shape[1]
+        mask = torch.triu(torch.full((size, size), float("-inf")), diagonal=1)
+        return (x,), kwargs | {"attn_mask": mask}
+
+    with Hooks() as h:
+        for k in range(len(tokens)):
+            h.pre(blocks[start + k], lambda m, a, kw, k=k: put(m, a, kw, k), with_kwargs=True)
+        h.post(clip_model.ln_final, lambda _m, _i, out: seen.setdefault("tokens", out))
+        clip_model.encode_text(ids)
+    x = seen["tokens"]
+    eot = ids.argmax(-1) + n
+    return F.normalize(x[torch.arange(len(x)), eot] @ clip_model.text_projection, dim=-1)
+
+
+def promptsrc_loss(z, z_clip, text, text_clip, image, image_clip, y, text_weight: float = 25.0,
+                   image_weight: float = 10.0) -> dict[str, torch.Tensor]:
+    """CE + text_weight·mean|G − G0| + image_weight·mean|f − f0| + Σ p0 (log p0 − log p) / (B·C), p at τ = 1."""
+    log_p, log_p0 = log_probs(z, 1.0), log_probs(z_clip, 1.0)
+    terms = {"ce": ce(z, y).mean(), "scl_text": (text.double() - text_clip.double()).abs().mean(),
+             "scl_image": (image.double() - image_clip.double()).abs().mean(),
+             "scl_logits": (log_p0.exp() * (log_p0 - log_p)).sum() / z.numel()}
+    terms["loss"] = (terms["ce"] + text_weight * terms["scl_text"] + image_weight * terms["scl_image"]
+                     + terms["scl_logits"])
+    return terms
+
+
+def cos_rows(a, b) -> torch.Tensor:
+    a, b = a.double(), b.double()
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+
+
+def mmrl_loss(z_c, z_r, f_c, f_clip, text, text_clip, y, alpha: float = 0.7,
+              reg: float = 1.0) -> dict[str, torch.Tensor]:
+    """α·CE(z_c) + (1 − α)·CE(z_r) + λ·(1 − mean cos(f_c, f0)) + λ·(1 − mean cos(g, g0))."""
+    terms = {"ce_class": ce(z_c, y).mean(), "ce_rep": ce(z_r, y).mean(),
+             "reg_image": 1 - cos_rows(f_c, f_clip).mean(), "reg_text": 1 - cos_rows(text, text_clip).mean()}
+    terms["loss"] = (alpha * terms["ce_class"] + (1 - alpha) * terms["ce_rep"] + reg * terms["reg_image"]
+                     + reg * terms["reg_text"])
+    return terms
+
+
+def gpa_weights(epochs: int, mean: float, std: float) -> list[float]:
+    """PromptSRC's Gaussian weights of epochs 1..E: N(e; μ, σ) normalised to sum 1."""
+    density = [math.exp(-0.5 * ((e - mean) / std) ** 2) / (std * math.sqrt(2 * math.pi)) for e in range(1, epochs + 1)]
+    return [d / sum(density) for d in density]
+
+
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
+
+
+def adamw_step(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], state: dict, lr: float,
+               weight_decay: float = WEIGHT_DECAY) -> None:
+    """AdamW (decoupled weight decay, bias-corrected moments), in place, float64."""
+    state["t"] = state.get("t", 0) + 1
+    t, (b1, b2) = state["t"], ADAM_BETAS
+    for name, p in params.items():
+        g = grads[name]
+        m = state.setdefault(("m", name), torch.zeros_like(p))
+        v = state.setdefault(("v", name), torch.zeros_like(p))
+        m.mul_(b1).add_((1 - b1) * g)
+        v.mul_(b2).add_((1 - b2) * g * g)
+        p.mul_(1 - lr * weight_decay)
+        p -= lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + ADAM_EPS)
+
+
+def fused_heads(weights: dict, kinds: list[torch.Tensor], f_clip, text, clip_text, s_b: float, s: float,
+                big_s: float, base_w: tuple[float, ...], new_w: tuple[float, ...],
+                tau: float = TAU) -> dict[str, torch.Tensor]:
+    """The heads of a stage-1 model with K image features per image (MMRL: f_c, f_r): z = s_b·f_k·Tᵀ per kind, fused
+    with base_w (z_full) and new_w (z_new, the BRG's input); z_FDC fuses S·L2(f_k + MLP_v(f_k))·G̃ᵀ with base_w."""
+    text, clip_text = text.double(), clip_text.double()
+    per_kind = [s_b * f.double() @ text.t() for f in kinds]
+    z_full = sum(w * z for w, z in zip(base_w, per_kind))
+    z_new = sum(w * z for w, z in zip(new_w, per_kind))
+    z_clip = s * f_clip.double() @ clip_text.t()
+    g_t = l2(text + mlp(text, weights, "text_adapter"))
+    z_fdc = sum(w * big_s * l2(f.double() + mlp(f, weights, "image_adapter")) @ g_t.t() for w, f in zip(base_w, kinds))
+    b = torch.sigmoid(gate_logit(brg_inputs(z_new, z_clip, tau), weights, "brg"))
+    return {"z_full": z_full, "z_new": z_new, "z_clip": z_clip, "z_fdc": z_fdc,
+            "z_pc": (1 - b)[:, None] * z_new + b[:, None] * z_clip, "b": b}

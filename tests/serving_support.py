@@ -195,9 +195,9 @@ def post_json(client, doc, headers: dict | None = None):
     return client.post("/classify", json=doc, headers=headers)
 
 
-def expected(bundle: Bundle, data: bytes, labels: list[str] | None):
+def expected(bundle: Bundle, data: bytes, labels: list[str] | None, precision: str | None = None):
     """What the service should answer, computed in-process on the same bytes."""
-    scores = bundle.classify(preprocess(Image.open(io.BytesIO(data)), bundle.preprocess)[None], labels)
+    scores = bundle.classify(preprocess(Image.open(io.BytesIO(data)), bundle.preprocess)[None], labels, precision)
     return scores.head, dict(zip(scores.labels, scores.probabilities[0].tolist()))
 
 
@@ -205,9 +205,10 @@ def returned(result: dict) -> dict[str, float]:
     return {p["label"]: p["probability"] for p in result["predictions"]}
 
 
-def assert_matches(bundle: Bundle, result: dict, data: bytes, labels: list[str] | None) -> None:
+def assert_matches(bundle: Bundle, result: dict, data: bytes, labels: list[str] | None,
+                   precision: str | None = None) -> None:
     """Same head, model id, ranking and probabilities (to 1e-5) as Bundle.scores in-process."""
-    head, probs = expected(bundle, data, labels)
+    head, probs = expected(bundle, data, labels, precision)
     got = returned(result)
     assert result["head"] == head and result["model_id"] == bundle.model_id
     assert list(got) == sorted(probs, key=probs.get, reverse=True)[:len(got)]

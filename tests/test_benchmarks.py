@@ -317,3 +317,31 @@ def test_cpu_breakdown_counts_samples_to_stages_per_process():
         "garbage line without a count",
     ])
     assert parse_raw(raw) == {11: {"preprocess": 7, "decode": 3, OTHER: 2}, 12: {"transport": 4}}
+
+
+def test_mixed_repository_counts_and_times_the_shared_graphs(tiny_bundle, promptsrc_bundle, mmrl_bundle, tmp_path):
+    """benchmarks.mixed_repository on the session's CoOp, PromptSRC and MMRL bundles (placed where its generator
+    would write them, with their blocks per role): graph runs per image 1, 2, 3 alone and 5 together; passes by blocks
+    (tiny model: 2 blocks, MMRL's trunk 1) 1, 2, 1.5 and 3.5 together against 4.5 summed; images/s the inverse of the
+    time per image; the mix's time against the sum of the three alone."""
+    out = tmp_path / "mixed"
+    (out / "bundles").mkdir(parents=True)
+    for name, path in (("coop", tiny_bundle), ("promptsrc", promptsrc_bundle), ("mmrl", mmrl_bundle)):
+        (out / "bundles" / name).symlink_to(path)
+    facts = {"coop": {"blocks": {"image": 2}, "training_passes": 2.0},
+             "promptsrc": {"blocks": {"image": 2, "promptsrc": 2}, "training_passes": 3.0},
+             "mmrl": {"blocks": {"trunk": 1, "image": 1, "mmrl": 1}, "training_passes": 2.5}}
+    (out / "bundles" / "facts.json").write_text(json.dumps(facts))
+    assert bench("mixed_repository", "--out", str(out), "--model", "fvgpt-tiny", "--precision", "fp32", "--batch",
+                 "2", "--rounds", "2", "--threads", "1").returncode == 0
+    doc = json.loads((out / "mixed_repository.json").read_text())
+    rows = {r["config"]: r for r in doc["rows"]}
+    assert {k: r["graph_runs_per_image"] for k, r in rows.items()} == {"coop": 1, "promptsrc": 2, "mmrl": 3, "mix": 5}
+    assert {k: r["passes_by_blocks"] for k, r in rows.items()} == {"coop": 1, "promptsrc": 2, "mmrl": 1.5, "mix": 3.5}
+    assert (doc["mix_vs_sum"]["passes_mix"], doc["mix_vs_sum"]["passes_sum"]) == (3.5, 4.5)
+    for r in rows.values():
+        assert r["images_per_s"] == pytest.approx(1000 / r["ms_per_image"], rel=1e-3)
+    alone = sum(rows[k]["ms_per_image"] for k in ("coop", "promptsrc", "mmrl"))
+    assert doc["mix_vs_sum"]["ratio"] == pytest.approx(rows["mix"]["ms_per_image"] / alone, rel=1e-3)
+    assert rows["coop"]["passes_by_graph_time"] == 1 and doc["training_passes"]["promptsrc"] == 3.0
+    assert (out / "mixed_repository.csv").read_text().startswith("config,classifiers,graph_runs_per_image")

@@ -366,3 +366,22 @@ def test_data_is_checked_before_any_weights_load(demo_data, tmp_path, capsys):
     shutil.copytree(demo_data, moved, ignore=shutil.ignore_patterns("red_circle"))  # one class fewer
     err = _refused(["eval", str(run), "--data", str(moved)], capsys)
     assert f"the classes of {moved} differ from the run's (5 vs 6" in err
+
+
+@pytest.mark.parametrize("method, name, template", [("mmrl", "oxford_pets", "a photo of a {}, a type of pet."),
+                                                    ("promptsrc", "dtd", None), ("mmrl", "dtd", "{} texture.")])
+def test_the_other_backbones_train_on_a_dataset_by_name(method, name, template, data, tmp_path, capsys):
+    """PromptSRC and MMRL on CoOp's datasets by name: the same draw and masks as CoOp's runs; MMRL's prompt is its
+    template for that dataset; evaluation reports the stage-1 row and FVG-PT on it."""
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", name, "--root", str(data), "--out", str(run), "--shots", str(SHOTS),
+                 "--seed", str(SEED), "--method", method, "--rep-dim", "16", *TINY]) == 0
+    config = json.loads((run / "config.json").read_text())["train"]
+    assert config["method"] == method and config["mmrl_template"] == template
+    written = json.loads((run / "data.json").read_text())
+    assert [(p, lab) for p, lab, _ in written["train"]] == reference_fewshot(reference_train_list(name, data), SHOTS,
+                                                                            SEED)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["models"]) == {"zero-shot", method, "fvgpt"}
+    assert all(row["base"] is not None and row["new"] is not None for row in metrics["models"].values())
+    assert f"{method}" in capsys.readouterr().out

@@ -30,7 +30,7 @@ from fvgpt.evaluate import evaluate
 from fvgpt.model import FVGPTModel
 from fvgpt.prompts import PromptLearner
 from fvgpt.rundir import load_run
-from fvgpt.train import train_plugin
+from fvgpt.train import train_plugin, train_prompt
 from fvgpt_runtime.bundle import Bundle
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -191,6 +191,42 @@ def test_golden_ablations(backbone, inputs, demo_data, tmp_path, name):
     check(f"ablation_{name}", {"base_head": base.z_fdc, "new_head": heads.z_pc, "b": heads.b,
                                "log": {k: [r[k] for r in log] for k in terms},
                                "weights": _weights_summary(trained.plugin.state_dict())}, atol=1e-4, rtol=1e-4)
+
+
+LEARNERS = {"promptsrc": {"method": "promptsrc"}, "mmrl": {"method": "mmrl", "rep_layer": 2, "rep_dim": 32}}
+
+
+@pytest.mark.parametrize("name", list(LEARNERS))
+def test_golden_learners(backbone, inputs, demo_data, tmp_path, name):
+    """PromptSRC and MMRL (docs/method.md, "Stage 1"): a seeded learner's image features ([f_CLIP, its own]) of the
+    images and of their foreground views, its text features, its stage-1 loss terms on the images, the heads of a
+    seeded plugin on it; and a short seeded stage-1 run (2 epochs on 6 images, PromptSRC ending on its GPA): its log
+    and weights."""
+    cfg = TrainConfig(data=str(demo_data), model="fvgpt-tiny", pretrained="none", seed=3, prompt_epochs=2,
+                      prompt_lr=0.02, prompt_batch=4, gpa_mean=1.5, **LEARNERS[name])
+    classes = ClassSplit.paper(LABELS)
+    torch.manual_seed(0)
+    model = FVGPTModel.new_prompt(backbone, classes, cfg)
+    pixels, masks = inputs["pixels"], inputs["masks"]
+    targets = torch.tensor([3, 1, 0, 5])
+    terms = model.prompt_loss(pixels, targets, LABELS, model.prompt.teacher(model, LABELS))
+    model.new_plugin(100.0).requires_grad_(False)
+    with torch.no_grad():
+        f = model.encode_image(pixels)
+        tables = model.tables(LABELS)
+        heads = model.heads(f, tables)
+        base = model.heads(f, tables.rows(classes.base_ids))
+    outputs = {"image": f, "foreground": model.encode_tuned(pixels * masks), "text_learned": tables.learned,
+               "loss": {k: v.detach() for k, v in terms.items()}, "z_full": heads.z_full, "z_new": heads.z_new,
+               "z_fdc": base.z_fdc, "z_pc": heads.z_pc, "b": heads.b}
+    torch.manual_seed(1)
+    trained = FVGPTModel.new_prompt(backbone, ClassSplit.paper(LABELS, LABELS[1::2]), cfg)
+    (tmp_path / "progress.json").write_text("{}")
+    train_prompt(trained, tmp_path, load_index(demo_data, shots=2, seed=1), progress=False)
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    logged = {k: [r[k] for r in log] for k in log[0] if k not in ("seconds", "images_per_s", "stage")}
+    check(name, outputs | {"log": logged, "weights": _weights_summary(trained.prompt.state_dict())},
+          atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.slow

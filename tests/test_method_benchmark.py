@@ -12,8 +12,9 @@ import pytest
 from benchmarks.method import METHODS, METRICS, main
 
 TABLE3 = ("no_frg", "pc_only", "no_pc", "fdc_only")
-NAMES = {"zero_shot", "coop", "kgcoop"} | {f"fvgpt_{m}" for m in ("coop", "kgcoop")} | {
-    f"fvgpt_{m}_{a}" for m in ("coop", "kgcoop") for a in TABLE3}
+NAMES = {"zero_shot", "coop", "kgcoop", "promptsrc", "mmrl"} | {
+    f"fvgpt_{m}" for m in ("coop", "kgcoop", "promptsrc", "mmrl")} | {f"fvgpt_{m}_{a}" for m in ("coop", "kgcoop")
+                                                                     for a in TABLE3}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,14 @@ def test_method_json_has_the_issue_schema(report):
     assert len(csv_lines) == 1 + 2 * (len(NAMES) + len(doc["sensitivity"]["0"]))  # seeds × rows of both rates
     assert "| fvgpt_coop_pc_only | PC only |" in (out / "method.md").read_text()
     gates = doc["gates"]["0.9"]
-    assert set(gates) == {"fvgpt_coop", "fvgpt_kgcoop", "fvgpt_coop_no_frg", "fvgpt_kgcoop_no_frg"}  # trained rows
+    assert set(gates) == {"fvgpt_coop", "fvgpt_kgcoop", "fvgpt_coop_no_frg", "fvgpt_kgcoop_no_frg", "fvgpt_promptsrc",
+                          "fvgpt_mmrl"}  # trained rows
+    learners = doc["settings"]["per_learner"]  # each learner's own config, the same epochs (one in --quick)
+    assert (learners["promptsrc"]["prompt_batch"], learners["promptsrc"]["optimizer"]) == (32, "sgd")
+    assert (learners["mmrl"]["prompt_lr"], learners["mmrl"]["optimizer"]) == (0.001, "adamw")
+    assert learners["promptsrc"]["gpa_mean"] == 1.5 and learners["promptsrc"]["gpa_std"] == pytest.approx(0.1)
+    assert {c["crop_scale"] for c in learners.values()} == {0.5}  # the world's crops for every learner
+    assert learners["promptsrc"]["steps"] == {"prompt": 1, "plugin": 1}
     assert 0 <= gates["fvgpt_coop"]["r_mean"] <= 1 and 0 <= gates["fvgpt_coop"]["b_new"] <= 1
     assert gates["fvgpt_coop_no_frg"]["r_mean"] == 1  # every view in the quick task is usable: r ≡ 1
 

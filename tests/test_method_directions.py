@@ -1,6 +1,7 @@
-"""Every KL and cross-entropy of the method checked in its direction (docs/method.md E3, E4, E7, E8, E12, E13, and
-KgCoOp's regulariser), on asymmetric distributions where the reversed direction gives another number, against the
-plain formulas of tests/method_reference.py. Each test first asserts that the inputs do tell the directions apart."""
+"""Every KL and cross-entropy of the method checked in its direction (docs/method.md E3, E4, E7, E8, E12, E13,
+KgCoOp's regulariser, PromptSRC's and MMRL's stage-1 objectives), on asymmetric distributions where the reversed
+direction gives another number, against the plain formulas of tests/method_reference.py. Each test first asserts
+that the inputs do tell the directions apart."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,8 +12,8 @@ import torch.nn.functional as F
 
 import method_reference as ref
 from fvgpt.config import TrainConfig
-from fvgpt.losses import (distillation_loss, kgcoop_regulariser, plugin_objective, prior_calibration_loss,
-                          trust_target)
+from fvgpt.losses import (distillation_loss, kgcoop_regulariser, mmrl_objective, plugin_objective,
+                          prior_calibration_loss, promptsrc_objective, trust_target)
 from fvgpt.metrics import foreground_shift
 from fvgpt.model import Heads
 from fvgpt.plugin import FVGPTPlugin
@@ -111,6 +112,46 @@ def test_kgcoop_regulariser():
     assert torch.allclose(kgcoop_regulariser(learned, zero_shot).double(), want, atol=1e-6)
     stacked = kgcoop_regulariser(learned.view(1, 5, 8).expand(2, 5, 8), zero_shot.view(1, 5, 8).expand(2, 5, 8))
     assert torch.allclose(stacked.double(), want, atol=1e-6)  # the cosine is over the feature axis, the last
+
+
+def _unit_rows(n: int, seed: int, shift: float = 0.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, 8, generator=g) + shift, dim=-1)
+
+
+@pytest.mark.parametrize("weights", [(25.0, 10.0), (3.0, 0.5)])
+def test_promptsrc_objective_directions(weights):
+    """PromptSRC: the logit self-regulation is KL(p_CLIP ‖ p) at τ = 1 summed and divided by B·C (its F.kl_div with
+    the prompted model's log-probabilities as input), not the reverse KL, not a batch mean; the L1 terms are element
+    means, each with its own weight; CE on the prompted logits."""
+    z, z_clip, y = logits(20), logits(21), torch.arange(N) % C
+    text, text_clip = _unit_rows(C, 22), _unit_rows(C, 23, 0.4)
+    image, image_clip = _unit_rows(N, 24), _unit_rows(N, 25, 0.2)
+    out = promptsrc_objective(z, z_clip, text, text_clip, image, image_clip, y, *weights)
+    want = ref.promptsrc_loss(z, z_clip, text, text_clip, image, image_clip, y, *weights)
+    n = z.numel()
+    assert_direction(out["scl_logits"], ref.kl(z_clip, z, 1.0).sum() / n, ref.kl(z, z_clip, 1.0).sum() / n)
+    assert not torch.allclose(want["scl_logits"], ref.kl(z_clip, z, 1.0).mean(), rtol=1e-2)  # / B·C, not / B
+    assert_direction(out["ce"], ref.ce(z, y).mean(), ref.ce(z_clip, y).mean())
+    for key in ("loss", "ce", "scl_text", "scl_image", "scl_logits"):
+        assert torch.allclose(out[key].double(), want[key], rtol=1e-5, atol=1e-6), key
+    assert not torch.allclose(want["scl_text"], want["scl_image"], rtol=1e-2)  # weights swapped would show
+
+
+@pytest.mark.parametrize("alpha, reg", [(0.7, 1.0), (0.2, 3.0)])
+def test_mmrl_objective_directions(alpha, reg):
+    """MMRL: α·CE on the class-token logits and (1 − α)·CE on the representation logits (not swapped), λ times one
+    minus the mean per-row cosine of the class feature to CLIP's and of each class's text to CLIP's."""
+    z_c, z_r, y = logits(30), logits(31, 8.0), torch.arange(N) % C
+    image, image_clip = _unit_rows(N, 32), _unit_rows(N, 33, 0.3)
+    text, text_clip = _unit_rows(C, 34), _unit_rows(C, 35, 0.6)
+    out = mmrl_objective(z_c, z_r, image, image_clip, text, text_clip, y, alpha, reg)
+    want = ref.mmrl_loss(z_c, z_r, image, image_clip, text, text_clip, y, alpha, reg)
+    assert_direction(out["loss"], want["loss"], ref.mmrl_loss(z_r, z_c, image, image_clip, text, text_clip, y, alpha,
+                                                              reg)["loss"])
+    for key in ("loss", "ce_class", "ce_rep", "reg_image", "reg_text"):
+        assert torch.allclose(out[key].double(), want[key], rtol=1e-5, atol=1e-6), key
+    assert not torch.allclose(want["reg_image"], 1 - ref.cos_rows(image.mean(0), image_clip.mean(0)), rtol=1e-2)
 
 
 def _objective_inputs(seed: int):

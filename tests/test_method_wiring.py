@@ -656,7 +656,7 @@ def test_evaluation_edge_cases(backbone, index, tmp_path):
     cfg = TrainConfig(data="unused", method="kgcoop")
     all_base = ClassSplit.paper(names, names)
     model = FVGPTModel(backbone, all_base, cfg, PromptLearner(context(7)).requires_grad_(False))
-    assert model_rows(model) == {"zero-shot": ("z_clip", "z_clip"), "kgcoop": ("z_full", "z_full")}
+    assert model_rows(model) == {"zero-shot": ("z_clip", "z_clip"), "kgcoop": ("z_full", "z_new")}
     test = [Sample(x.path, x.label, None) for x in index.test[:4]]
     without_plugin = evaluate(model, dataclasses.replace(index, test=test), progress=False)["models"]
     assert set(without_plugin) == {"zero-shot", "kgcoop"} and without_plugin["kgcoop"]["base"] is not None

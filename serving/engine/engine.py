@@ -122,7 +122,8 @@ class Engine:
                 classifier = await asyncio.to_thread(self.repo.load, found)
                 if classifier.ready:
                     try:
-                        await self.pool.open(classifier.tower)
+                        for tower in classifier.towers:  # each after the tower it reads
+                            await self.pool.open(tower)
                     except Exception as exc:  # noqa: BLE001 - the classifier is refused with the reason
                         classifier = classifier.failed(f"its tower cannot be opened: {exc}")
                 self.repo.apply([classifier])

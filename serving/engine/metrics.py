@@ -44,10 +44,11 @@ class Metrics:
         finally:
             self.add(stage, time.perf_counter() - t0, time.thread_time() - c0)
 
-    def batch(self, towers: dict[str, int]) -> None:
-        """One batch ran: tower id → images of it."""
+    def batch(self, images: int, towers: dict[str, int]) -> None:
+        """One batch of `images` ran: tower id → images through that tower (a tower reading another's output runs
+        on some or all of them)."""
         with self._lock:
-            self.batch_sizes[sum(towers.values())] += 1
+            self.batch_sizes[images] += 1
             self.tower_images.update(towers)
 
     def snapshot(self) -> dict:

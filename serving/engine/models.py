@@ -118,6 +118,10 @@ class ModelRecord(BaseModel):
     kind: KINDS | None
     model_id: str | None
     tower_id: str | None
+    towers: dict[str, str] | None = Field(
+        default=None, description="tower role → the id of the tower it runs; classifiers listing the same id share "
+                                  "that tower, which runs once per image for all of them (PromptSRC: CLIP's tower "
+                                  "`image` and its own `promptsrc`; MMRL: `trunk`, CLIP's branch `image`, `mmrl`)")
     runtime: str | None
     precision: str | None
     classes: int | None

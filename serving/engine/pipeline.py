@@ -3,7 +3,8 @@
     resolve    the classifiers named (a repository snapshot), each one's label set and top_k
     decode     every image opened and checked, then decoded once and preprocessed once per distinct preprocessing,
                one fair slice per image on the decode threads (engine/decode.py)
-    features   one tower pass per image and tower, batched with concurrent requests (engine/towers.py)
+    features   one pass per image and tower, batched with concurrent requests (engine/towers.py); a tower that
+               several classifiers share (CLIP's tower, MMRL's trunk) runs once for all of them
     heads      every classifier's heads on its tower's features: label routing, new labels through the text graph
                (fvgpt_runtime.bundle.Bundle.scores); in a worker thread when there are many
     rank       top-k per image and classifier (fvgpt_runtime.ranking), as the answer model
@@ -89,7 +90,7 @@ class Pipeline:
     @contextmanager
     def using(self, classifiers: list[Classifier]) -> Iterator[None]:
         """Mark the towers of a request's classifiers as in use until it ends, so a sync never closes them."""
-        towers = {c.tower_id for c in classifiers}
+        towers = {t.tower_id for c in classifiers for t in c.towers}
         self.in_use.update(towers)
         try:
             yield
@@ -100,9 +101,14 @@ class Pipeline:
                      ) -> list[Scores]:
         classifiers = [p.classifier for p in plans]
         with self.using(classifiers):
-            pixels = await self.pixels(images, names, {c.tower_id: c.bundle.preprocess for c in classifiers},
+            read: dict[str, dict[str, None]] = {}  # tower taking pixels → the towers read from it (ordered, once)
+            for c in classifiers:
+                for source, keys in c.read.items():
+                    read.setdefault(source, {}).update(dict.fromkeys(keys))
+            pixels = await self.pixels(images, names, {t: c.bundle.preprocess for c in classifiers for t in c.read},
                                        reservation)
-            features = dict(zip(pixels, await asyncio.gather(*(self.pool.features(t, p) for t, p in pixels.items()))))
+            outputs = await asyncio.gather(*(self.pool.outputs(t, pixels[t], list(keys)) for t, keys in read.items()))
+            features = {key: value for out in outputs for key, value in out.items()}
             if len(plans) <= INLINE_HEADS and not any(p.new_labels for p in plans):
                 return self.heads(plans, features)  # a few heads runs cost less than a hop to a thread and back
             return await asyncio.to_thread(self.heads, plans, features)
@@ -122,6 +128,6 @@ class Pipeline:
         return {tower_id: by_cfg[cfg] for tower_id, cfg in towers.items()}
 
     def heads(self, plans: list[Plan], features: dict[str, np.ndarray]) -> list[Scores]:
-        """Every classifier's heads on its tower's features."""
+        """Every classifier's heads on its towers' features (tower id → features)."""
         with self.metrics.timed("heads"):
-            return [p.classifier.bundle.scores(features[p.classifier.tower_id], p.labels) for p in plans]
+            return [p.classifier.bundle.scores(p.classifier.features(features), p.labels) for p in plans]

@@ -48,7 +48,7 @@ class Readiness:
         if time.monotonic() - self.last_ok < self.ttl_s:
             return True
         try:
-            for c in snap.towers().values():
+            for c in dict.fromkeys(snap.towers().values()):  # each classifier once, however many towers it has
                 size = c.bundle.preprocess.size
                 if (canary := self._canaries.get(size)) is None:
                     canary = self._canaries[size] = canary_png(size)

@@ -4,8 +4,10 @@
 Loading a version verifies its bundle once (manifest digest and every file's sha256, the tower graphs included),
 loads its tables, heads, tokenizer and text graph (so the loaded classifier never reads its folder again), runs its
 heads once, and resolves its tower variant (fvgpt_runtime.tuning.choose: the tuning profile, narrowed by
---runtime/--precision) into a TowerSpec the tower pool opens as it is. Anything that fails refuses that version alone,
-with the reason.
+--runtime/--precision) into TowerSpecs the tower pool opens as they are: one per tower role (PromptSRC: CLIP's tower
+and its prompted one; MMRL: the trunk, CLIP's branch reading it and its own branch reading it), each with the key of
+its computation (Manifest.tower_keys), so classifiers sharing a graph share one open tower that runs once per image.
+Anything that fails refuses that version alone, with the reason.
 
 Requests hold the Classifier objects they resolved, never the repository: a request finishes on the version it
 started with, whatever happens to the folder meanwhile. The repository is changed by one task at a time (the
@@ -36,7 +38,7 @@ REMOVAL_RECHECK_S = 0.25
 
 @dataclass(frozen=True)
 class Classifier:
-    """One version of one classifier, as /models lists it. `bundle` and `tower` are set when ready."""
+    """One version of one classifier, as /models lists it. `bundle`, `towers` and `tower_id` are set when ready."""
 
     name: str
     version: str
@@ -45,7 +47,8 @@ class Classifier:
     state: str
     reason: str | None = None
     bundle: Bundle | None = field(default=None, repr=False, compare=False)
-    tower: TowerSpec | None = field(default=None, repr=False, compare=False)
+    towers: tuple[TowerSpec, ...] = field(default=(), repr=False, compare=False)  # per role, each after its source
+    tower_id: str | None = None  # the bundle's variant id over all its roles (Manifest.variant_id)
 
     @property
     def ref(self) -> str:
@@ -56,17 +59,32 @@ class Classifier:
         return self.state == "ready"
 
     @property
-    def tower_id(self) -> str | None:
-        return self.tower.tower_id if self.tower else None
+    def tower(self) -> TowerSpec | None:
+        """The one tower of a one-role classifier (CoOp, KgCoOp, zero-shot); None with several roles."""
+        return self.towers[0] if len(self.towers) == 1 else None
+
+    @property
+    def read(self) -> dict[str, list[str]]:
+        """Tower id that takes pixels → the tower ids the heads read from it or from its readers."""
+        out: dict[str, list[str]] = {}
+        for t in self.towers:
+            if t.out_shape:
+                out.setdefault(t.source or t.tower_id, []).append(t.tower_id)
+        return out
+
+    def features(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The towers' outputs by tower id → this classifier's by role (what Bundle.scores takes)."""
+        return {t.role: outputs[t.tower_id] for t in self.towers if t.out_shape}
 
     def failed(self, reason: str) -> Classifier:
-        return replace(self, state="failed", reason=reason, bundle=None, tower=None)
+        return replace(self, state="failed", reason=reason, bundle=None, towers=(), tower_id=None)
 
     def record(self, default: bool) -> ModelRecord:
-        b, t = self.bundle, self.tower
+        b, t = self.bundle, self.towers[0] if self.towers else None
         return ModelRecord.model_construct(
             name=self.name, version=self.version, default=default, state=self.state, reason=self.reason,
             kind=b.kind if b else None, model_id=b.model_id if b else None, tower_id=self.tower_id,
+            towers={t.role: t.tower_id for t in self.towers} if self.towers else None,
             runtime=t.runtime if t else None, precision=t.precision if t else None,
             classes=len(b.classes.names) if b else None)
 
@@ -83,21 +101,37 @@ def load(found: Found, runtime: str, precision: str | None, max_batch: int) -> C
         except BundleError as exc:
             return base.failed(f"{exc}; the server runs --runtime {runtime} --precision {precision or 'default'}")
         choice = choose(found.path, bundle.manifest, runtime, precision)
-        graph = bundle.manifest.image_tower(choice.runtime, choice.precision)
+        towers = tower_specs(bundle, found.path, choice.runtime, choice.precision, choice.device)
         logger.info("fvgpt repository: %s runs tower %s-%s: %s", base.ref, choice.runtime, choice.precision,
                     choice.reason)
         if bundle.max_batch < max_batch:
             return base.failed(f"the bundle's graphs take batches of at most {bundle.max_batch}, and the server "
                                f"forms batches of up to {max_batch} (--max-batch-size)")
         bundle.open_text()
-        dim = bundle.manifest.backbone.embed_dim
-        logits = bundle.scores(np.full((1, dim), dim ** -0.5, np.float32)).logits
+        unit = {t.role: np.full((1, *t.out_shape), t.out_shape[-1] ** -0.5, np.float32) for t in towers if t.out_shape}
+        logits = bundle.scores(unit).logits
         if logits.shape != (1, len(bundle.classes.names)):
             return base.failed(f"the heads return {logits.shape}, not (1, {len(bundle.classes.names)})")
+        tower_id = bundle.manifest.variant_id(choice.runtime, choice.precision)
     except Exception as exc:  # noqa: BLE001 - an untrusted bundle may fail in any library; it must not stop others
         return base.failed(f"{type(exc).__name__}: {' '.join(str(exc).split())}")
-    tower = TowerSpec(graph.id, found.path, bundle.manifest, choice.runtime, choice.precision, choice.device)
-    return replace(base, state="ready", bundle=bundle, tower=tower)
+    return replace(base, state="ready", bundle=bundle, towers=towers, tower_id=tower_id)
+
+
+def tower_specs(bundle: Bundle, path: Path, runtime: str, precision: str, device: str) -> tuple[TowerSpec, ...]:
+    """One TowerSpec per tower role, in running order, keyed by its computation (Manifest.tower_keys); a role the
+    heads do not read (MMRL's trunk) returns nothing to the engine."""
+    m = bundle.manifest
+    keys, shapes = m.tower_keys(runtime, precision), bundle.feature_shapes()
+    specs = []
+    for role, key in keys.items():
+        source = m.towers[role].input
+        if source is not None and m.towers[source].input is not None:
+            raise BundleError(f"tower role {role} reads {source}, which reads another role: the server runs roles "
+                              f"that read pixels or a role that does")
+        specs.append(TowerSpec(key, path, m, runtime, precision, device, role, keys[source] if source else None,
+                               shapes.get(role, ())))
+    return tuple(specs)
 
 
 @dataclass(frozen=True)
@@ -127,10 +161,11 @@ class Snapshot:
         return [c.record(self.defaults.get(c.name) is c) for c in self.classifiers.values()]
 
     def towers(self) -> dict[str, Classifier]:
-        """One ready classifier per tower id (the first by name): what each open tower serves."""
+        """One ready classifier per open tower (the first by name): what each tower serves."""
         out: dict[str, Classifier] = {}
         for c in self.ready:
-            out.setdefault(c.tower_id, c)
+            for t in c.towers:
+                out.setdefault(t.tower_id, c)
         return out
 
     def _versions(self, name: str) -> list[Classifier]:

@@ -1,6 +1,7 @@
 """The tower pool: every open tower, the batcher that feeds them, and the worker they run in.
 
-Requests hand in pixels per tower (`features`); one batcher thread runs one batch at a time. Whatever queued while a
+Requests hand in pixels per tower (`features`), or per tower and the towers that read its output (`outputs`: MMRL's
+trunk and its branches, engine/tower_worker.py); one batcher thread runs one batch at a time. Whatever queued while a
 batch ran forms the next one, up to FVGPT_MAX_BATCH_SIZE images counted over all towers (a batch may mix towers: one
 tower call per tower in it). Holding a request back to wait for batch mates buys nothing here: while a batch runs
 the next one fills anyway, and on a CPU a tower's images/s hardly depend on the batch size. A request whose
@@ -38,13 +39,17 @@ import numpy as np
 from .errors import ApiError, retry_later
 from .metrics import Metrics
 from .settings import Settings
-from .tower_worker import FD_MARK, Region, TowerSpec, open_tower
+from .tower_worker import FD_MARK, Region, TowerSpec, open_tower, run_group
 
 logger = logging.getLogger("fvgpt.engine")
 
 WORKER_MODULE = "fvgpt_serving.engine.tower_worker"
 RESTART_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 EMA = 0.2  # weight of the newest batch in the seconds-per-image estimate
+
+
+# one tower's rows in a batch: (tower id, its pixel rows, its readers: (tower id, the rows it reads; None: all))
+Group = tuple[str, list[np.ndarray], list[tuple[str, list[int] | None]]]
 
 
 class WorkerDied(Exception):
@@ -96,7 +101,7 @@ class ProcessWorker:
             raise WorkerDied(f"the tower worker answered {got!r}")
 
     def open(self, spec: TowerSpec) -> dict:
-        region = Region.create(f"fvgpt-{spec.tower_id}", self.max_batch, spec.size, spec.dim)
+        region = Region.create(f"fvgpt-{spec.tower_id}", self.max_batch, spec)
         try:
             info = self._call(("open", spec, self.max_batch), fd=region.fd)
         except BaseException:
@@ -110,14 +115,20 @@ class ProcessWorker:
         if (region := self.regions.pop(tower_id, None)) is not None:
             region.close()
 
-    def run(self, groups: list[tuple[str, list[np.ndarray]]]) -> tuple[list[np.ndarray], list[tuple[float, float]]]:
-        """Each tower on its rows: (features per tower, (wall, cpu) seconds of each tower call)."""
-        for tower_id, rows in groups:
+    def run(self, groups: list[Group]) -> tuple[list[dict[str, np.ndarray]], list[tuple[float, float]]]:
+        """Each tower on its rows, then its readers: (per group, the outputs the engine reads by tower id; (wall, cpu)
+        seconds of each tower call)."""
+        for tower_id, rows, _ in groups:
             inputs = self.regions[tower_id].inputs
             for i, row in enumerate(rows):
                 inputs[i] = row
-        stats = self._call(("run", [(tower_id, len(rows)) for tower_id, rows in groups]))
-        return [self.regions[t].outputs[:len(rows)].copy() for t, rows in groups], stats
+        stats = self._call(("run", [(tower_id, len(rows), readers) for tower_id, rows, readers in groups]))
+        out = []
+        for tower_id, rows, readers in groups:
+            counts = [(tower_id, len(rows))] + [(k, len(rows) if r is None else len(r)) for k, r in readers]
+            out.append({k: self.regions[k].outputs[:n].copy() for k, n in counts
+                        if self.regions[k].outputs is not None})
+        return out, stats
 
     def kill(self) -> None:
         """Close the socket (the worker exits at EOF), then make sure: SIGKILL after 5 s."""
@@ -147,20 +158,20 @@ class ThreadWorker:
         self.pid = os.getpid()
 
     def open(self, spec: TowerSpec) -> dict:
-        self.towers[spec.tower_id] = tower = open_tower(spec, self.threads)
+        source = self.towers[spec.source] if spec.source is not None else None
+        self.towers[spec.tower_id] = tower = open_tower(spec, self.threads, source)
         return {"provider": tower.provider}
 
     def close(self, tower_id: str) -> None:
         self.towers.pop(tower_id, None)
 
-    def run(self, groups: list[tuple[str, list[np.ndarray]]]) -> tuple[list[np.ndarray], list[tuple[float, float]]]:
-        features, stats = [], []
-        for tower_id, rows in groups:
-            batch = np.stack(rows)
-            t0, c0 = time.perf_counter(), time.thread_time()
-            features.append(self.towers[tower_id](batch))
-            stats.append((time.perf_counter() - t0, time.thread_time() - c0))
-        return features, stats
+    def run(self, groups: list[Group]) -> tuple[list[dict[str, np.ndarray]], list[tuple[float, float]]]:
+        out, stats = [], []
+        for tower_id, rows, readers in groups:
+            outputs, group_stats = run_group(self.towers, tower_id, np.stack(rows), readers, time.thread_time)
+            out.append(outputs)
+            stats += group_stats
+        return out, stats
 
     def kill(self) -> None:
         self.towers.clear()
@@ -171,12 +182,12 @@ WORKERS = {"process": ProcessWorker, "thread": ThreadWorker}
 
 @dataclass(eq=False)
 class _Pending:
-    """One request's images for one tower, until the batcher has run them all."""
+    """One request's images for one tower (and towers reading its output), until the batcher has run them all."""
 
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     tower_id: str
-    out: np.ndarray  # (N, D), filled row by row
+    out: dict[str, np.ndarray]  # the towers asked for → (N, *shape), filled row by row
     remaining: int
     queued: float = field(default_factory=time.perf_counter)
 
@@ -340,20 +351,25 @@ class TowerPool:
     # ---- batches --------------------------------------------------------------------------------------------------
     async def features(self, tower_id: str, pixels: list[np.ndarray]) -> np.ndarray:
         """N (3, S, S) pixel arrays → (N, D) features, the images joining the batches of concurrent requests."""
+        return (await self.outputs(tower_id, pixels, [tower_id]))[tower_id]
+
+    async def outputs(self, tower_id: str, pixels: list[np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
+        """N (3, S, S) pixel arrays through the tower `tower_id` → {tower id: (N, *shape)} for each of `wanted`:
+        that tower and/or towers that read its output (each run once per image, whoever else wants it)."""
         n = len(pixels)
         loop = asyncio.get_running_loop()
         with self._cond:
             if not self.up:
                 raise retry_later("the tower worker is restarting; retry in a few seconds", 2)
-            if tower_id not in self.specs:
-                raise retry_later(f"tower {tower_id} is not open (its classifier was just removed or refused)")
+            if closed := [t for t in [tower_id, *wanted] if t not in self.specs]:
+                raise retry_later(f"tower {closed[0]} is not open (its classifier was just removed or refused)")
             ahead = len(self._rows) + self._in_batch + n
             if ahead * self._s_per_image > self.max_latency_s:
                 raise retry_later(f"the model is overloaded: about {ahead * self._s_per_image:.1f} s of images are "
                                   f"queued, over FVGPT_MAX_LATENCY_MS ({self.max_latency_s * 1000:.0f} ms); retry "
                                   f"later")
-            spec = self.specs[tower_id]
-            pending = _Pending(loop, loop.create_future(), tower_id, np.empty((n, spec.dim), np.float32), n)
+            out = {t: np.empty((n, *self.specs[t].out_shape), np.float32) for t in wanted}
+            pending = _Pending(loop, loop.create_future(), tower_id, out, n)
             self._rows.extend((pending, i, pixels[i]) for i in range(n))
             self._cond.notify_all()
         return await pending.future
@@ -413,11 +429,13 @@ class TowerPool:
         groups: dict[str, list[tuple[_Pending, int, np.ndarray]]] = {}
         for row in batch:
             groups.setdefault(row[0].tower_id, []).append(row)
+        readers = {t: _readers(t, rows) for t, rows in groups.items()}
         worker = self.worker
         try:
-            if any(t not in self.specs for t in groups):
-                raise retry_later(f"tower {next(t for t in groups if t not in self.specs)} was closed; retry")
-            features, stats = worker.run([(t, [px for _, _, px in rows]) for t, rows in groups.items()])
+            if closed := [t for t in groups if t not in self.specs] + \
+                    [k for r in readers.values() for k, _ in r if k not in self.specs]:
+                raise retry_later(f"tower {closed[0]} was closed; retry")
+            outputs, stats = worker.run([(t, [px for _, _, px in rows], readers[t]) for t, rows in groups.items()])
         except WorkerDied as exc:
             self._lost(worker, str(exc))
             error: Exception = retry_later("the tower worker died while running this request; retry in a few "
@@ -439,12 +457,27 @@ class TowerPool:
         self.metrics.add("tower", tower_wall, tower_cpu, n)
         self.metrics.add("transport", wall - tower_wall, cpu - tower_cpu if worker.in_this_thread else cpu, n)
         self.metrics.add("queue", sum(start - p.queued for p, _, _ in batch), 0.0, n)
-        self.metrics.batch({t: len(rows) for t, rows in groups.items()})
+        ran = {t: len(rows) for t, rows in groups.items()}
+        ran |= {k: len(rows) if r is None else len(r) for t, rows in groups.items() for k, r in readers[t]}
+        self.metrics.batch(n, ran)
         per_image = wall / n
         self._s_per_image = per_image if not self._s_per_image else (1 - EMA) * self._s_per_image + EMA * per_image
-        for (tower_id, rows), out in zip(groups.items(), features):
-            for (pending, i, _), f in zip(rows, out):
-                pending.out[i] = f
+        for (tower_id, rows), out in zip(groups.items(), outputs):
+            position = {k: {j: p for p, j in enumerate(r)} for k, r in readers[tower_id] if r is not None}
+            for j, (pending, i, _) in enumerate(rows):
+                for key, values in pending.out.items():
+                    values[i] = out[key][position[key][j] if key in position else j]
                 pending.remaining -= 1
                 if pending.remaining == 0:
                     _settle(pending, pending.out, None)
+
+
+def _readers(tower_id: str, rows: list[tuple[_Pending, int, np.ndarray]]) -> list[tuple[str, list[int] | None]]:
+    """The towers the rows of one tower ask for beside it, each with the rows that ask for it (None: all of them):
+    each runs once on those, whichever requests they come from."""
+    asking: dict[str, list[int]] = {}
+    for j, (pending, _, _) in enumerate(rows):
+        for key in pending.out:
+            if key != tower_id:
+                asking.setdefault(key, []).append(j)
+    return [(key, None if len(js) == len(rows) else js) for key, js in asking.items()]

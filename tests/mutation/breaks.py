@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 TESTS = ["tests/test_method.py", "tests/test_method_wiring.py", "tests/test_method_directions.py",
-         "tests/test_method_defaults.py", "tests/test_golden.py", "-m", "not slow"]
+         "tests/test_method_defaults.py", "tests/test_golden.py", "tests/test_method_backbones.py", "-m", "not slow"]
 
 # name → (file, original text, broken text); each original occurs exactly once in its file
 BREAKS: dict[str, tuple[str, str, str]] = {
@@ -58,6 +58,24 @@ BREAKS: dict[str, tuple[str, str, str]] = {
                                                  'fg_fill: str = option("black",'),
     "default background fill changed (foreground_view)": ("data.py", 'fill: str = "mean") -> torch.Tensor:',
                                                           'fill: str = "black") -> torch.Tensor:'),
+    # PromptSRC and MMRL (issue 22)
+    "PromptSRC L_SCL logits KL reversed": (
+        "losses.py", "F.kl_div(F.log_softmax(z, dim=-1), F.log_softmax(z_clip, dim=-1),",
+        "F.kl_div(F.log_softmax(z_clip, dim=-1), F.log_softmax(z, dim=-1),"),
+    "PromptSRC GPA ignored (last epoch's prompts)": (
+        "train.py", "        trainable.load_state_dict(average.result())\n", "        pass\n"),
+    "PromptSRC visual prompts after ln_pre": (
+        "promptsrc.py", "x = visual.ln_pre(torch.cat([x, self.vision_ctx.to(x.dtype).expand(x.shape[0], -1, -1)], "
+                        "dim=1))",
+        "x = torch.cat([visual.ln_pre(x), self.vision_ctx.to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)"),
+    "MMRL α and 1 − α swapped": ("losses.py", "loss = alpha * ce_class + (1 - alpha) * ce_rep",
+                                  "loss = (1 - alpha) * ce_class + alpha * ce_rep"),
+    "MMRL new head on the fused logits": ("mmrl.py", '"new": (1.0, 0.0)}', '"new": (alpha, 1.0 - alpha)}'),
+    "MMRL text EOT not moved": ("mmrl.py", "return encoder.pool(x, token_ids, shift=n)",
+                                "return encoder.pool(x, token_ids)"),
+    "x_fg through CLIP's tower (PromptSRC, MMRL)": (
+        "model.py", "f, tuned_fg = self.encode_image(pixels), self.encode_tuned(x_fg)",
+        "f, tuned_fg = self.encode_image(pixels), self.tower(x_fg).unsqueeze(1)"),
 }
 
 

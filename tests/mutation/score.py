@@ -6,13 +6,18 @@
                                              # only these mutants (mutmut's names, globs): the functions a change
                                              # touched; the report then counts only them
 
-Scope: fvgpt/plugin.py, losses.py, stats.py, metrics.py, model.py, evaluate.py, and the stage-2 part of train.py
-(train_plugin and what it runs: _run_stage, _lr_at, _base_loader, _seed, _set_progress); the tests are the method
-tests that [tool.mutmut] in pyproject.toml selects.
+    python -m tests.mutation.score --run 'fvgpt.mmrl.*' ...   # only these mutants (fnmatch patterns), then report them
 
-mutmut 3 cannot mutate decorated functions, and evaluate(), its _features() and FVGPTModel.encode_image/tables carry
-@torch.no_grad(). So the run happens in .mutation/, a copy of fvgpt/ (plus tests/, docs/, pyproject.toml) in which
-each `@torch.no_grad()` above a def is rewritten as `name = torch.no_grad()(name)` right after it: the same
+Scope: fvgpt/plugin.py, losses.py, stats.py, metrics.py, model.py, evaluate.py, the stage-2 part of train.py
+(train_plugin and what it runs: _run_stage, _lr_at, _base_loader, _seed, _set_progress), and the stage-1 learners
+of PromptSRC and MMRL with what they run (fvgpt/prompts.py, promptsrc.py, mmrl.py; train.py's train_prompt and
+_optimizer; backbone.py's ViT pieces and TextEncoder; config.py's per-method defaults); the tests are the method tests
+that [tool.mutmut] in pyproject.toml selects.
+
+mutmut 3 cannot mutate decorated functions: evaluate(), its _features() and FVGPTModel.encode_image/tables carry
+@torch.no_grad(), the learners' constructors are classmethods. So the run happens in .mutation/, a copy of fvgpt/
+(plus tests/, docs/, pyproject.toml) in which each such single decorator (`@torch.no_grad()`, `@classmethod`,
+`@staticmethod`, `@property`) above a def is rewritten as `name = decorator(name)` right after it: the same
 behaviour, and every function of the scope gets mutants. The working tree itself is never touched.
 
 The report counts killed mutants (a timeout counts as killed), survivors, and the survivors listed in EQUIVALENT
@@ -33,14 +38,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 WORK = ROOT / ".mutation"
 SCOPE = ["fvgpt.plugin.*", "fvgpt.losses.*", "fvgpt.stats.*", "fvgpt.metrics.*", "fvgpt.model.*",
-         "fvgpt.evaluate.*"] + [f"fvgpt.train.x_{name}__mutmut_*" for name in
-                                ("train_plugin", "_run_stage", "_lr_at", "_base_loader", "_seed", "_set_progress")]
+         "fvgpt.evaluate.*", "fvgpt.prompts.*", "fvgpt.promptsrc.*", "fvgpt.mmrl.*"] + [
+    f"fvgpt.train.x_{name}__mutmut_*" for name in ("train_plugin", "_run_stage", "_lr_at", "_base_loader", "_seed",
+                                                   "_set_progress", "train_prompt", "_optimizer")] + [
+    f"fvgpt.backbone.x_{name}__mutmut_*" for name in ("vit", "patch_tokens", "class_features")] + [
+    "fvgpt.backbone.xǁTextEncoderǁ*", "fvgpt.config.xǁTrainConfigǁwith_method__mutmut_*",
+    "fvgpt.config.x_mmrl_template__mutmut_*"]
+UNDECORATED = ("torch.no_grad()", "classmethod", "staticmethod", "property")
 
 CPU = ("device placement: the tests run on CPU, where .to(None), device=None or no map_location leave every tensor "
        "where it already is; a run on CUDA would kill it")
 BATCH = ("evaluation is per image: the batch size only sets how many images go through the tower per call, never a "
          "result")
 TWO_D = "the logits are 2-D (images × classes): axis 1 is the last axis"
+ROWS = ("the features are 2-D (rows × D): axis 1, the default of F.cosine_similarity and F.normalize, is the last "
+        "axis")
+FP32 = ("a cast to the activations' dtype: the tests run in fp32, where the learner's tensors already are; a "
+        "half-precision run would kill it")
 # (function, "original → mutated" line as `mutmut show` prints it) → why no test on this host can kill it
 EQUIVALENT: dict[tuple[str, str], str] = {
     ("fvgpt.evaluate.x_eval_features", 'loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, '
@@ -116,11 +130,11 @@ EQUIVALENT: dict[tuple[str, str], str] = {
     ("fvgpt.train.x__run_stage", "opt.zero_grad(set_to_none=True) → opt.zero_grad(set_to_none=False)"):
         "every plugin parameter gets a gradient in every step (a batch without usable masks keeps the FRG in the "
         "graph with a zero term), so zeroed and None gradients give the same SGD step",
-    ("fvgpt.evaluate.x__brg_statistics", "full_right, clip_right = heads.z_full.argmax(-1) == target, "
-     "heads.z_clip.argmax(-1) == target → full_right, clip_right = heads.z_full.argmax(+1) == target, "
+    ("fvgpt.evaluate.x__brg_statistics", "full_right, clip_right = heads.z_new.argmax(-1) == target, "
+     "heads.z_clip.argmax(-1) == target → full_right, clip_right = heads.z_new.argmax(+1) == target, "
      "heads.z_clip.argmax(-1) == target"): TWO_D,
-    ("fvgpt.evaluate.x__brg_statistics", "full_right, clip_right = heads.z_full.argmax(-1) == target, "
-     "heads.z_clip.argmax(-1) == target → full_right, clip_right = heads.z_full.argmax(-1) == target, "
+    ("fvgpt.evaluate.x__brg_statistics", "full_right, clip_right = heads.z_new.argmax(-1) == target, "
+     "heads.z_clip.argmax(-1) == target → full_right, clip_right = heads.z_new.argmax(-1) == target, "
      "heads.z_clip.argmax(+1) == target"): TWO_D,
     ("fvgpt.model.xǁFVGPTModelǁ_new_head", "return z_fdc.float(), torch.zeros(z_fdc.shape[0], device=z_fdc.device) "
      "→ return z_fdc.float(), torch.zeros(z_fdc.shape[0], device=None)"): CPU,
@@ -139,18 +153,96 @@ EQUIVALENT: dict[tuple[str, str], str] = {
     ("fvgpt.train.x_train_plugin", 'return model.plugin_loss(batch["img"].to(dev), batch["mask"].to(dev), '
      'batch["has_mask"].to(dev), → return model.plugin_loss(batch["img"].to(dev), batch["mask"].to(dev), '
      'batch["has_mask"].to(None),'): CPU,
+    # PromptSRC and MMRL (issue 22)
+    ("fvgpt.losses.x_mmrl_objective", "reg_image = 1 - F.cosine_similarity(image, image_clip, dim=-1).mean() → "
+     "reg_image = 1 - F.cosine_similarity(image, image_clip, ).mean()"): ROWS,
+    ("fvgpt.losses.x_mmrl_objective", "reg_image = 1 - F.cosine_similarity(image, image_clip, dim=-1).mean() → "
+     "reg_image = 1 - F.cosine_similarity(image, image_clip, dim=+1).mean()"): ROWS,
+    ("fvgpt.losses.x_mmrl_objective", "reg_text = 1 - F.cosine_similarity(text, text_clip, dim=-1).mean() → "
+     "reg_text = 1 - F.cosine_similarity(text, text_clip, ).mean()"): ROWS,
+    ("fvgpt.losses.x_mmrl_objective", "reg_text = 1 - F.cosine_similarity(text, text_clip, dim=-1).mean() → "
+     "reg_text = 1 - F.cosine_similarity(text, text_clip, dim=+1).mean()"): ROWS,
+    ("fvgpt.promptsrc.xǁPromptSRCǁteacher", "return nn.functional.normalize(feats.mean(0), dim=-1) → "
+     "return nn.functional.normalize(feats.mean(0), )"): ROWS,
+    ("fvgpt.promptsrc.xǁPromptSRCǁteacher", "return nn.functional.normalize(feats.mean(0), dim=-1) → "
+     "return nn.functional.normalize(feats.mean(0), dim=+1)"): ROWS,
+    ("fvgpt.promptsrc.xǁPromptSRCǁteacher", "feats = torch.stack([encoder(bb.tokenize(prompts(labels, t)), "
+     "normalize=False) for t in TEACHER_TEMPLATES]) → feats = torch.stack([encoder(bb.tokenize(prompts(labels, t)), "
+     "normalize=None) for t in TEACHER_TEMPLATES])"): "None and False are both false for TextEncoder.pool's "
+                                                       "`if normalize`",
+    ("fvgpt.mmrl.xǁMMRLǁteacher", "return model.encode_text(labels, learned=False, template=self.template) → "
+     "return model.encode_text(labels, learned=None, template=self.template)"):
+        "None and False are both false for encode_text's `if learned`",
+    ("fvgpt.mmrl.x_text_features", 'grown = torch.full((length, length), float("-inf"), device=x.device, '
+     'dtype=x.dtype).triu(1) → grown = torch.full((length, length), float("-INF"), device=x.device, '
+     'dtype=x.dtype).triu(1)'): 'float() reads "-inf" and "-INF" alike',
+    ("fvgpt.mmrl.x_text_features", 'grown = torch.full((length, length), float("-inf"), device=x.device, '
+     'dtype=x.dtype).triu(1) → grown = torch.full((length, length), float("-inf"), device=None, '
+     'dtype=x.dtype).triu(1)'): CPU,
+    ("fvgpt.mmrl.x_text_features", 'grown = torch.full((length, length), float("-inf"), device=x.device, '
+     'dtype=x.dtype).triu(1) → grown = torch.full((length, length), float("-inf"), dtype=x.dtype).triu(1)'): CPU,
+    ("fvgpt.mmrl.x_text_features", 'grown = torch.full((length, length), float("-inf"), device=x.device, '
+     'dtype=x.dtype).triu(1) → grown = torch.full((length, length), float("-inf"), device=x.device, '
+     'dtype=None).triu(1)'): FP32,
+    ("fvgpt.mmrl.x_text_features", 'grown = torch.full((length, length), float("-inf"), device=x.device, '
+     'dtype=x.dtype).triu(1) → grown = torch.full((length, length), float("-inf"), device=x.device, ).triu(1)'):
+        FP32,
+    ("fvgpt.mmrl.x_text_features", "rep = tokens[i - start].to(x.dtype).expand(x.shape[0], -1, -1) → "
+     "rep = tokens[i - start].to(None).expand(x.shape[0], -1, -1)"): FP32,
+    ("fvgpt.mmrl.xǁMMRLǁbranch", "rep = tokens[k].to(x.dtype).expand(batch, -1, -1) → "
+     "rep = tokens[k].to(None).expand(batch, -1, -1)"): FP32,
+    ("fvgpt.mmrl.xǁMMRLǁbranch", "f_r = x[:, 1:].mean(dim=1) @ proj_rep.to(x.dtype) → "
+     "f_r = x[:, 1:].mean(dim=1) @ proj_rep.to(None)"): FP32,
+    ("fvgpt.mmrl.xǁMMRLǁfrom_state", "with torch.random.fork_rng(devices=[]):  # the shapes only: loading draws "
+     "nothing from the caller's RNG → with torch.random.fork_rng(devices=None):  # the shapes only: loading draws "
+     "nothing from the caller's RNG"): CPU,
+    ("fvgpt.mmrl.xǁMMRLǁfrom_state", "learner.load_state_dict({k: v.to(backbone.device) for k, v in "
+     "tensors.items()}) → learner.load_state_dict({k: v.to(None) for k, v in tensors.items()})"): CPU,
+    ("fvgpt.mmrl.xǁMMRLǁshaped", "dev = backbone.device → dev = None"): CPU,
+    ("fvgpt.mmrl.xǁMMRLǁshaped", "rep = torch.randn(cfg.rep_tokens, cfg.rep_dim, device=dev) * REP_STD → "
+     "rep = torch.randn(cfg.rep_tokens, cfg.rep_dim, device=None) * REP_STD"): CPU,
+    ("fvgpt.mmrl.xǁMMRLǁshaped", "rep = torch.randn(cfg.rep_tokens, cfg.rep_dim, device=dev) * REP_STD → "
+     "rep = torch.randn(cfg.rep_tokens, cfg.rep_dim, ) * REP_STD"): CPU,
+    ("fvgpt.mmrl.xǁMMRLǁshaped", "one_visual, one_text = nn.Linear(cfg.rep_dim, width, device=dev), "
+     "nn.Linear(cfg.rep_dim, text_width, device=dev) → one_visual, one_text = nn.Linear(cfg.rep_dim, width, "
+     "device=None), nn.Linear(cfg.rep_dim, text_width, device=dev)"): CPU,
+    ("fvgpt.mmrl.xǁMMRLǁshaped", "one_visual, one_text = nn.Linear(cfg.rep_dim, width, device=dev), "
+     "nn.Linear(cfg.rep_dim, text_width, device=dev) → one_visual, one_text = nn.Linear(cfg.rep_dim, width, ), "
+     "nn.Linear(cfg.rep_dim, text_width, device=dev)"): CPU,
+    ("fvgpt.mmrl.xǁMMRLǁshaped", "one_visual, one_text = nn.Linear(cfg.rep_dim, width, device=dev), "
+     "nn.Linear(cfg.rep_dim, text_width, device=dev) → one_visual, one_text = nn.Linear(cfg.rep_dim, width, "
+     "device=dev), nn.Linear(cfg.rep_dim, text_width, device=None)"): CPU,
+    ("fvgpt.mmrl.xǁMMRLǁshaped", "one_visual, one_text = nn.Linear(cfg.rep_dim, width, device=dev), "
+     "nn.Linear(cfg.rep_dim, text_width, device=dev) → one_visual, one_text = nn.Linear(cfg.rep_dim, width, "
+     "device=dev), nn.Linear(cfg.rep_dim, text_width, )"): CPU,
+    ("fvgpt.mmrl.xǁMMRLǁshaped", "proj_rep = width ** -0.5 * torch.randn(width, backbone.embed_dim, device=dev) → "
+     "proj_rep = width ** -0.5 * torch.randn(width, backbone.embed_dim, device=None)"): CPU,
+    ("fvgpt.mmrl.xǁMMRLǁshaped", "proj_rep = width ** -0.5 * torch.randn(width, backbone.embed_dim, device=dev) → "
+     "proj_rep = width ** -0.5 * torch.randn(width, backbone.embed_dim, )"): CPU,
+    ("fvgpt.promptsrc.xǁPromptSRCǁfrom_state", 'return cls(*(tensors[k].to(backbone.device) for k in ("ctx", '
+     '"text_deep", "vision_ctx", "vision_deep"))) → return cls(*(tensors[k].to(None) for k in ("ctx", "text_deep", '
+     '"vision_ctx", "vision_deep")))'): CPU,
+    ("fvgpt.prompts.xǁPromptLearnerǁfrom_state", 'return cls(tensors["ctx"].to(backbone.device)) → '
+     'return cls(tensors["ctx"].to(None))'): CPU,
+    ("fvgpt.evaluate.x_eval_features", "def eval_features(model: FVGPTModel, index: DatasetIndex, batch_size: int = "
+     "100, → def eval_features(model: FVGPTModel, index: DatasetIndex, batch_size: int = 101,"): BATCH,
+    ("fvgpt.evaluate.x_eval_features", "progress: bool = True) -> EvalFeatures: → progress: bool = False) -> "
+     "EvalFeatures:"): "a default every caller overrides: evaluate() and the benchmark pass `progress` explicitly, "
+                       "and the bar is output only",
 }
 
 
 def undecorate(source: str) -> str:
-    """`@torch.no_grad()` + def name → def name … followed by `name = torch.no_grad()(name)` in the same scope."""
+    """`@decorator` + def name → def name … followed by `name = decorator(name)` in the same scope, for each single
+    decorator of UNDECORATED."""
     lines = source.splitlines(keepends=True)
     defs = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef) and len(n.decorator_list) == 1
-            and ast.unparse(n.decorator_list[0]) == "torch.no_grad()"]
+            and ast.unparse(n.decorator_list[0]) in UNDECORATED]
     for node in sorted(defs, key=lambda n: -n.lineno):
         decorator = node.decorator_list[0].lineno - 1
         indent = lines[decorator][:len(lines[decorator]) - len(lines[decorator].lstrip())]
-        lines.insert(node.end_lineno, f"{indent}{node.name} = torch.no_grad()({node.name})\n")
+        name = ast.unparse(node.decorator_list[0])
+        lines.insert(node.end_lineno, f"{indent}{node.name} = {name}({node.name})\n")
         del lines[decorator]
     return "".join(lines)
 
