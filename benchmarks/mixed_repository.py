@@ -109,6 +109,12 @@ def generate(out: Path, model_name: str, precision: str, progress: bool) -> dict
     return facts
 
 
+def _figure(x: float) -> float:
+    """Six significant digits: a fixed number of decimals would round a tiny model's sub-millisecond times to a few
+    digits, and images/s would no longer be the inverse of the time per image it is reported beside."""
+    return float(f"{x:.6g}")
+
+
 def run(args) -> dict:
     from PIL import Image
 
@@ -162,17 +168,17 @@ def run(args) -> dict:
         by_time = sum(per_image[("graph", k)] for k in keys) / per_image[("graph", clip_key)]
         rows.append({"config": name, "classifiers": "+".join(methods), "graph_runs_per_image": shared.graph_runs,
                      "passes_by_blocks": round(by_blocks, 4), "passes_by_graph_time": round(by_time, 4),
-                     "ms_per_image": round(1000 * per_image[("config", name)], 3),
-                     "images_per_s": round(1 / per_image[("config", name)], 3)})
+                     "ms_per_image": _figure(1000 * per_image[("config", name)]),
+                     "images_per_s": _figure(1 / per_image[("config", name)])})
     alone = sum(r["ms_per_image"] for r in rows if r["config"] != "mix")
     mixed = next(r for r in rows if r["config"] == "mix")
     return {
         "rows": rows,
-        "mix_vs_sum": {"mix_ms_per_image": mixed["ms_per_image"], "sum_alone_ms_per_image": round(alone, 3),
+        "mix_vs_sum": {"mix_ms_per_image": mixed["ms_per_image"], "sum_alone_ms_per_image": _figure(alone),
                        "ratio": round(mixed["ms_per_image"] / alone, 4),
                        "passes_mix": mixed["passes_by_blocks"],
                        "passes_sum": round(sum(r["passes_by_blocks"] for r in rows if r["config"] != "mix"), 4)},
-        "graphs": {k: graph_blocks[k] | {"ms_per_image": round(1000 * per_image[("graph", k)], 3),
+        "graphs": {k: graph_blocks[k] | {"ms_per_image": _figure(1000 * per_image[("graph", k)]),
                                          "passes_by_time": round(per_image[("graph", k)] / per_image[("graph",
                                                                                                       clip_key)], 4)}
                    for k in mix.nodes},
