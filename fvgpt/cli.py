@@ -371,7 +371,7 @@ def _demo(args) -> int:
         steps.append(["validate", str(bundle)])
     if "serve" in commands and not args.no_serve:
         doc = json.loads((task / "task.json").read_text())
-        new_class = next(c["name"] for c in doc["classes"] if not c["base"])  # an image the classifier knows
+        new_class = next(c["folder"] for c in doc["classes"] if not c["base"])  # an image the classifier knows
         steps.append(["serve", str(bundle), "--smoke-test", "--smoke-image",
                       str(task / "test" / new_class / "0000.png")])
     for step in steps:
