@@ -330,7 +330,7 @@ def _masks(args) -> int:
 
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the whole pipeline in the generated world with the committed micro-CLIP "
-                                    "(offline, about a minute on 2 cores)",
+                                    "(offline, about 30 s on 2 cores)",
                        description="The embedded default: generates a few-shot task in the generated world "
                                    "(fvgpt.world v2 with its default settings: 10 object classes with distractors, "
                                    "16 shots whose scenes follow the class 90 %% of the time, 300 test images per "
