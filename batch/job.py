@@ -3,9 +3,12 @@ still to do, the two stages (stages.py), and the shards written as their rows ar
 
 Resources: tower actors take --actor-cpus each (default 1, fractional allowed) and decode tasks DECODE_CPUS, so on a
 small node the decode tasks always find a CPU next to the actors (actors holding every CPU stall the pipeline for
-good: docs/batch.md, "Pitfalls"). Actors are spread over nodes, one per node by default. Ctrl-C (or SIGTERM) stops
-the pipeline, shuts Ray down (a local instance with every actor and worker process; on a cluster the job's actors,
-which die with their driver) and keeps the shards already written: the same command continues.
+good: docs/batch.md, "Pitfalls"), and at most --decode-tasks of them run at once (default one per actor: a CPU
+decodes ~400 photos/s, ten times what a CPU tower classifies; more race ahead of the towers at the start and take
+their CPU, which delayed the first rows from 9 to 15 s: docs/batch.md). Input blocks hold one tower batch, so the
+first rows come back after the first batch. Actors are spread over nodes, one per node by default. Ctrl-C (or
+SIGTERM) stops the pipeline, shuts Ray down (a local instance with every actor and worker process; on a cluster the
+job's actors, which die with their driver) and keeps the shards already written: the same command continues.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -32,9 +36,11 @@ from .progress import Counter
 from .shards import SUMMARY, JobRecord, prepare, shard_name, write_atomic
 from .stages import ERROR_KINDS, Model, Towers, decode_batch
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the remote function's name in its messages
+RAISED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b[^:]*:")  # a traceback's last line
+ERROR_LOG = "job-error.txt"  # in --out: the remote traceback of the failure that stopped the job
 DECODE_CPUS = 0.5  # per decode task: with actors at 1 CPU each, a 2-CPU node still runs two decode tasks
 DECODE_BATCH = 16  # images per decode task call
-BLOCK_ITEMS = 64  # items per input block at most: the unit Ray schedules decode tasks over
 
 
 @dataclass
@@ -44,6 +50,7 @@ class Settings:
     address: str | None = None
     actors: int | None = None  # default: one per node
     actor_cpus: float = 1.0
+    decode_tasks: int | None = None  # decode tasks at once (default: one per actor)
     threads: int | None = None  # tower threads per actor (default: ONNX Runtime's, one per core)
     batch_size: int = 32
     limits: PixelLimits = field(default_factory=PixelLimits)
@@ -52,12 +59,37 @@ class Settings:
     progress: bool = True
 
 
+class JobFailed(ValueError):
+    """A stage of the job failed on a Ray worker (an actor that could not load its classifiers, a task that crashed):
+    the CLI prints it as one line (`error: ...`) instead of Ray's remote traceback."""
+
+
+def _failure(exc: Exception) -> str:
+    """The remote cause of a Ray error in one line: a task's own exception, or the last line of the remote traceback
+    Ray puts in its own errors' text (an actor that died in its constructor), else Ray's first line."""
+    from ray.exceptions import RayError, RayTaskError
+
+    cause: BaseException = exc
+    while isinstance(cause, RayTaskError) and cause.cause is not None:
+        cause = cause.cause
+    lines = [ANSI.sub("", line).strip() for line in str(cause).splitlines() if line.strip()] or ["no message"]
+    if isinstance(cause, RayError) and RAISED.match(lines[-1]):
+        return lines[-1]
+    return f"{type(cause).__name__}: {lines[0]}"
+
+
 def _interrupt(signum, frame):  # SIGTERM ends the job as Ctrl-C does: shards kept, Ray shut down
     raise KeyboardInterrupt
 
 
 def _start_ray(address: str | None) -> Any:
-    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")  # Ray Data's execution reports; errors still raise
+    # Ray Data's own logging off (its execution reports, and a failed stage's traceback printed as a bug in Ray when an
+    # actor dies in its constructor): a failure raises, and the job reports it as one line (JobFailed); set
+    # RAY_DATA_LOG_LEVEL to see Ray Data's log again
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "CRITICAL")
+    # no task events: Ray's GCS keeps every task's events for the dashboard and `ray list tasks` (neither used here),
+    # and grew by ~32 MB per 130,000 images in a long job (docs/batch.md); set the variable to keep them
+    os.environ.setdefault("RAY_task_events_report_interval_ms", "0")
     import ray
 
     ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
@@ -90,6 +122,13 @@ def run(items: Items, models: list[Model], record: JobRecord, out: Path, setting
         print(f"\ninterrupted: {summary['shards_written']} shard(s) written this run are kept; run the same command "
               f"to continue", file=sys.stderr)
         raise
+    except Exception as exc:
+        if ray is None or not isinstance(exc, ray.exceptions.RayError):
+            raise
+        (out / ERROR_LOG).write_text(ANSI.sub("", str(exc)) + "\n")
+        raise JobFailed(f"the job stopped: {_failure(exc)} ({summary['shards_written']} shard(s) written this run "
+                        f"are kept; the full error is in {out / ERROR_LOG}; fix the cause and run the same command "
+                        f"to continue)") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
         if ray is not None:
@@ -108,9 +147,11 @@ def _dataset(ray: Any, items: Items, models: list[Model], record: JobRecord, pen
         if cfg not in cfgs:
             cfgs.append(cfg)
     actors = settings.actors or len([n for n in ray.nodes() if n["Alive"]])
-    blocks = min(len(rows), max(4 * actors, math.ceil(len(rows) / BLOCK_ITEMS)))  # enough to keep every actor fed
+    # blocks of one tower batch (the unit Ray schedules decode tasks over), and enough of them to keep every actor fed
+    blocks = min(len(rows), max(4 * actors, math.ceil(len(rows) / settings.batch_size)))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     ds = ds.map_batches(decode_batch, batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=DECODE_CPUS,
+                        concurrency=settings.decode_tasks or actors,
                         fn_kwargs={"cfgs": cfgs, "limits": settings.limits, "jpeg_draft": settings.jpeg_draft,
                                    "max_bytes": settings.max_image_bytes, "column": items.column})
     with warnings.catch_warnings():  # max_restarts: Ray names the keyword deprecated, and offers no other way
@@ -123,7 +164,7 @@ def _dataset(ray: Any, items: Items, models: list[Model], record: JobRecord, pen
                             max_restarts=0)  # a crashed actor fails the job (shards kept); a restart could not
         # find its constructor arguments again (ray#53727)
     metadata = {"job": asdict(record), "models": [asdict(m) for m in models], "batch_size": settings.batch_size,
-                "actors": actors, "jpeg_draft": settings.jpeg_draft,
+                "actors": actors, "decode_tasks": settings.decode_tasks or actors, "jpeg_draft": settings.jpeg_draft,
                 "note": "int8 towers quantise activations per batch: their probabilities depend on batch_size"}
     return ds, metadata
 
@@ -176,4 +217,5 @@ def _finish(summary: dict, out: Path, t0: float, t_started: float | None, first_
         steady = wall - startup
         summary["images_per_s_steady"] = round((summary["images"] - first_images) / steady, 3) if steady > 0 else None
     (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    (out / ERROR_LOG).unlink(missing_ok=True)  # a failure of an earlier run, now resolved
     return summary

@@ -43,12 +43,14 @@ from benchmarks.common import (
 
 
 class RssSampler:
-    """Peak and series of the summed RSS of a process and all its descendants (Ray's daemons and workers)."""
+    """Peak and series of the summed RSS of a process and all its descendants (Ray's daemons and workers), and of
+    their summed USS (private memory): a sum of RSS counts the object store's shared pages once per process that maps
+    them, so growth in RSS alone may be sharing, not a leak; USS is what each process holds alone."""
 
-    def __init__(self, pid: int, every_s: float):
+    def __init__(self, pid: int, every_s: float, uss: bool = False):
         import psutil
 
-        self.root, self.every_s, self.series, self.peak = psutil.Process(pid), every_s, [], 0
+        self.root, self.every_s, self.uss, self.series, self.peak = psutil.Process(pid), every_s, uss, [], 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -62,14 +64,20 @@ class RssSampler:
                 procs = [self.root, *self.root.children(recursive=True)]
             except psutil.NoSuchProcess:
                 return
-            total = 0
+            rss = uss = 0
             for p in procs:
                 try:
-                    total += p.memory_info().rss
+                    if self.uss:  # reads /proc/PID/smaps: tens of ms per large process, so only when asked
+                        info = p.memory_full_info()
+                        uss += info.uss
+                    else:
+                        info = p.memory_info()
+                    rss += info.rss
                 except psutil.Error:
                     pass
-            self.series.append((round(time.perf_counter() - self.t0, 1), round(total / 2**20, 1)))
-            self.peak = max(self.peak, total)
+            sample = (round(time.perf_counter() - self.t0, 1), round(rss / 2**20, 1))
+            self.series.append(sample + (round(uss / 2**20, 1), len(procs)) if self.uss else sample)
+            self.peak = max(self.peak, rss)
 
     def stop(self) -> None:
         self._stop.set()
@@ -121,14 +129,14 @@ def _self_rss_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def run_ray(args, folder: Path, out: Path, every_s: float) -> tuple[dict, list]:
+def run_ray(args, folder: Path, out: Path, every_s: float, uss: bool = False) -> tuple[dict, list]:
     cmd = [sys.executable, "-m", "fvgpt", "classify", args.bundle, "--input", str(folder), "--out", str(out),
            "--runtime", args.runtime, "--batch-size", str(args.batch_size), "--quiet"]
     if args.precision:
         cmd += ["--precision", args.precision]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    rss = RssSampler(proc.pid, every_s)
+    rss = RssSampler(proc.pid, every_s, uss)
     stdout, stderr = proc.communicate()
     wall = time.perf_counter() - t0
     rss.stop()
@@ -187,12 +195,17 @@ def run(args) -> dict:
         if args.soak:
             write_small_pngs(work / "soak", args.soak, args.soak_size)
             print(f"soak: {args.soak} images written", file=sys.stderr)
-            row, series = run_ray(args, work / "soak", work / "soak-out", args.rss_every)
+            row, series = run_ray(args, work / "soak", work / "soak-out", args.rss_every, uss=True)
             quarter = max(1, len(series) // 4)
             first, last = series[:quarter], series[-quarter:]
-            report |= {"soak": row, "rss_series_mib": series,
-                       "rss_first_quarter_mean_mib": round(sum(r for _, r in first) / len(first), 1),
-                       "rss_last_quarter_mean_mib": round(sum(r for _, r in last) / len(last), 1),
+
+            def mean(rows: list, k: int) -> float:
+                return round(sum(r[k] for r in rows) / len(rows), 1)
+
+            report |= {"soak": row, "series_columns": ["s", "rss_mib", "uss_mib", "processes"],
+                       "rss_series_mib": series,
+                       "rss_first_quarter_mean_mib": mean(first, 1), "rss_last_quarter_mean_mib": mean(last, 1),
+                       "uss_first_quarter_mean_mib": mean(first, 2), "uss_last_quarter_mean_mib": mean(last, 2),
                        "rss_peak_mib": row["peak_rss_mib"]}
             rows = [row]
         else:

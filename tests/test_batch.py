@@ -138,7 +138,8 @@ def test_usage_errors_exit_2_before_ray_starts(job):
     assert changed.returncode == 2 and "holds another job (it differs in: digest, items, top_k)" in changed.stderr
     for args, message in [(["--input", "/nonexistent/*.jpg"], "matches no file"),
                           (["--input", str(job["root"]), "--labels", "a,a"], "labels[1] 'a' repeats labels[0]"),
-                          (["--input", str(job["root"] / "bytes.parquet"), "--column", "nope"], "has no column")]:
+                          (["--input", str(job["root"] / "bytes.parquet"), "--column", "nope"], "has no column"),
+                          (["--input", str(job["root"]), "--decode-tasks", "0"], "--decode-tasks must be at least 1")]:
         done = classify("--repository", str(repo), *args, "--out", str(job["root"] / "other"))
         assert done.returncode == 2 and message in done.stderr and "error: " in done.stderr, done.stderr[-2000:]
 
@@ -194,3 +195,29 @@ def test_inputs_expand_in_a_fixed_order_and_csv_shards_hold_json_lists(tmp_path)
     lines = (tmp_path / "part-00000.csv").read_text().splitlines()
     assert json.loads(pa.csv.read_csv(tmp_path / "part-00000.csv").column("labels")[0].as_py()) == ["a cat", "b,c"]
     assert len(lines) == 2 and not list(tmp_path.glob(".*tmp"))
+
+
+def test_a_failed_actor_stops_the_job_with_one_line_and_keeps_nothing_half_written(tiny_bundle, tmp_path):
+    """An actor that cannot load its classifier (here: the bundle on its node is not the one the driver resolved, the
+    check a cluster with diverging copies trips) ends the job with one line naming the cause, not Ray's traceback."""
+    from fvgpt_batch.inputs import expand
+    from fvgpt_batch.job import JobFailed, Settings, run
+    from fvgpt_batch.shards import JobRecord
+    from fvgpt_batch.stages import Model
+    from fvgpt_runtime.classifier import Classifier
+    from fvgpt_runtime.repository import locate
+
+    c = Classifier(locate(tiny_bundle))
+    model = Model("pets", "1", str(tiny_bundle), c.info.model_id, "tower-elsewhere", c.choice.runtime,
+                  c.choice.precision, None, 2)
+    items = expand([str(p) for p in photo_paths()[:2]])
+    record = JobRecord(items=len(items), digest=items.digest(), models=[{"name": "pets", "tower_id": model.tower_id}],
+                       labels=None, top_k=2, all_probabilities=False, format="parquet", shard_size=4)
+    with pytest.raises(JobFailed) as failed:
+        run(items, [model], record, tmp_path / "out", Settings(progress=False))
+    message = str(failed.value)
+    assert "\n" not in message and message.startswith("the job stopped: RuntimeError: pets@1 runs tower "), message
+    assert f"{c.tower_id} on this node, tower-elsewhere on the driver" in message and "0 shard(s)" in message
+    assert not list((tmp_path / "out").glob("part-*"))
+    full = (tmp_path / "out" / "job-error.txt").read_text()  # the remote traceback, for whoever debugs it
+    assert str(tmp_path / "out" / "job-error.txt") in message and "stages.py" in full and "RuntimeError: pets@1" in full
