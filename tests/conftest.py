@@ -47,6 +47,22 @@ def demo_data(tmp_path_factory) -> Path:
                              size=64)
 
 
+@pytest.fixture(scope="module")
+def backbone():
+    """The random-weight fvgpt-tiny backbone, one per test module (tests may train on it)."""
+    from fvgpt.backbone import load_backbone
+
+    return load_backbone("fvgpt-tiny", "none")
+
+
+@pytest.fixture(scope="module")
+def index(demo_data):
+    """The demo data's 2-shot, seed-1 split."""
+    from fvgpt.data import load_index
+
+    return load_index(demo_data, shots=2, seed=1)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(demo_data, tmp_path_factory) -> Path:
     """A finished two-stage run on fvgpt-tiny (3 base, 3 new classes). Treat as read-only."""

@@ -21,7 +21,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fvgpt.backbone import load_backbone
 from fvgpt.classes import ClassSplit
 from fvgpt.config import TrainConfig
 from fvgpt.data import load_index
@@ -96,11 +95,6 @@ def check(name: str, actual: dict, atol: float, rtol: float = 0.0) -> None:
         assert got.shape == want.shape, f"golden {name}: {key} has shape {got.shape}, not {want.shape}"
         diff = float(np.max(np.abs(got - want), initial=0.0))
         assert np.allclose(got, want, atol=atol, rtol=rtol), f"golden {name}: {key} moved by {diff:.3g} ({hint})"
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    return load_backbone("fvgpt-tiny", "none")
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from PIL import Image
 from torchvision import tv_tensors
 
 import method_reference as ref
-from fvgpt.backbone import load_backbone
 from fvgpt.classes import ClassSplit
 from fvgpt.config import TrainConfig
 from fvgpt.data import foreground_view, load_mask, mask_path_for, train_transform
@@ -42,11 +41,6 @@ def objective(plugin, f, text, z_full, z_fg, z_clip, area, has_mask, labels):
     z_pc, b = plugin.calibrate(z_full, z_clip)
     heads = Heads(z_full, z_clip, plugin.base_logits(f, plugin.adapt_text(text)), z_pc, b)
     return plugin_objective(plugin, heads, z_fg, area, has_mask, labels, CFG)
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    return load_backbone("fvgpt-tiny", "none")
 
 
 def unit(*shape: int) -> torch.Tensor:

@@ -22,7 +22,6 @@ import torch
 import method_reference as ref
 from fvgpt.backbone import load_backbone
 from fvgpt.config import TrainConfig
-from fvgpt.data import load_index
 from fvgpt.evaluate import eval_features, evaluate, model_rows
 from fvgpt.model import FVGPTModel
 from fvgpt.promptsrc import TEACHER_TEMPLATES
@@ -32,16 +31,6 @@ from test_method_wiring import base_split, perturb, read_image
 
 S_FDC = 37.0
 METHODS = {"promptsrc": {}, "mmrl": {"rep_dim": 16}, "mmrl_trunk": {"rep_dim": 16, "rep_layer": 2}}
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    return load_backbone("fvgpt-tiny", "none")
-
-
-@pytest.fixture(scope="module")
-def index(demo_data):
-    return load_index(demo_data, shots=2, seed=1)
 
 
 def config(name: str, **overrides) -> TrainConfig:

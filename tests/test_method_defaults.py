@@ -16,7 +16,6 @@ import fvgpt.mmrl
 import fvgpt.promptsrc
 import fvgpt.train
 from fvgpt import labels
-from fvgpt.backbone import load_backbone
 from fvgpt.config import TrainConfig, config_fields, field_default
 from fvgpt.data import train_transform
 from fvgpt.model import FVGPTModel
@@ -90,11 +89,6 @@ PER_METHOD = {
 }
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
 NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?:e-?\d+)?")
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    return load_backbone("fvgpt-tiny", "none")
 
 
 def docs_defaults() -> list[tuple[list[str], str, str]]:

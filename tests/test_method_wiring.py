@@ -27,10 +27,9 @@ import fvgpt.evaluate
 import fvgpt.progress
 import fvgpt.train
 import method_reference as ref
-from fvgpt.backbone import load_backbone
 from fvgpt.classes import ClassSplit
 from fvgpt.config import TrainConfig
-from fvgpt.data import DataError, Sample, load_index
+from fvgpt.data import DataError, Sample
 from fvgpt.evaluate import eval_features, evaluate, format_table, model_rows
 from fvgpt.model import FVGPTModel
 from fvgpt.prompts import PromptLearner
@@ -38,16 +37,6 @@ from fvgpt.rundir import RunDirError, read_tensors
 from fvgpt.train import train_plugin
 
 S_FDC = 37.0  # S of E6, deliberately not the backbone's s, so a head built with the wrong scale shows
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    return load_backbone("fvgpt-tiny", "none")
-
-
-@pytest.fixture(scope="module")
-def index(demo_data):
-    return load_index(demo_data, shots=2, seed=1)
 
 
 def base_split(names: list[str]) -> ClassSplit:
