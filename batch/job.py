@@ -147,11 +147,12 @@ def _dataset(ray: Any, items: Items, models: list[Model], record: JobRecord, pen
         if cfg not in cfgs:
             cfgs.append(cfg)
     actors = settings.actors or len([n for n in ray.nodes() if n["Alive"]])
+    decode_tasks = settings.decode_tasks or actors
     # blocks of one tower batch (the unit Ray schedules decode tasks over), and enough of them to keep every actor fed
     blocks = min(len(rows), max(4 * actors, math.ceil(len(rows) / settings.batch_size)))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     ds = ds.map_batches(decode_batch, batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=DECODE_CPUS,
-                        concurrency=settings.decode_tasks or actors,
+                        concurrency=decode_tasks,
                         fn_kwargs={"cfgs": cfgs, "limits": settings.limits, "jpeg_draft": settings.jpeg_draft,
                                    "max_bytes": settings.max_image_bytes, "column": items.column})
     with warnings.catch_warnings():  # max_restarts: Ray names the keyword deprecated, and offers no other way
@@ -164,7 +165,7 @@ def _dataset(ray: Any, items: Items, models: list[Model], record: JobRecord, pen
                             max_restarts=0)  # a crashed actor fails the job (shards kept); a restart could not
         # find its constructor arguments again (ray#53727)
     metadata = {"job": asdict(record), "models": [asdict(m) for m in models], "batch_size": settings.batch_size,
-                "actors": actors, "decode_tasks": settings.decode_tasks or actors, "jpeg_draft": settings.jpeg_draft,
+                "actors": actors, "decode_tasks": decode_tasks, "jpeg_draft": settings.jpeg_draft,
                 "note": "int8 towers quantise activations per batch: their probabilities depend on batch_size"}
     return ds, metadata
 
