@@ -59,7 +59,8 @@ def register(sub) -> None:
     p.add_argument("--precision", help="tower precision (default: the tuning profile's, else the bundle's)")
     p.add_argument("--batch-size", type=int, default=32, help="images per tower run (default 32)")
     p.add_argument("--address", help="Ray cluster to run on (default: $RAY_ADDRESS, else a local Ray instance)")
-    p.add_argument("--actors", type=int, help="tower actors (default: one per Ray node)")
+    p.add_argument("--actors", type=int, help="tower actors, one per node while there are enough nodes (default: "
+                   "one on each Ray node with --actor-cpus CPUs)")
     p.add_argument("--actor-cpus", type=float, default=1.0,
                    help="CPUs Ray reserves per tower actor (default 1; fractional allowed; decode tasks take 0.5 "
                         "each, so leave them room)")

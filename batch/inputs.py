@@ -95,6 +95,14 @@ def _table(path: Path, column: str | None) -> Items:
     return Items(paths, [""] * len(paths), [-1] * len(paths))
 
 
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")  # a file name that is not UTF-8 comes from os.walk / glob with lone surrogates
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def expand(inputs: list[str], column: str | None = None) -> Items:
     """Every --input → the job's items, in order; an InputsError names an input that matches nothing."""
     paths: list[str] = []
@@ -120,6 +128,10 @@ def expand(inputs: list[str], column: str | None = None) -> Items:
             found = [spec]
         else:
             raise InputsError(f"--input {spec!r} is neither a folder, a file nor a glob that matches anything")
+        odd = next((f for f in found if not _utf8(f)), None)
+        if odd is not None:  # the output's path column is UTF-8 text; such a name could not be written as it is
+            raise InputsError(f"--input {spec!r}: the file name {odd.encode('utf-8', 'surrogateescape')!r} is not "
+                              f"UTF-8 text; rename it (e.g. convmv) or list it in a Parquet table of image bytes")
         paths += found
         tables += [""] * len(found)
         rows += [-1] * len(found)

@@ -5,16 +5,16 @@ Resources: tower actors take --actor-cpus each (default 1, fractional allowed) a
 small node the decode tasks always find a CPU next to the actors (actors holding every CPU stall the pipeline for
 good: docs/batch.md, "Pitfalls"), and at most --decode-tasks of them run at once (default one per actor: a CPU
 decodes ~400 photos/s, ten times what a CPU tower classifies; more race ahead of the towers at the start and take
-their CPU, which delayed the first rows from 9 to 15 s: docs/batch.md). Input blocks hold one tower batch, so the
-first rows come back after the first batch. Actors are spread over nodes, one per node by default. Ctrl-C (or
-SIGTERM) stops the pipeline, shuts Ray down (a local instance with every actor and worker process; on a cluster the
-job's actors, which die with their driver) and keeps the shards already written: the same command continues.
+their CPU, which delayed the first rows from 9 to 15 s: docs/batch.md). The first input blocks hold one tower batch,
+so the first rows come back after the first batch; later ones are larger (block_sizes). The actors go one per node
+(a placement group: _place_towers), by default one on each node with the CPUs for it. Ctrl-C (or SIGTERM) stops the
+pipeline, shuts Ray down (a local instance with every actor and worker process; on a cluster the job's actors, which
+die with their driver) and keeps the shards already written: the same command continues.
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import signal
@@ -41,6 +41,10 @@ RAISED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b[^:]*:")
 ERROR_LOG = "job-error.txt"  # in --out: the remote traceback of the failure that stopped the job
 DECODE_CPUS = 0.5  # per decode task: with actors at 1 CPU each, a 2-CPU node still runs two decode tasks
 DECODE_BATCH = 16  # images per decode task call
+FIRST_BLOCKS_PER_ACTOR = 4  # one-batch input blocks at the start of a job (block_sizes)
+BLOCK_ITEMS = 256  # items per input block after those
+PLACEMENT_WAIT_S = 120  # for the cluster to hold the tower actors (_place_towers)
+BLOCK_BYTES = 64 << 20  # decoded pixels per input block at most (a 224 px image is 0.6 MB of float32)
 
 
 @dataclass
@@ -136,21 +140,67 @@ def run(items: Items, models: list[Model], record: JobRecord, out: Path, setting
     return _finish(summary, out, t0, t_started, summary.pop("first_s", None), summary.pop("first_images", 0))
 
 
+def block_sizes(items: int, actors: int, batch_size: int, pixel_bytes: int) -> list[int]:
+    """How many items each input block holds, in order. Ray schedules a decode task per block and keeps statistics
+    per block for the whole job, which grew by ~10 KB per block (0.3 KB per image with one-batch blocks: docs/batch.md,
+    "Memory"): so after a first few blocks of one tower batch each (the first rows come back after one batch, and every
+    actor gets one at once), blocks hold up to BLOCK_ITEMS items, fewer where their decoded pixels would pass
+    BLOCK_BYTES, in whole tower batches."""
+    first = min(items, FIRST_BLOCKS_PER_ACTOR * actors * batch_size)
+    later = max(batch_size, min(BLOCK_ITEMS, BLOCK_BYTES // pixel_bytes) // batch_size * batch_size)
+    sizes = [min(batch_size, first - i) for i in range(0, first, batch_size)]
+    return sizes + [min(later, items - i) for i in range(first, items, later)]
+
+
+def _place_towers(ray: Any, settings: Settings) -> tuple[int, Any]:
+    """The number of tower actors and where they go: a placement group with one bundle of --actor-cpus per actor,
+    strictly one per node while there are enough nodes with the CPUs (Ray's default spreading is best effort: it put
+    both actors of a two-node job on one node when that node had the CPUs free). Raises JobFailed when the cluster
+    cannot hold them within PLACEMENT_WAIT_S, at once when they would leave no CPU for decoding (the job would stall
+    for good)."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    alive = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
+    nodes = sum(1 for cpus in alive if cpus >= settings.actor_cpus)
+    actors = settings.actors or max(nodes, 1)
+    if actors * settings.actor_cpus + DECODE_CPUS > sum(alive):
+        raise JobFailed(f"{actors} tower actor(s) of {settings.actor_cpus} CPU each leave no CPU for decoding on "
+                        f"{'this machine' if len(alive) == 1 else 'the cluster'} ({sum(alive):g} CPU(s); a decode "
+                        f"task takes {DECODE_CPUS}): use fewer --actors or a smaller --actor-cpus")
+    strategy = "STRICT_SPREAD" if actors <= nodes else "SPREAD"
+    group = placement_group([{"CPU": settings.actor_cpus}] * actors, strategy=strategy)
+    if not group.wait(timeout_seconds=PLACEMENT_WAIT_S):
+        remove_placement_group(group)
+        raise JobFailed(f"the cluster could not place {actors} tower actor(s) of {settings.actor_cpus} CPU each "
+                        f"({'one per node' if strategy == 'STRICT_SPREAD' else 'spread over the nodes'}) within "
+                        f"{PLACEMENT_WAIT_S} s: {nodes} node(s) have that many CPUs; use fewer --actors or a smaller "
+                        f"--actor-cpus, or free CPUs on the cluster")
+    return actors, PlacementGroupSchedulingStrategy(group)
+
+
 def _dataset(ray: Any, items: Items, models: list[Model], record: JobRecord, pending: list[int],
              settings: Settings) -> tuple[Any, dict]:
+    import pyarrow as pa
+
     size = record.shard_size
-    rows = [{"index": i, "path": items.paths[i], "table": items.tables[i], "row": items.rows[i]}
-            for s in pending for i in range(s * size, min((s + 1) * size, record.items))]
+    todo = [i for s in pending for i in range(s * size, min((s + 1) * size, record.items))]
     cfgs: list[Preprocess] = []
     for m in models:
         cfg = Manifest.read(m.path).preprocess
         if cfg not in cfgs:
             cfgs.append(cfg)
-    actors = settings.actors or len([n for n in ray.nodes() if n["Alive"]])
+    actors, placement = _place_towers(ray, settings)
     decode_tasks = settings.decode_tasks or actors
-    # blocks of one tower batch (the unit Ray schedules decode tasks over), and enough of them to keep every actor fed
-    blocks = min(len(rows), max(4 * actors, math.ceil(len(rows) / settings.batch_size)))
-    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    pixel_bytes = sum(3 * cfg.size * cfg.size * 4 for cfg in cfgs)  # float32, once per preprocessing
+    blocks, start = [], 0
+    for n in block_sizes(len(todo), actors, settings.batch_size, pixel_bytes):
+        part = todo[start:start + n]
+        blocks.append(pa.table({"index": pa.array(part, pa.int64()),
+                                "path": [items.paths[i] for i in part], "table": [items.tables[i] for i in part],
+                                "row": pa.array([items.rows[i] for i in part], pa.int64())}))
+        start += n
+    ds = ray.data.from_blocks(blocks)  # metadata read here (from_arrow runs a task per block for it)
     ds = ds.map_batches(decode_batch, batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=DECODE_CPUS,
                         concurrency=decode_tasks,
                         fn_kwargs={"cfgs": cfgs, "limits": settings.limits, "jpeg_draft": settings.jpeg_draft,
@@ -162,6 +212,7 @@ def _dataset(ray: Any, items: Items, models: list[Model], record: JobRecord, pen
                             fn_constructor_kwargs={"models": models, "cfgs": cfgs, "batch_size": settings.batch_size,
                                                    "threads": settings.threads,
                                                    "all_probabilities": record.all_probabilities},
+                            scheduling_strategy=placement,
                             max_restarts=0)  # a crashed actor fails the job (shards kept); a restart could not
         # find its constructor arguments again (ray#53727)
     metadata = {"job": asdict(record), "models": [asdict(m) for m in models], "batch_size": settings.batch_size,

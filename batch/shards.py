@@ -71,15 +71,19 @@ def write_atomic(table: Any, path: Path, fmt: str, metadata: dict[str, Any]) -> 
     import pyarrow as pa
 
     tmp = path.with_name(f".{path.name}.tmp")
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
 
-        pq.write_table(table.replace_schema_metadata({b"fvgpt": json.dumps(metadata).encode()}), tmp)
-    else:
-        import pyarrow.csv as pcsv
+            pq.write_table(table.replace_schema_metadata({b"fvgpt": json.dumps(metadata).encode()}), tmp)
+        else:
+            import pyarrow.csv as pcsv
 
-        lists = {i for i, f in enumerate(table.schema) if pa.types.is_list(f.type)}
-        columns = [pa.array([None if v is None else json.dumps(v) for v in col.to_pylist()], pa.string())
-                   if i in lists else col for i, col in enumerate(table.columns)]
-        pcsv.write_csv(pa.table(columns, names=table.column_names), tmp)
-    os.replace(tmp, path)
+            lists = {i for i, f in enumerate(table.schema) if pa.types.is_list(f.type)}
+            columns = [pa.array([None if v is None else json.dumps(v) for v in col.to_pylist()], pa.string())
+                       if i in lists else col for i, col in enumerate(table.columns)]
+            pcsv.write_csv(pa.table(columns, names=table.column_names), tmp)
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C (or a full disk) while writing: no half-written file left behind
+        tmp.unlink(missing_ok=True)
+        raise

@@ -148,7 +148,7 @@ def test_sigint_leaves_no_ray_process_and_the_rerun_completes(tiny_bundle, tmp_p
     images = tmp_path / "many"
     images.mkdir()
     rng = np.random.default_rng(1)
-    n = 600
+    n = 1500  # the job outlasts the signal: after its first blocks, 256 images each, it runs ~300 images/s
     for i in range(n):
         Image.fromarray(rng.integers(0, 255, (40, 40, 3), np.uint8)).save(images / f"{i:05d}.png")
     out = tmp_path / "out"
@@ -197,27 +197,70 @@ def test_inputs_expand_in_a_fixed_order_and_csv_shards_hold_json_lists(tmp_path)
     assert len(lines) == 2 and not list(tmp_path.glob(".*tmp"))
 
 
-def test_a_failed_actor_stops_the_job_with_one_line_and_keeps_nothing_half_written(tiny_bundle, tmp_path):
-    """An actor that cannot load its classifier (here: the bundle on its node is not the one the driver resolved, the
-    check a cluster with diverging copies trips) ends the job with one line naming the cause, not Ray's traceback."""
+def two_photo_job(bundle: Path, tower_id: str | None = None) -> tuple:
+    """The driver's inputs for two photos through `bundle` (as `fvgpt classify` resolves them), its tower id replaced
+    by `tower_id` if given; and the classifier's tower id."""
     from fvgpt_batch.inputs import expand
-    from fvgpt_batch.job import JobFailed, Settings, run
     from fvgpt_batch.shards import JobRecord
     from fvgpt_batch.stages import Model
     from fvgpt_runtime.classifier import Classifier
     from fvgpt_runtime.repository import locate
 
-    c = Classifier(locate(tiny_bundle))
-    model = Model("pets", "1", str(tiny_bundle), c.info.model_id, "tower-elsewhere", c.choice.runtime,
+    c = Classifier(locate(bundle))
+    model = Model("pets", "1", str(bundle), c.info.model_id, tower_id or c.tower_id, c.choice.runtime,
                   c.choice.precision, None, 2)
     items = expand([str(p) for p in photo_paths()[:2]])
     record = JobRecord(items=len(items), digest=items.digest(), models=[{"name": "pets", "tower_id": model.tower_id}],
                        labels=None, top_k=2, all_probabilities=False, format="parquet", shard_size=4)
+    return items, [model], record, c.tower_id
+
+
+def test_a_failed_actor_stops_the_job_with_one_line_and_keeps_nothing_half_written(tiny_bundle, tmp_path):
+    """An actor that cannot load its classifier (here: the bundle on its node is not the one the driver resolved, the
+    check a cluster with diverging copies trips) ends the job with one line naming the cause, not Ray's traceback."""
+    from fvgpt_batch.job import JobFailed, Settings, run
+
+    items, models, record, tower_id = two_photo_job(tiny_bundle, "tower-elsewhere")
     with pytest.raises(JobFailed) as failed:
-        run(items, [model], record, tmp_path / "out", Settings(progress=False))
+        run(items, models, record, tmp_path / "out", Settings(progress=False))
     message = str(failed.value)
     assert "\n" not in message and message.startswith("the job stopped: RuntimeError: pets@1 runs tower "), message
-    assert f"{c.tower_id} on this node, tower-elsewhere on the driver" in message and "0 shard(s)" in message
+    assert f"{tower_id} on this node, tower-elsewhere on the driver" in message and "0 shard(s)" in message
     assert not list((tmp_path / "out").glob("part-*"))
     full = (tmp_path / "out" / "job-error.txt").read_text()  # the remote traceback, for whoever debugs it
     assert str(tmp_path / "out" / "job-error.txt") in message and "stages.py" in full and "RuntimeError: pets@1" in full
+
+
+def test_actors_that_leave_no_cpu_for_decoding_stop_the_job_at_once(tiny_bundle, tmp_path):
+    """Tower actors holding every CPU would stall the decode stage for good: the job says so before starting them."""
+    from fvgpt_batch.job import JobFailed, Settings, run
+
+    items, models, record, _ = two_photo_job(tiny_bundle)
+    cpus = 4096.0  # more than any machine here has
+    with pytest.raises(JobFailed) as failed:
+        run(items, models, record, tmp_path / "out", Settings(actors=1, actor_cpus=cpus, progress=False))
+    message = str(failed.value)
+    assert message.startswith(f"1 tower actor(s) of {cpus} CPU each leave no CPU for decoding on this machine (")
+    assert "use fewer --actors or a smaller --actor-cpus" in message and not list((tmp_path / "out").glob("part-*"))
+
+
+def test_input_blocks_are_one_batch_first_then_large_within_the_pixel_budget():
+    from fvgpt_batch.job import block_sizes
+
+    vit = 3 * 224 * 224 * 4  # float32 pixels of one image: 64 MiB hold 111 of them → 96 in whole batches of 32
+    assert block_sizes(1000, 2, 32, vit) == [32] * 8 + [96] * 7 + [72]
+    assert block_sizes(1000, 1, 4, 3 * 32 * 32 * 4) == [4] * 4 + [256] * 3 + [216]  # small images: 256 per block
+    assert block_sizes(10, 2, 4, vit) == [4, 4, 2]  # a job smaller than the first blocks
+    assert block_sizes(100, 1, 8, 3 * 8192 * 8192 * 4) == [8] * 12 + [4]  # past the budget: one batch a block
+
+
+def test_a_file_name_that_is_not_utf8_is_a_usage_error_naming_it(tmp_path):
+    import re
+
+    from fvgpt_batch.inputs import InputsError, expand
+
+    folder = tmp_path / "latin1"
+    folder.mkdir()
+    shutil.copy(photo_paths()[0], os.path.join(os.fsencode(folder), b"caf\xe9.jpg"))  # Latin-1 é: not UTF-8
+    with pytest.raises(InputsError, match=re.escape("caf\\xe9.jpg' is not UTF-8 text; rename it")):
+        expand([str(folder)])

@@ -1,8 +1,16 @@
 """`fvgpt classify`'s driver on a two-node Ray cluster on this machine (ray.cluster_utils.Cluster: two raylets, one
 GCS, on 127.0.0.1): the tower actors spread over both nodes, each row says which node's actor produced it, and the
-rows are the same as one node gives (the Python API's)."""
+rows are the same as one node gives (the Python API's).
+
+The job's placement group puts one actor on each node. Ray Data gives a decoded block to an actor with room for it (at
+most two blocks in flight each), preferring the least busy one and the one on the node holding the block; so work
+reaches a second node's actor when the first is busy. On
+CPU a ViT-B/16 tower takes ~0.8 s per batch of 32 and a decode task ~0.08 s, so every actor has work queued; the test's
+tiny tower is as fast as decoding, and one actor alone kept up with the whole job in some runs. The towers here are the
+real ones, each batch held 0.25 s longer, as a slow tower would."""
 from __future__ import annotations
 
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -15,15 +23,25 @@ pytest.importorskip("ray", reason="`fvgpt classify` needs the `batch` extra (Ray
 import fvgpt_runtime as fr
 import pyarrow.parquet as pq
 from fvgpt_batch.inputs import expand
+from fvgpt_batch import job
 from fvgpt_batch.job import Settings, run
 from fvgpt_batch.shards import JobRecord
-from fvgpt_batch.stages import Model
+from fvgpt_batch.stages import Model, Towers
 from ray.cluster_utils import Cluster
 
 pytestmark = pytest.mark.slow
 
 
-def test_two_nodes_share_the_job(tiny_bundle, tmp_path):
+def _slow_towers() -> type:
+    class SlowTowers(Towers):  # defined in a function: Ray ships the class itself to the workers, not its module name
+        def __call__(self, batch):
+            time.sleep(0.25)
+            return super().__call__(batch)
+    return SlowTowers
+
+
+def test_two_nodes_share_the_job(tiny_bundle, tmp_path, monkeypatch):
+    monkeypatch.setattr(job, "Towers", _slow_towers())
     images = tmp_path / "images"
     images.mkdir()
     rng = np.random.default_rng(2)
