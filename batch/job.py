@@ -3,7 +3,7 @@ still to do, the two stages (stages.py), and the shards written as their rows ar
 
 Resources: tower actors take --actor-cpus each (default 1, fractional allowed) and decode tasks DECODE_CPUS, so on a
 small node the decode tasks always find a CPU next to the actors (actors holding every CPU stall the pipeline for
-good: docs/batch.md, "Pitfalls"), and at most --decode-tasks of them run at once (default one per actor: a CPU
+good: docs/batch.md, "CPUs"), and at most --decode-tasks of them run at once (default one per actor: a CPU
 decodes ~400 photos/s, ten times what a CPU tower classifies; more race ahead of the towers at the start and take
 their CPU, which delayed the first rows from 9 to 15 s: docs/batch.md). The first input blocks hold one tower batch,
 so the first rows come back after the first batch; later ones are larger (block_sizes). The actors go one per node
@@ -143,9 +143,9 @@ def run(items: Items, models: list[Model], record: JobRecord, out: Path, setting
 def block_sizes(items: int, actors: int, batch_size: int, pixel_bytes: int) -> list[int]:
     """How many items each input block holds, in order. Ray schedules a decode task per block and keeps statistics
     per block for the whole job, which grew by ~10 KB per block (0.3 KB per image with one-batch blocks: docs/batch.md,
-    "Memory"): so after a first few blocks of one tower batch each (the first rows come back after one batch, and every
-    actor gets one at once), blocks hold up to BLOCK_ITEMS items, fewer where their decoded pixels would pass
-    BLOCK_BYTES, in whole tower batches."""
+    "Memory over a long job"): so after a first few blocks of one tower batch each (the first rows come back after one
+    batch, and every actor gets one at once), blocks hold up to BLOCK_ITEMS items, fewer where their decoded pixels
+    would pass BLOCK_BYTES, in whole tower batches."""
     first = min(items, FIRST_BLOCKS_PER_ACTOR * actors * batch_size)
     later = max(batch_size, min(BLOCK_ITEMS, BLOCK_BYTES // pixel_bytes) // batch_size * batch_size)
     sizes = [min(batch_size, first - i) for i in range(0, first, batch_size)]
