@@ -23,6 +23,7 @@ import time
 import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from fvgpt.preprocess import Preprocess
 from .inputs import Items
 from .progress import Counter
 from .shards import SUMMARY, JobRecord, prepare, shard_name, write_atomic
-from .stages import ERROR_KINDS, Model, Towers, decode_batch
+from .stages import ERROR_KINDS, Model, Towers, decode_batch, pixel_bytes
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the remote function's name in its messages
 RAISED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b[^:]*:")  # a traceback's last line
@@ -43,8 +44,8 @@ DECODE_CPUS = 0.5  # per decode task: with actors at 1 CPU each, a 2-CPU node st
 DECODE_BATCH = 16  # images per decode task call
 FIRST_BLOCKS_PER_ACTOR = 4  # one-batch input blocks at the start of a job (block_sizes)
 BLOCK_ITEMS = 256  # items per input block after those
-PLACEMENT_WAIT_S = 120  # for the cluster to hold the tower actors (_place_towers)
 BLOCK_BYTES = 64 << 20  # decoded pixels per input block at most (a 224 px image is 0.6 MB of float32)
+PLACEMENT_WAIT_S = 120  # for the cluster to hold the tower actors (_place_towers)
 
 
 @dataclass
@@ -140,14 +141,14 @@ def run(items: Items, models: list[Model], record: JobRecord, out: Path, setting
     return _finish(summary, out, t0, t_started, summary.pop("first_s", None), summary.pop("first_images", 0))
 
 
-def block_sizes(items: int, actors: int, batch_size: int, pixel_bytes: int) -> list[int]:
+def block_sizes(items: int, actors: int, batch_size: int, image_bytes: int) -> list[int]:
     """How many items each input block holds, in order. Ray schedules a decode task per block and keeps statistics
     per block for the whole job, which grew by ~10 KB per block (0.3 KB per image with one-batch blocks: docs/batch.md,
     "Memory over a long job"): so after a first few blocks of one tower batch each (the first rows come back after one
     batch, and every actor gets one at once), blocks hold up to BLOCK_ITEMS items, fewer where their decoded pixels
     would pass BLOCK_BYTES, in whole tower batches."""
     first = min(items, FIRST_BLOCKS_PER_ACTOR * actors * batch_size)
-    later = max(batch_size, min(BLOCK_ITEMS, BLOCK_BYTES // pixel_bytes) // batch_size * batch_size)
+    later = max(batch_size, min(BLOCK_ITEMS, BLOCK_BYTES // image_bytes) // batch_size * batch_size)
     sizes = [min(batch_size, first - i) for i in range(0, first, batch_size)]
     return sizes + [min(later, items - i) for i in range(first, items, later)]
 
@@ -192,14 +193,11 @@ def _dataset(ray: Any, items: Items, models: list[Model], record: JobRecord, pen
             cfgs.append(cfg)
     actors, placement = _place_towers(ray, settings)
     decode_tasks = settings.decode_tasks or actors
-    pixel_bytes = sum(3 * cfg.size * cfg.size * 4 for cfg in cfgs)  # float32, once per preprocessing
-    blocks, start = [], 0
-    for n in block_sizes(len(todo), actors, settings.batch_size, pixel_bytes):
-        part = todo[start:start + n]
-        blocks.append(pa.table({"index": pa.array(part, pa.int64()),
-                                "path": [items.paths[i] for i in part], "table": [items.tables[i] for i in part],
-                                "row": pa.array([items.rows[i] for i in part], pa.int64())}))
-        start += n
+    ends = list(accumulate(block_sizes(len(todo), actors, settings.batch_size, pixel_bytes(cfgs))))
+    blocks = [pa.table({"index": pa.array(part, pa.int64()), "path": [items.paths[i] for i in part],
+                        "table": [items.tables[i] for i in part],
+                        "row": pa.array([items.rows[i] for i in part], pa.int64())})
+              for part in (todo[a:b] for a, b in zip([0, *ends], ends))]
     ds = ray.data.from_blocks(blocks)  # metadata read here (from_arrow runs a task per block for it)
     ds = ds.map_batches(decode_batch, batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=DECODE_CPUS,
                         concurrency=decode_tasks,

@@ -23,6 +23,7 @@ from fvgpt_runtime.images import InputError, PixelLimits, decode, read_file
 from fvgpt.preprocess import Preprocess
 
 ERROR_KINDS = ("missing", "oversized", "unreadable")
+PIXELS = np.float32  # decode_batch's output: preprocessed pixels, as the towers take them
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,11 @@ def _error_kind(exc: InputError, path: str, table: str) -> str:
     return "missing" if not table and not os.path.lexists(path) else "unreadable"
 
 
+def pixel_bytes(cfgs: list[Preprocess]) -> int:
+    """Bytes of one image's output of decode_batch: its pixels once per distinct preprocessing."""
+    return sum(3 * cfg.size * cfg.size * np.dtype(PIXELS).itemsize for cfg in cfgs)
+
+
 def decode_batch(batch: dict[str, np.ndarray], cfgs: list[Preprocess], limits: PixelLimits, jpeg_draft: bool,
                  max_bytes: int, column: str | None) -> dict[str, np.ndarray]:
     n = len(batch["index"])
@@ -69,7 +75,7 @@ def decode_batch(batch: dict[str, np.ndarray], cfgs: list[Preprocess], limits: P
         if table:
             from_tables[table].append(int(row))
     table_bytes = {t: _table_bytes(t, column, rows) for t, rows in from_tables.items()}
-    pixels = [np.zeros((n, 3, cfg.size, cfg.size), np.float32) for cfg in cfgs]
+    pixels = [np.zeros((n, 3, cfg.size, cfg.size), PIXELS) for cfg in cfgs]
     errors, kinds = np.full(n, "", object), np.full(n, "", object)
     for i, (path, table, row) in enumerate(zip(batch["path"], batch["table"], batch["row"])):
         try:

@@ -4,10 +4,10 @@ rows are the same as one node gives (the Python API's).
 
 The job's placement group puts one actor on each node. Ray Data gives a decoded block to an actor with room for it (at
 most two blocks in flight each), preferring the least busy one and the one on the node holding the block; so work
-reaches a second node's actor when the first is busy. On
-CPU a ViT-B/16 tower takes ~0.8 s per batch of 32 and a decode task ~0.08 s, so every actor has work queued; the test's
-tiny tower is as fast as decoding, and one actor alone kept up with the whole job in some runs. The towers here are the
-real ones, each batch held 0.25 s longer, as a slow tower would."""
+reaches a second node's actor when the first is busy. On CPU a ViT-B/16 tower takes ~0.8 s per batch of 32 and a
+decode task ~0.08 s, so every actor has work queued; the test's tiny tower is as fast as decoding, and one actor alone
+kept up with the whole job in some runs. The towers here are the real ones, each batch held 0.25 s longer, as a slow
+tower would."""
 from __future__ import annotations
 
 import time
@@ -22,8 +22,8 @@ pytest.importorskip("ray", reason="`fvgpt classify` needs the `batch` extra (Ray
                                   "lacks: pip install '.[cpu,serve,dev,batch]'")
 import fvgpt_runtime as fr
 import pyarrow.parquet as pq
-from fvgpt_batch.inputs import expand
 from fvgpt_batch import job
+from fvgpt_batch.inputs import expand
 from fvgpt_batch.job import Settings, run
 from fvgpt_batch.shards import JobRecord
 from fvgpt_batch.stages import Model, Towers
